@@ -1,0 +1,3 @@
+fn main() {
+    println!("usher {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+fn main() { println!("usher-worker {}", usher_worker::version()); }
