@@ -1,1 +1,5 @@
-fn main() { println!("usher-worker {}", usher_worker::version()); }
+//! The `usher-worker` binary. Everything lives in [`usher_worker::cli`].
+
+fn main() -> std::process::ExitCode {
+    usher_worker::cli::main_from(std::env::args_os())
+}

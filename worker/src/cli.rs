@@ -1,0 +1,254 @@
+//! The `usher-worker` command line, as a library module so that another binary (the
+//! `usher worker ...` subcommand) can run the worker role through [`main_from`].
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+use crate::{App, Error, Server};
+
+/// `usher-worker`: a threaded HTTP worker with a demo and load-test app.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "usher-worker",
+    version,
+    about = "A threaded HTTP worker (the waitress model): an async front reads each \
+             request whole and hands it to a fixed pool of threads through a bounded \
+             queue.",
+    after_help = "Routes: GET /sleep?ms=N, GET /cpu?ms=N, POST /echo, /status/{code}, \
+                  GET /healthz, GET /metrics.\nSIGTERM or SIGINT: stop accepting, finish \
+                  queued and in-flight requests (bounded by --grace), exit 0."
+)]
+pub struct Args {
+    /// Address to listen on (host:port). With port 0 the OS picks a free port; the
+    /// start log line says `listening on ADDR`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9001")]
+    pub listen: String,
+
+    /// Handler threads. Each runs one request at a time.
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_THREADS, value_parser = parse_threads)]
+    pub threads: usize,
+
+    /// Requests that may wait for a free thread. Beyond that: 503 with Retry-After: 1.
+    #[arg(long, value_name = "M", default_value_t = crate::server::DEFAULT_QUEUE)]
+    pub queue: usize,
+
+    /// Model CPython's GIL: /cpu holds one process-wide lock while it burns CPU.
+    #[arg(long)]
+    pub gil: bool,
+
+    /// Largest request body, e.g. 10MiB, 64KiB, 1024. Larger bodies get 413.
+    #[arg(long, value_name = "SIZE", default_value = "10MiB", value_parser = parse_size)]
+    pub max_body: usize,
+
+    /// On SIGTERM/SIGINT, how long to wait for queued and in-flight requests, e.g.
+    /// 30s, 250ms, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// How long a client may take to send the request headers; also how long an idle
+    /// keep-alive connection stays open. The connection is closed after it.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Longest pause allowed between two chunks of a request body. Longer gets 408.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+}
+
+/// Runs the worker as a program: parses `args` (the first item is the program name),
+/// logs to stderr, serves on its own multi-thread tokio runtime until SIGTERM or
+/// SIGINT, drains, and returns the exit code (0 after a drain, 2 for bad arguments,
+/// 1 for other errors).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
+    init_tracing();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds a runtime and serves `args` until signalled.
+pub fn run(args: Args) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("usher-worker-io")
+        .build()
+        .map_err(Error::Runtime)?;
+    let result = rt.block_on(serve(args));
+    // Connection tasks still running after the grace period are dropped here.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Binds `args.listen` and serves the built-in [`App`] until SIGTERM or SIGINT.
+pub async fn serve(args: Args) -> Result<(), Error> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: args.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(Error::LocalAddr)?;
+    info!(
+        threads = args.threads,
+        queue = args.queue,
+        gil = args.gil,
+        max_body = args.max_body,
+        grace = ?args.grace,
+        header_timeout = ?args.header_timeout,
+        body_timeout = ?args.body_timeout,
+        "usher-worker {} listening on {addr}",
+        crate::version()
+    );
+    Server::builder()
+        .threads(args.threads)
+        .queue(args.queue)
+        .max_body(args.max_body)
+        .grace(args.grace)
+        .header_read_timeout(args.header_timeout)
+        .body_read_timeout(args.body_timeout)
+        .serve_with_shutdown(listener, App::with_gil(args.gil), crate::shutdown_signal())
+        .await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // try_init: a host binary may already have installed a subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of threads, at least 1, got {s:?}"
+        )),
+    }
+}
+
+/// Parses a byte size: `1024`, `64KiB`, `10MiB`, `1GiB` (also `B`, and decimal
+/// `KB`/`MB`/`GB`). Units are case-insensitive.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let bad = || format!("expected a size like 1024, 64KiB or 10MiB, got {s:?}");
+    let n: usize = digits.parse().map_err(|_| bad())?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses a duration: `250ms`, `5s`, `2m`, `1h`. A unit is required.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let bad = || format!("expected a duration like 250ms, 5s or 2m, got {s:?}");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("10MiB"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("2mb"), Ok(2_000_000));
+        for bad in ["", "MiB", "10 XB", "-1", "1.5MiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "5", "s", "1.5s", "5 s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let a = Args::try_parse_from(["usher-worker"]).unwrap();
+        assert_eq!((a.threads, a.queue, a.gil), (4, 64, false));
+        assert_eq!(a.max_body, 10 << 20);
+        assert_eq!(a.grace, Duration::from_secs(30));
+        assert!(Args::try_parse_from(["usher-worker", "--threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn help_shows_defaults() {
+        use clap::CommandFactory;
+        let help = Args::command().render_long_help().to_string();
+        for needle in [
+            "[default: 4]",
+            "[default: 64]",
+            "[default: 10MiB]",
+            "[default: 30s]",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn bad_args_exit_2() {
+        assert_eq!(
+            main_from(["usher-worker", "--max-body", "lots"]),
+            ExitCode::from(2)
+        );
+    }
+}
