@@ -470,6 +470,83 @@ struct RunResult {
     scheduler_lag_max: Duration,
 }
 
+/// One scheduled request, handed from the scheduler thread to the runtime.
+struct Job {
+    class: usize,
+    intended: Instant,
+    measured: bool,
+}
+
+/// What the scheduler thread reports when it is done.
+struct Schedule {
+    sent: Vec<u64>,
+    last_intended: Instant,
+    lag_max: Duration,
+}
+
+/// Produces the send schedule on its own OS thread. `std::thread::sleep` is a
+/// nanosleep, accurate to tens of microseconds, where tokio's timer wheel has 1 ms
+/// ticks and would both bunch requests into bursts and add ~0.5 ms of artificial
+/// latency to every request.
+#[allow(clippy::too_many_arguments)]
+fn schedule(
+    tx: tokio::sync::mpsc::UnboundedSender<Job>,
+    picker: Picker,
+    mut rng: fastrand::Rng,
+    arrivals: Arrivals,
+    rate: f64,
+    n: u64,
+    t0: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> Schedule {
+    const SPIN_BELOW: Duration = Duration::from_micros(20);
+    let mut sent = vec![0u64; picker.cumulative.len()];
+    let mut lag_max = Duration::ZERO;
+    let mut last_intended = t0;
+    let mut offset = 0.0f64;
+    let mut now = Instant::now();
+    for i in 0..n {
+        offset = match arrivals {
+            Arrivals::Uniform => i as f64 / rate,
+            Arrivals::Poisson => offset - (1.0 - rng.f64()).ln() / rate,
+        };
+        let intended = t0 + Duration::from_secs_f64(offset);
+        if intended >= end {
+            break;
+        }
+        if intended > now {
+            let ahead = intended - now;
+            if ahead > SPIN_BELOW {
+                std::thread::sleep(ahead);
+            }
+            now = Instant::now();
+        }
+        lag_max = lag_max.max(now.saturating_duration_since(intended));
+        last_intended = intended;
+        let class = picker.pick(&mut rng);
+        let measured = intended >= measure_from;
+        if measured {
+            sent[class] += 1;
+        }
+        if tx
+            .send(Job {
+                class,
+                intended,
+                measured,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    Schedule {
+        sent,
+        last_intended,
+        lag_max,
+    }
+}
+
 async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResult> {
     if !(rate.is_finite() && rate > 0.0) {
         bail!("--rate must be > 0");
@@ -481,81 +558,93 @@ async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResu
     let nclass = target.classes.len();
     let stats = Arc::new(Mutex::new(vec![ClassStats::default(); nclass]));
     let sem = Arc::new(Semaphore::new(args.connections));
+    // Requests waiting for a connection, and requests not yet finished.
     let waiting = Arc::new(AtomicUsize::new(0));
-    let picker = Picker::new(&target.classes);
-    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let outstanding = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
 
     let total_time = args.warmup + args.duration;
-    let n = ((rate * total_time.as_secs_f64()).floor() as u64).min(args.max_requests);
+    let n = ((rate * total_time.as_secs_f64()).ceil() as u64).min(args.max_requests);
     let t0 = Instant::now() + Duration::from_millis(5);
     let measure_from = t0 + args.warmup;
     // Nanoseconds after t0 of the last measured completion.
     let last_done = Arc::new(AtomicU64::new(0));
-    let mut sent = vec![0u64; nclass];
-    let mut backlog_max = 0usize;
-    let mut lag_max = Duration::ZERO;
-    let mut offset = 0.0f64;
-    let mut now = Instant::now();
-    let mut last_intended = t0;
 
-    for i in 0..n {
-        offset = match args.arrivals {
-            Arrivals::Uniform => i as f64 / rate,
-            Arrivals::Poisson => offset - (1.0 - rng.f64()).ln() / rate,
-        };
-        let intended = t0 + Duration::from_secs_f64(offset);
-        if intended > t0 + total_time {
-            break;
-        }
-        last_intended = intended;
-        if intended > now {
-            tokio::time::sleep_until(intended.into()).await;
-            now = Instant::now();
-        }
-        lag_max = lag_max.max(now.saturating_duration_since(intended));
-        let class = picker.pick(&mut rng);
-        let measured = intended >= measure_from;
-        if measured {
-            sent[class] += 1;
-        }
-        let (pool, stats, sem, waiting, target, last_done) = (
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+    let picker = Picker::new(&target.classes);
+    let rng = fastrand::Rng::with_seed(args.seed);
+    let arrivals = args.arrivals;
+    let scheduler = std::thread::Builder::new()
+        .name("usher-load-schedule".into())
+        .spawn(move || {
+            schedule(
+                tx,
+                picker,
+                rng,
+                arrivals,
+                rate,
+                n,
+                t0,
+                measure_from,
+                t0 + total_time,
+            )
+        })?;
+
+    let mut backlog_max = 0usize;
+    while let Some(job) = rx.recv().await {
+        let (pool, stats, sem, waiting, outstanding, all_done, target, last_done) = (
             pool.clone(),
             stats.clone(),
             sem.clone(),
             waiting.clone(),
+            outstanding.clone(),
+            all_done.clone(),
             target.clone(),
             last_done.clone(),
         );
         let timeout = args.timeout;
         let w = waiting.fetch_add(1, Ordering::Relaxed) + 1;
         backlog_max = backlog_max.max(w);
+        outstanding.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            let Ok(_permit) = sem.acquire().await else {
-                return;
-            };
+            let permit = sem.acquire().await;
             waiting.fetch_sub(1, Ordering::Relaxed);
-            let outcome = pool.send(&target.classes[class].uri, timeout).await;
-            if measured {
-                let done = Instant::now();
-                last_done.fetch_max(
-                    done.saturating_duration_since(t0).as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
-                stats.lock().expect("stats lock")[class]
-                    .record(outcome, done.saturating_duration_since(intended));
+            if permit.is_ok() {
+                let outcome = pool.send(&target.classes[job.class].uri, timeout).await;
+                if job.measured {
+                    let done = Instant::now();
+                    last_done.fetch_max(
+                        done.saturating_duration_since(t0).as_nanos() as u64,
+                        Ordering::Relaxed,
+                    );
+                    stats.lock().expect("stats lock")[job.class]
+                        .record(outcome, done.saturating_duration_since(job.intended));
+                }
             }
-            // _permit is released here, after the result is recorded.
+            drop(permit);
+            if outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+                all_done.notify_one();
+            }
         });
     }
+    let sched = scheduler
+        .join()
+        .map_err(|_| anyhow::anyhow!("scheduler thread panicked"))?;
 
-    // Drain: every request holds a permit until its result is recorded, and the
-    // semaphore is FIFO, so holding all permits means everything has finished.
-    let deadline = last_intended.max(Instant::now()) + args.timeout + Duration::from_secs(1);
-    let all = u32::try_from(args.connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout_at(deadline.into(), sem.acquire_many(all)).await;
+    // Drain: wait for every request to finish, but no longer than the timeout
+    // after the last send (plus the time to get a connection).
+    let deadline = sched.last_intended.max(Instant::now()) + args.timeout + Duration::from_secs(1);
+    while outstanding.load(Ordering::Acquire) > 0 {
+        if tokio::time::timeout_at(deadline.into(), all_done.notified())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
 
     let mut classes = stats.lock().expect("stats lock").clone();
-    for (c, s) in classes.iter_mut().zip(sent) {
+    for (c, s) in classes.iter_mut().zip(sched.sent) {
         c.sent = s;
     }
     let done_at = t0 + Duration::from_nanos(last_done.load(Ordering::Relaxed));
@@ -569,7 +658,7 @@ async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResu
         window,
         connections_opened: pool.opened.load(Ordering::Relaxed),
         backlog_max,
-        scheduler_lag_max: lag_max,
+        scheduler_lag_max: sched.lag_max,
     })
 }
 
@@ -734,10 +823,17 @@ fn fmt_ms(v: &Value) -> String {
         .map_or_else(|| "-".to_string(), |x| format!("{x:.2}"))
 }
 
-fn print_human(rep: &Value) {
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn render_human(rep: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let mode = rep["mode"].as_str().unwrap_or("?");
     if mode == "open" {
-        println!(
+        let _ = writeln!(
+            out,
             "usher-load: open loop, {} req/s ({}), {}s measured, <= {} connections, target {}",
             rep["rate"],
             rep["arrivals"].as_str().unwrap_or("?"),
@@ -746,14 +842,16 @@ fn print_human(rep: &Value) {
             rep["target"].as_str().unwrap_or("?")
         );
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "usher-load: closed loop, {} loops, {}s measured, target {}",
             rep["closed"],
             rep["duration_s"],
             rep["target"].as_str().unwrap_or("?")
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:<24} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8}",
         "class",
         "sent",
@@ -784,16 +882,17 @@ fn print_human(rep: &Value) {
             name.truncate(24);
         }
         let l = &c["latency_ms"];
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8}",
             name,
-            c["sent"],
-            c["ok"],
-            c["s502"],
-            c["s503"],
-            c["s504"],
+            u(&c["sent"]),
+            u(&c["ok"]),
+            u(&c["s502"]),
+            u(&c["s503"]),
+            u(&c["s504"]),
             other,
-            c["errors"]["total"],
+            u(&c["errors"]["total"]),
             c["throughput_ok"].as_f64().unwrap_or(0.0),
             fmt_ms(&l["p50"]),
             fmt_ms(&l["p90"]),
@@ -802,7 +901,8 @@ fn print_human(rep: &Value) {
         );
     }
     let e = &rep["overall"]["errors"];
-    println!(
+    let _ = writeln!(
+        out,
         "errors: connect {} timeout {} io {} unfinished {}; connections opened {}; window {:.2}s",
         e["connect"],
         e["timeout"],
@@ -812,12 +912,14 @@ fn print_human(rep: &Value) {
         rep["window_s"].as_f64().unwrap_or(0.0)
     );
     if mode == "open" {
-        println!(
+        let _ = writeln!(
+ out,
             "generator: backlog max {} (requests waiting for a connection), scheduler lag max {:.2} ms",
             rep["backlog_max"],
             rep["scheduler_lag_max_ms"].as_f64().unwrap_or(0.0)
         );
     }
+    out
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -828,15 +930,33 @@ async fn run(args: Args) -> Result<()> {
         _ => bail!("give exactly one of --rate R or --closed C"),
     };
     let rep = report(&args, &target, result);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&rep)? + "\n"
     } else {
-        print_human(&rep);
+        render_human(&rep)
+    };
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usher-load: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let args = Args::parse();
     let rt = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
