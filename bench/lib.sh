@@ -1,0 +1,261 @@
+# Shared helpers for bench/*.sh. Source it; it expects `set -euo pipefail`.
+# Everything here listens on and sends to 127.0.0.1 only, and every process a
+# script starts through start_bg is stopped on exit.
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$BENCH_DIR/.." && pwd)"
+BIN="${BIN:-$REPO/target/release}"
+PY="python3 $BENCH_DIR/benchlib.py"
+CLK_TCK="$(getconf CLK_TCK)"
+NCPU="$(nproc)"
+# The proxy under test runs on PROXY_CPU, the load generator on LOAD_CPU.
+PROXY_CPU="${PROXY_CPU:-0}"
+LOAD_CPU="${LOAD_CPU:-$((NCPU > 1 ? 1 : 0))}"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/usher-bench.XXXXXX")"
+PIDS=()
+
+log() { printf '== %s\n' "$*" >&2; }
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 30); do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  if [[ -n "${KEEP_WORK:-}" ]]; then
+    log "work dir kept: $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_bg NAME CMD... : runs CMD in the background, logs to $WORK/NAME.log, and
+# sets LAST_PID. The process is stopped on exit.
+start_bg() {
+  local name="$1"; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# stop_pid PID : TERM, then KILL after 3 s.
+stop_pid() {
+  local pid="$1"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 30); do
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+free_port() { $PY free-port 1; }
+wait_http() { $PY wait-http "$1" "${2:-10}"; }
+cpu_ticks() { $PY cpu-ticks "$1"; }
+
+# Installs nginx-light, haproxy and wrk if missing (apt-get update once).
+ensure_tools() {
+  local missing=() cmd pkg
+  for pair in nginx:nginx-light haproxy:haproxy wrk:wrk taskset:util-linux; do
+    cmd="${pair%%:*}"; pkg="${pair#*:}"
+    command -v "$cmd" >/dev/null 2>&1 || [[ -x "/usr/sbin/$cmd" ]] || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    local sudo=""; [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+    # Debian starts the packaged services; the benchmarks run their own instances.
+    for svc in nginx haproxy; do
+      (command -v service >/dev/null && $sudo service "$svc" stop >/dev/null 2>&1) || true
+    done
+  fi
+  export PATH="$PATH:/usr/sbin:/sbin"
+}
+
+# Builds the release binaries. The whole workspace first; if that fails (e.g. the
+# proxy does not compile right now), each binary on its own, so that the other
+# rows still run.
+build() {
+  [[ -n "${NO_BUILD:-}" ]] && return 0
+  log "cargo build --release --workspace --bins"
+  if ! (cd "$REPO" && cargo build --release --workspace --bins) >"$WORK/build.log" 2>&1; then
+    log "workspace build failed (see below); building binaries one by one"
+    tail -5 "$WORK/build.log" >&2 || true
+    (cd "$REPO" && cargo build --release -p usher-e2e --bin usher-load) >>"$WORK/build.log" 2>&1 \
+      || { tail -20 "$WORK/build.log" >&2; log "usher-load does not build"; exit 1; }
+    (cd "$REPO" && cargo build --release -p usher-worker --bins) >>"$WORK/build.log" 2>&1 \
+      || log "usher-worker does not build"
+    (cd "$REPO" && cargo build --release -p usher --bins) >>"$WORK/build.log" 2>&1 \
+      || log "usher does not build"
+  fi
+}
+
+# Raises the open-file limit as far as allowed: open-loop runs hold many sockets.
+raise_nofile() { ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true; }
+
+# start_backend PORT THREADS : an usher-worker, or waitress with the test app if the
+# worker binary is missing. Sets LAST_PID. BACKEND=waitress forces waitress.
+start_backend() {
+  local port="$1" threads="$2"
+  if [[ "${BACKEND:-auto}" != "waitress" && -x "$BIN/usher-worker" ]]; then
+    BACKEND_KIND="usher-worker"
+    start_bg "backend-$port" "$BIN/usher-worker" --listen "127.0.0.1:$port" \
+      --threads "$threads" --queue "${WORKER_QUEUE:-1024}" --grace 1s
+  else
+    BACKEND_KIND="waitress"
+    start_bg "backend-$port" env PYTHONPATH="$REPO/tests/python" waitress-serve \
+      --threads="$threads" --listen="127.0.0.1:$port" --backlog=2048 \
+      --connection-limit=4096 wsgi_app:app
+  fi
+  wait_http "http://127.0.0.1:$port/healthz" 15 || {
+    cat "$WORK/backend-$port.log" >&2; log "backend on $port did not start"; exit 1; }
+}
+
+# write_nginx DIR PORT BALANCE(roundrobin|least_conn) BACKEND_PORT...
+write_nginx() {
+  local dir="$1" port="$2" balance="$3"; shift 3
+  mkdir -p "$dir/logs"
+  {
+    [[ "$(id -u)" -eq 0 ]] && echo "user root;"
+    cat <<EOF
+worker_processes 1;
+worker_rlimit_nofile 65536;
+error_log $dir/logs/error.log warn;
+pid $dir/nginx.pid;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path $dir/client_body;
+  proxy_temp_path $dir/proxy_temp;
+  fastcgi_temp_path $dir/fastcgi_temp;
+  uwsgi_temp_path $dir/uwsgi_temp;
+  scgi_temp_path $dir/scgi_temp;
+  upstream app {
+EOF
+    [[ "$balance" == "least_conn" ]] && echo "    least_conn;"
+    local b
+    for b in "$@"; do echo "    server 127.0.0.1:$b max_fails=0;"; done
+    cat <<EOF
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_connect_timeout 2s;
+      proxy_read_timeout 60s;
+      proxy_next_upstream off;
+    }
+  }
+}
+EOF
+  } >"$dir/nginx.conf"
+}
+
+# write_haproxy FILE PORT BALANCE(roundrobin|leastconn) MAXCONN(0=none) BACKEND_PORT...
+write_haproxy() {
+  local file="$1" port="$2" balance="$3" maxconn="$4"; shift 4
+  {
+    cat <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  maxconn 8000
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  timeout queue 5s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$port
+  default_backend be
+backend be
+  balance $balance
+EOF
+    local b i=0
+    for b in "$@"; do
+      i=$((i + 1))
+      if ((maxconn > 0)); then
+        echo "  server w$i 127.0.0.1:$b maxconn $maxconn"
+      else
+        echo "  server w$i 127.0.0.1:$b"
+      fi
+    done
+  } >"$file"
+}
+
+# write_usher FILE PORT ADMIN_PORT MAX_IN_FLIGHT BACKEND_PORT...
+write_usher() {
+  local file="$1" port="$2" admin="$3" cap="$4"; shift 4
+  {
+    cat <<EOF
+listeners:
+  - { name: public, address: "127.0.0.1:$port" }
+admin: { address: "127.0.0.1:$admin" }
+routes:
+  - { host: "*", path_prefix: /, upstream: app }
+upstreams:
+  app:
+    backends:
+EOF
+    local b
+    for b in "$@"; do echo "      - { address: \"127.0.0.1:$b\", max_in_flight: $cap }"; done
+    cat <<EOF
+    balance: least_outstanding
+    queue: { max_depth: 1024, timeout: 5s }
+    timeouts: { connect: 2s, response: 60s }
+access_log: { format: off }
+EOF
+  } >"$file"
+}
+
+# start_proxy KIND NAME PORT ... : starts nginx/haproxy/usher pinned to PROXY_CPU and
+# waits until it answers. Sets LAST_PID and returns 1 (with UNAVAILABLE_WHY) if it
+# cannot be started.
+start_nginx() {
+  local dir="$1" port="$2"
+  start_bg "nginx-$port" taskset -c "$PROXY_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;'
+  wait_http "http://127.0.0.1:$port/healthz" 10 || {
+    UNAVAILABLE_WHY="nginx did not start: $(tail -3 "$WORK/nginx-$port.log" "$dir/logs/error.log" 2>/dev/null | tr '\n' ' ')"
+    return 1; }
+}
+
+start_haproxy() {
+  local file="$1" port="$2"
+  start_bg "haproxy-$port" taskset -c "$PROXY_CPU" haproxy -f "$file" -db
+  wait_http "http://127.0.0.1:$port/healthz" 10 || {
+    UNAVAILABLE_WHY="haproxy did not start: $(tail -3 "$WORK/haproxy-$port.log" | tr '\n' ' ')"
+    return 1; }
+}
+
+start_usher() {
+  local file="$1" port="$2" admin="$3"
+  if [[ ! -x "$BIN/usher" ]]; then
+    UNAVAILABLE_WHY="no binary $BIN/usher"
+    return 1
+  fi
+  start_bg "usher-$port" taskset -c "$PROXY_CPU" "$BIN/usher" -c "$file"
+  if ! wait_http "http://127.0.0.1:$admin/readyz" 10 \
+      || ! wait_http "http://127.0.0.1:$port/healthz" 5; then
+    UNAVAILABLE_WHY="usher did not become ready: $(tail -3 "$WORK/usher-$port.log" | tr '\n' ' ')"
+    stop_pid "$LAST_PID"
+    return 1
+  fi
+}
