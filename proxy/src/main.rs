@@ -1,3 +1,107 @@
-fn main() {
-    println!("usher {}", env!("CARGO_PKG_VERSION"));
+//! `usher`: run the proxy, check a config, or run as a fleet worker.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use usher::config::Source;
+
+#[derive(Parser)]
+#[command(
+    name = "usher",
+    version,
+    about = "A buffered edge proxy with capacity-aware dispatch for threaded worker backends"
+)]
+struct Cli {
+    /// Configuration file. Default: the embedded config/usher.yaml.
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    /// Log filter for stderr logs (tracing env-filter syntax); RUST_LOG also works.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and exit (non-zero on errors), like `nginx -t`.
+    Check,
+    /// Run the built-in threaded worker (what `fleet: command: [usher-worker, ...]` starts).
+    #[command(hide = true, disable_help_flag = true)]
+    Worker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let source = match &cli.config {
+        Some(p) => Source::File(p.clone()),
+        None => Source::Embedded,
+    };
+    match cli.command {
+        Some(Command::Worker { args }) => {
+            usher::fleet::watch_parent();
+            let argv = std::iter::once("usher-worker".to_string()).chain(args);
+            usher_worker::cli::main_from(argv)
+        }
+        Some(Command::Check) => match source.load() {
+            Ok(_) => {
+                println!("usher: configuration {} is valid", source.name());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("usher: error: {e}");
+                }
+                eprintln!(
+                    "usher: configuration {} has {} error(s)",
+                    source.name(),
+                    errors.len()
+                );
+                ExitCode::from(1)
+            }
+        },
+        None => run(source, &cli.log_level),
+    }
+}
+
+fn run(source: Source, log_level: &str) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("usher: error: {e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let path = match &source {
+        Source::File(p) => Some(p.clone()),
+        Source::Embedded => None,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("usher")
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(usher::daemon::run(config, path))
+                .map_err(anyhow::Error::from)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usher: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,176 @@
+//! The admin listener (loopback by default).
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /livez` | 200 while the process runs |
+//! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
+//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity |
+//! | `POST /upstreams/{u}/backends/{addr}/drain` | stop sending new requests to a backend |
+//! | `POST /upstreams/{u}/backends/{addr}/undrain` | resume it |
+//!
+//! Readiness is a latch that shutdown flips: once draining, `/readyz` stays 503.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::{text, Shared};
+use crate::upstream::ProxyBody;
+
+pub struct Admin {
+    pub shared: Arc<Shared>,
+    pub draining: AtomicBool,
+}
+
+impl Admin {
+    fn route(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
+        let path = req.uri().path();
+        let state = self.shared.state.load_full();
+        match (req.method(), path) {
+            (&Method::GET, "/metrics") => {
+                state.refresh_gauges(&self.shared.metrics);
+                let mut r = Response::new(ProxyBody::full(self.shared.metrics.render()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::Relaxed) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if !state.any_backend_available() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no backend is up\n")
+                } else {
+                    text(StatusCode::OK, "ready\n")
+                }
+            }
+            (&Method::GET, "/status") => {
+                let mut r = Response::new(ProxyBody::full(self.status_json().to_string()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            (&Method::POST, p) if p.starts_with("/upstreams/") => self.drain(p),
+            (_, "/metrics" | "/livez" | "/readyz" | "/status") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /livez, /readyz, /status\n",
+            ),
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let state = self.shared.state.load_full();
+        let now = std::time::Instant::now();
+        let mut ups = serde_json::Map::new();
+        let mut names: Vec<_> = state.upstreams.keys().collect();
+        names.sort();
+        for name in names {
+            let u = &state.upstreams[name];
+            let backends: Vec<_> = u
+                .dispatcher
+                .backends()
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "address": b.key,
+                        "state": b.state(now),
+                        "in_flight": b.in_flight(),
+                        "capacity": b.capacity(),
+                        "weight": b.weight(),
+                    })
+                })
+                .collect();
+            ups.insert(
+                name.clone(),
+                serde_json::json!({
+                    "queue": { "depth": u.dispatcher.queue_len(), "max_depth": u.cfg.queue.max_depth },
+                    "balance": format!("{:?}", u.cfg.balance),
+                    "backends": backends,
+                }),
+            );
+        }
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "draining": self.draining.load(Ordering::Relaxed),
+            "upstreams": ups,
+        })
+    }
+
+    fn drain(&self, path: &str) -> Response<ProxyBody> {
+        // /upstreams/{u}/backends/{addr}/{drain|undrain}
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (u, addr, action) = match parts.as_slice() {
+            ["upstreams", u, "backends", addr, action] => (*u, *addr, *action),
+            _ => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "expected /upstreams/{u}/backends/{addr}/drain or /undrain\n",
+                )
+            }
+        };
+        let drain = match action {
+            "drain" => true,
+            "undrain" => false,
+            _ => return text(StatusCode::NOT_FOUND, "action must be drain or undrain\n"),
+        };
+        let state = self.shared.state.load_full();
+        let Some(up) = state.upstreams.get(u) else {
+            return text(StatusCode::NOT_FOUND, format!("no upstream `{u}`\n"));
+        };
+        let Some(b) = up.dispatcher.backends().into_iter().find(|b| b.key == addr) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no backend `{addr}` in upstream `{u}`\n"),
+            );
+        };
+        b.set_draining(drain);
+        up.dispatcher.kick();
+        tracing::info!(upstream = %u, backend = %addr, drain, "backend drain changed by admin API");
+        text(StatusCode::OK, format!("{action}ed {addr}\n"))
+    }
+}
+
+/// Serves the admin listener until `stop` fires.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.route(&req)) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

@@ -1,0 +1,178 @@
+//! The daemon's life: bind, start the fleet, serve, reload, drain, exit.
+//!
+//! Shutdown (SIGTERM or SIGINT): `/readyz` turns 503, listeners stop
+//! accepting, in-flight and queued requests get up to `shutdown_grace` to
+//! finish, then the fleet is stopped and the process exits 0. A second signal
+//! during the drain ends it at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::AccessLog;
+use crate::admin::Admin;
+use crate::config::{resolve_addr, Config};
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::proxy::Shared;
+use crate::reload::Reloader;
+use crate::server::{self, ListenerSettings};
+use crate::state::{FleetAddrs, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+async fn bind(name: &str, address: &str) -> Result<TcpListener, StartError> {
+    let addr = resolve_addr(address).map_err(StartError::Config)?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            name: name.to_string(),
+            addr,
+            source,
+        })
+}
+
+/// Runs Usher until it is told to stop. `path` is the config file, if any
+/// (reloads re-read it).
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+
+    // Bind first, so a busy port fails fast before any process is started.
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let tcp = bind(&l.name, &l.address).await?;
+        tracing::info!(listener = %l.name, addr = %tcp.local_addr().map_err(|e| StartError::Config(e.to_string()))?, "listening");
+        listeners.push((l.clone(), tcp));
+    }
+    let admin_listener = match &config.admin {
+        Some(a) => {
+            let tcp = bind("admin", &a.address).await?;
+            tracing::info!(addr = %tcp.local_addr().map_err(|e| StartError::Config(e.to_string()))?, "admin listening");
+            Some(tcp)
+        }
+        None => None,
+    };
+
+    let grace = config.timeouts.shutdown_grace.0;
+    let mut fleets = Vec::new();
+    let mut fleet_addrs = FleetAddrs::new();
+    for (name, u) in &config.upstreams {
+        if let Some(f) = &u.fleet {
+            let addrs = crate::fleet::plan(f).map_err(StartError::Config)?;
+            let restarts = metrics.fleet_restarts.with_label_values(&[name]);
+            let fleet = Fleet::start(
+                name,
+                f,
+                addrs.clone(),
+                restarts,
+                grace.min(Duration::from_secs(10)),
+            )
+            .map_err(StartError::Config)?;
+            fleet_addrs.insert(name.clone(), addrs);
+            fleets.push(fleet);
+        }
+    }
+    for f in &fleets {
+        f.wait_ready(Duration::from_secs(15)).await;
+    }
+
+    let access_log = AccessLog::new(config.access_log.format);
+    let state =
+        State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
+    state.start();
+    let state = Arc::new(ArcSwap::from_pointee(state));
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        metrics: metrics.clone(),
+        access_log: access_log.clone(),
+    });
+
+    let stop = CancellationToken::new();
+    let mut serving = tokio::task::JoinSet::new();
+    for (l, tcp) in listeners {
+        let settings = ListenerSettings {
+            name: l.name.clone(),
+            max_connections: l.max_connections,
+            header_timeout: config.timeouts.client_header.0,
+            keepalive: config.timeouts.client_keepalive.0,
+        };
+        metrics.client_connections.with_label_values(&[&l.name]);
+        serving.spawn(server::serve(
+            tcp,
+            settings,
+            shared.clone(),
+            stop.clone(),
+            grace,
+        ));
+    }
+    let admin = Arc::new(Admin {
+        shared: shared.clone(),
+        draining: Default::default(),
+    });
+    let admin_stop = CancellationToken::new();
+    if let Some(tcp) = admin_listener {
+        tokio::spawn(crate::admin::serve(tcp, admin.clone(), admin_stop.clone()));
+    }
+
+    let reloader = Arc::new(Reloader {
+        path,
+        state: state.clone(),
+        metrics: metrics.clone(),
+        fleet: fleet_addrs,
+        access_log,
+    });
+    tokio::spawn(crate::reload::watch(reloader.clone(), stop.clone()));
+
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "usher is serving");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let r = reloader.clone();
+                // Building a state is quick, but keep file I/O off the runtime.
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+        }
+    }
+
+    admin.draining.store(true, Ordering::Relaxed);
+    stop.cancel();
+    let drained = async { while serving.join_next().await.is_some() {} };
+    tokio::select! {
+        _ = drained => tracing::info!("all client connections drained"),
+        _ = sigterm.recv() => tracing::warn!("second signal: stopping now"),
+        _ = sigint.recv() => tracing::warn!("second signal: stopping now"),
+    }
+    state.load().tasks.cancel();
+    for f in fleets {
+        f.shutdown().await;
+    }
+    admin_stop.cancel();
+    tracing::info!("usher stopped");
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! Where a request waits: the per-upstream dispatcher.
+//!
+//! Each upstream has one dispatcher holding its backends and one central
+//! queue. A request *acquires a slot*: if some backend has `in_flight <
+//! capacity`, it gets a slot on it at once; otherwise it waits in the queue,
+//! which is bounded in depth (`full`) and in time (`timeout`). A [`Slot`] is an
+//! RAII guard: dropping it is what releases the backend's thread, and the
+//! release hands the slot straight to the head of the queue. Nobody can forget
+//! to decrement, and a freed slot never sits idle while requests wait.
+//!
+//! One `std::sync::Mutex` guards the queue and every in-flight count of the
+//! upstream, so "is there a free slot?" and "take it" are one step. The lock
+//! is never held across an `.await`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::sync::oneshot;
+
+use crate::backend::Backend;
+use crate::balance::Balancer;
+use crate::config::Balance;
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// The queue already holds `max_depth` requests.
+    QueueFull,
+    /// The request waited `timeout` without getting a slot.
+    QueueTimeout,
+    /// No backend is up: answered at once rather than after the queue timeout.
+    NoBackend,
+}
+
+/// Queue metrics of one upstream.
+#[derive(Clone)]
+pub struct QueueMetrics {
+    pub depth: IntGauge,
+    pub wait: Histogram,
+    pub rejected_full: IntCounter,
+    pub rejected_timeout: IntCounter,
+}
+
+pub struct Dispatcher {
+    inner: Mutex<Inner>,
+    metrics: QueueMetrics,
+}
+
+struct Inner {
+    backends: Vec<Arc<Backend>>,
+    balancer: Balancer,
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+    max_depth: usize,
+    timeout: Duration,
+}
+
+struct Waiter {
+    id: u64,
+    avoid: Vec<SocketAddr>,
+    tx: oneshot::Sender<Result<Slot, Rejected>>,
+}
+
+/// A reserved place on one backend. Dropping it releases the place.
+pub struct Slot {
+    backend: Arc<Backend>,
+    dispatcher: Arc<Dispatcher>,
+    armed: bool,
+}
+
+impl Slot {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.dispatcher.release(&self.backend);
+        }
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("backend", &self.backend.key)
+            .finish()
+    }
+}
+
+/// A granted slot and how long the request queued for it.
+#[derive(Debug)]
+pub struct Admitted {
+    pub slot: Slot,
+    pub waited: Duration,
+}
+
+/// Removes a waiter from the queue if its request goes away (client
+/// disconnect, timeout) before it was served.
+struct Enqueued<'a> {
+    dispatcher: &'a Dispatcher,
+    id: u64,
+}
+
+impl Drop for Enqueued<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.dispatcher.inner.lock().unwrap();
+        if let Some(pos) = inner.queue.iter().position(|w| w.id == self.id) {
+            inner.queue.remove(pos);
+            self.dispatcher.metrics.depth.set(inner.queue.len() as i64);
+        }
+    }
+}
+
+impl Dispatcher {
+    pub fn new(
+        backends: Vec<Arc<Backend>>,
+        balance: Balance,
+        max_depth: usize,
+        timeout: Duration,
+        metrics: QueueMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            inner: Mutex::new(Inner {
+                backends,
+                balancer: Balancer::new(balance),
+                queue: VecDeque::new(),
+                next_id: 0,
+                max_depth,
+                timeout,
+            }),
+            metrics,
+        })
+    }
+
+    /// Waits for a slot. `avoid` lists backends this request already failed
+    /// on; a retry (`retry = true`) goes to the head of the queue, since it
+    /// has already waited once.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        avoid: &[SocketAddr],
+        retry: bool,
+    ) -> Result<Admitted, Rejected> {
+        let start = Instant::now();
+        let (rx, id, timeout) = {
+            let mut inner = self.inner.lock().unwrap();
+            let now = Instant::now();
+            if !inner.backends.iter().any(|b| b.is_available(now)) {
+                return Err(Rejected::NoBackend);
+            }
+            // Waiters already queued go first: a newcomer only takes a slot
+            // directly when nobody is waiting.
+            if inner.queue.is_empty() || retry {
+                if let Some(slot) = self.take(&mut inner, avoid, now) {
+                    self.metrics.wait.observe(0.0);
+                    return Ok(Admitted {
+                        slot,
+                        waited: Duration::ZERO,
+                    });
+                }
+            }
+            if inner.queue.len() >= inner.max_depth && !retry {
+                self.metrics.rejected_full.inc();
+                return Err(Rejected::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = inner.next_id;
+            inner.next_id += 1;
+            let waiter = Waiter {
+                id,
+                avoid: avoid.to_vec(),
+                tx,
+            };
+            if retry {
+                inner.queue.push_front(waiter);
+            } else {
+                inner.queue.push_back(waiter);
+            }
+            self.metrics.depth.set(inner.queue.len() as i64);
+            (rx, id, inner.timeout)
+        };
+        let guard = Enqueued {
+            dispatcher: self,
+            id,
+        };
+        let result = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            // The sender is only dropped with the dispatcher (upstream removed).
+            Ok(Err(_)) => Err(Rejected::NoBackend),
+            Err(_) => {
+                self.metrics.rejected_timeout.inc();
+                Err(Rejected::QueueTimeout)
+            }
+        };
+        drop(guard);
+        let waited = start.elapsed();
+        if result.is_ok() {
+            self.metrics.wait.observe(waited.as_secs_f64());
+        }
+        result.map(|slot| Admitted { slot, waited })
+    }
+
+    /// Reserves a slot under the lock.
+    fn take(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        avoid: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Slot> {
+        let i = inner.balancer.pick(&inner.backends, avoid, now)?;
+        let backend = inner.backends[i].clone();
+        backend.inc();
+        Some(Slot {
+            backend,
+            dispatcher: self.clone(),
+            armed: true,
+        })
+    }
+
+    fn release(self: &Arc<Self>, backend: &Arc<Backend>) {
+        let mut inner = self.inner.lock().unwrap();
+        backend.dec();
+        self.serve_queue(&mut inner);
+    }
+
+    /// Hands free slots to the head of the queue, in order.
+    fn serve_queue(self: &Arc<Self>, inner: &mut Inner) {
+        let now = Instant::now();
+        if !inner.queue.is_empty() && !inner.backends.iter().any(|b| b.is_available(now)) {
+            // Nothing can serve them: tell them now instead of at the timeout.
+            for w in inner.queue.drain(..) {
+                let _ = w.tx.send(Err(Rejected::NoBackend));
+            }
+        }
+        while let Some(head) = inner.queue.front() {
+            let avoid = head.avoid.clone();
+            let Some(slot) = self.take(inner, &avoid, now) else {
+                break;
+            };
+            let waiter = inner.queue.pop_front().expect("head exists");
+            if let Err(Ok(mut slot)) = waiter.tx.send(Ok(slot)) {
+                // The request went away between its timeout and now; undo
+                // without re-entering the lock we hold.
+                slot.armed = false;
+                slot.backend.dec();
+            }
+        }
+        self.metrics.depth.set(inner.queue.len() as i64);
+    }
+
+    /// Re-examines the queue after capacity or health changed.
+    pub fn kick(self: &Arc<Self>) {
+        let mut inner = self.inner.lock().unwrap();
+        if !inner.queue.is_empty() {
+            self.serve_queue(&mut inner);
+        }
+    }
+
+    /// Replaces the backend set (reload, discovery). Backends that are gone
+    /// keep their in-flight requests until those finish: their slots hold
+    /// their own `Arc<Backend>`.
+    pub fn set_backends(self: &Arc<Self>, backends: Vec<Arc<Backend>>) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.backends = backends;
+        self.serve_queue(&mut inner);
+    }
+
+    pub fn set_limits(&self, balance: Balance, max_depth: usize, timeout: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.balancer = Balancer::new(balance);
+        inner.max_depth = max_depth;
+        inner.timeout = timeout;
+    }
+
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.inner.lock().unwrap().backends.clone()
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.inner.lock().unwrap().queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::HistogramOpts;
+
+    fn metrics() -> QueueMetrics {
+        QueueMetrics {
+            depth: IntGauge::new("d", "d").unwrap(),
+            wait: Histogram::with_opts(HistogramOpts::new("w", "w")).unwrap(),
+            rejected_full: IntCounter::new("f", "f").unwrap(),
+            rejected_timeout: IntCounter::new("t", "t").unwrap(),
+        }
+    }
+
+    fn dispatcher(caps: &[u32], depth: usize, timeout_ms: u64) -> Arc<Dispatcher> {
+        let backends = caps
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                Arc::new(Backend::new(
+                    format!("127.0.0.1:{}", 2000 + i).parse().unwrap(),
+                    1,
+                    Some(c),
+                    4,
+                ))
+            })
+            .collect();
+        Dispatcher::new(
+            backends,
+            Balance::LeastOutstanding,
+            depth,
+            Duration::from_millis(timeout_ms),
+            metrics(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_exceeds_capacity_and_serves_the_queue_in_order() {
+        let d = dispatcher(&[1, 1], 10, 60_000);
+        let a = d.acquire(&[], false).await.unwrap();
+        let b = d.acquire(&[], false).await.unwrap();
+        assert_ne!(a.slot.backend().addr, b.slot.backend().addr);
+
+        let d1 = d.clone();
+        let first = tokio::spawn(async move { d1.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        let d2 = d.clone();
+        let second = tokio::spawn(async move { d2.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 2);
+        assert!(d.backends().iter().all(|b| b.in_flight() == 1));
+
+        let freed = a.slot.backend().addr;
+        drop(a);
+        let got = first.await.unwrap().unwrap();
+        assert_eq!(got.slot.backend().addr, freed);
+        assert_eq!(d.queue_len(), 1);
+        assert!(!second.is_finished());
+        drop(b);
+        second.await.unwrap().unwrap();
+        assert_eq!(d.metrics.depth.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_rejects_at_once_and_timeout_rejects_after_the_wait() {
+        let d = dispatcher(&[1], 1, 500);
+        let _held = d.acquire(&[], false).await.unwrap();
+        let d1 = d.clone();
+        let waiting = tokio::spawn(async move { d1.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            d.acquire(&[], false).await.unwrap_err(),
+            Rejected::QueueFull
+        );
+        let start = tokio::time::Instant::now();
+        assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::QueueTimeout);
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        assert_eq!(d.queue_len(), 0);
+        assert_eq!(d.metrics.rejected_full.get(), 1);
+        assert_eq!(d.metrics.rejected_timeout.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() {
+        let d = dispatcher(&[1], 4, 60_000);
+        let held = d.acquire(&[], false).await.unwrap();
+        let d1 = d.clone();
+        let waiting = tokio::spawn(async move { d1.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 1);
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(d.queue_len(), 0);
+        drop(held);
+        assert_eq!(d.backends()[0].in_flight(), 0);
+        let again = d.acquire(&[], false).await.unwrap();
+        assert_eq!(again.slot.backend().in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_backends_down_answers_at_once_and_flushes_waiters() {
+        let d = dispatcher(&[1], 4, 60_000);
+        let held = d.acquire(&[], false).await.unwrap();
+        let d1 = d.clone();
+        let waiting = tokio::spawn(async move { d1.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        d.backends()[0].set_up(false);
+        d.kick();
+        assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::NoBackend);
+        assert_eq!(
+            d.acquire(&[], false).await.unwrap_err(),
+            Rejected::NoBackend
+        );
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_growth_is_picked_up_by_kick() {
+        let d = dispatcher(&[1], 4, 60_000);
+        let _held = d.acquire(&[], false).await.unwrap();
+        let d1 = d.clone();
+        let waiting = tokio::spawn(async move { d1.acquire(&[], false).await });
+        tokio::task::yield_now().await;
+        // Reload: the same backend object, now with two threads.
+        let same = d.backends()[0].clone();
+        same.reconfigure(1, Some(2), 4);
+        d.set_backends(vec![same]);
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got.slot.backend().in_flight(), 2);
+    }
+}

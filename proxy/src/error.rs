@@ -1,0 +1,83 @@
+//! Usher's error type and the one place that maps errors to status codes.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::dispatch::Rejected;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no route for host `{host}` and path `{path}`")]
+    NoRoute { host: String, path: String },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("client sent the request body too slowly (no data for {0:?})")]
+    ClientTooSlow(Duration),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("client connection failed while reading the body: {0}")]
+    ClientBody(#[source] hyper::Error),
+    #[error("queue full for upstream `{upstream}`")]
+    QueueFull { upstream: String },
+    #[error("queue wait timed out for upstream `{upstream}`")]
+    QueueTimeout { upstream: String },
+    #[error("no healthy backend for upstream `{upstream}`")]
+    NoBackend { upstream: String },
+    #[error("cannot reach backend {backend}: {reason}")]
+    Connect { backend: String, reason: String },
+    #[error("backend {backend} failed: {reason}")]
+    Upstream { backend: String, reason: String },
+    #[error("backend {backend} did not answer within {timeout:?}")]
+    UpstreamTimeout { backend: String, timeout: Duration },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    pub fn from_rejection(r: Rejected, upstream: &str) -> Self {
+        let upstream = upstream.to_string();
+        match r {
+            Rejected::QueueFull => Error::QueueFull { upstream },
+            Rejected::QueueTimeout => Error::QueueTimeout { upstream },
+            Rejected::NoBackend => Error::NoBackend { upstream },
+        }
+    }
+
+    /// The status code the client sees.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::ClientTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::BadRequest(_) | Error::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Error::QueueFull { .. }
+            | Error::QueueTimeout { .. }
+            | Error::NoBackend { .. }
+            | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Connect { .. } | Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Seconds for `Retry-After` on answers that mean "try again later".
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Error::QueueFull { .. } | Error::QueueTimeout { .. } => Some(1),
+            Error::NoBackend { .. } | Error::ShuttingDown => Some(5),
+            _ => None,
+        }
+    }
+
+    /// Whether the client connection must be closed after this answer
+    /// (the rest of its byte stream can no longer be trusted).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Error::BadRequest(_)
+                | Error::ClientTooSlow(_)
+                | Error::BodyTooLarge { .. }
+                | Error::ClientBody(_)
+        )
+    }
+}

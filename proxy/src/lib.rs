@@ -1,0 +1,24 @@
+//! Usher: a buffered edge proxy with capacity-aware dispatch for threaded
+//! worker backends.
+//!
+//! Where does a request wait? In [`dispatch`]. The rest of the request path
+//! is [`server`] (accept) → [`proxy`] (route, buffer) → [`dispatch`] (admit)
+//! → [`balance`] (pick) → [`upstream`] (forward, retry, buffer the response).
+
+pub mod access_log;
+pub mod admin;
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod error;
+pub mod fleet;
+pub mod headers;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod state;
+pub mod upstream;

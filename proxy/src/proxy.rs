@@ -1,0 +1,248 @@
+//! The request path: route, buffer the body, forward, answer.
+//!
+//! Each client request is read whole before it is admitted, so a slow client
+//! never holds a worker thread; see `upstream.rs` for the response side.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::error::Error;
+use crate::headers::{self, X_REQUEST_ID};
+use crate::metrics::Metrics;
+use crate::state::State;
+use crate::upstream::{Failed, ProxyBody};
+
+/// What every request on one listener shares.
+pub struct Shared {
+    pub state: Arc<ArcSwap<State>>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+}
+
+/// Per-connection context.
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub listener: String,
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let state = ctx.shared.state.load_full();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(headers::new_request_id);
+
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let version = req.version();
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let host = request_host(&req);
+
+    let route = state.route(host.as_deref().unwrap_or(""), req.uri().path());
+    let (route_name, upstream_name) = match route {
+        Some(r) => (r.name.clone(), r.upstream.name.clone()),
+        None => ("-".to_string(), "-".to_string()),
+    };
+
+    let mut entry = Entry {
+        time: SystemTime::now(),
+        peer: ctx.peer,
+        method: method.to_string(),
+        path,
+        version,
+        status: 0,
+        bytes: None,
+        route: route_name.clone(),
+        upstream: upstream_name.clone(),
+        backend: None,
+        duration: Duration::ZERO,
+        queue_wait: Duration::ZERO,
+        request_id: request_id.clone(),
+        user_agent,
+        error: None,
+    };
+
+    let result = match route {
+        None => Err(Failed {
+            error: Error::NoRoute {
+                host: host.clone().unwrap_or_default(),
+                path: req.uri().path().to_string(),
+            },
+            backend: None,
+            queue_wait: Duration::ZERO,
+        }),
+        Some(route) => {
+            let upstream = route.upstream.clone();
+            match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
+                Err(error) => Err(Failed {
+                    error,
+                    backend: None,
+                    queue_wait: Duration::ZERO,
+                }),
+                Ok((head, body)) => upstream.forward(&head, body).await,
+            }
+        }
+    };
+
+    let mut response = match result {
+        Ok(fwd) => {
+            entry.backend = Some(fwd.backend);
+            entry.queue_wait = fwd.queue_wait;
+            let mut resp = fwd.response;
+            headers::strip_hop_by_hop(resp.headers_mut());
+            resp
+        }
+        Err(failed) => {
+            entry.backend = failed.backend;
+            entry.queue_wait = failed.queue_wait;
+            entry.error = Some(failed.error.to_string());
+            error_response(&failed.error)
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+
+    entry.status = response.status().as_u16();
+    entry.bytes = response.body().known_len();
+    entry.duration = started.elapsed();
+    let m = &ctx.shared.metrics;
+    m.requests
+        .with_label_values(&[&route_name, &upstream_name, response.status().as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[&route_name, &upstream_name])
+        .observe(entry.duration.as_secs_f64());
+    ctx.shared.access_log.log(entry);
+    Ok(response)
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// Checks framing, reads the whole body (bounded in size and in time between
+/// reads), and rewrites the head for the backend.
+async fn read_request(
+    req: Request<Incoming>,
+    state: &State,
+    ctx: &ConnCtx,
+    host: Option<&str>,
+    request_id: &str,
+) -> Result<(http::request::Parts, Bytes), Error> {
+    headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
+    let limit = state.config.limits.max_request_body.0;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(Error::BadRequest("invalid Content-Length"))
+        })
+        .transpose()?;
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    let (mut head, mut body) = req.into_parts();
+    let gap = state.config.timeouts.client_body.0;
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(gap, body.frame()).await {
+            Err(_) => return Err(Error::ClientTooSlow(gap)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Error::ClientBody(e)),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() as u64 + data.len() as u64 > limit {
+                return Err(Error::BodyTooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+
+    let h = &mut head.headers;
+    headers::strip_hop_by_hop(h);
+    h.remove(header::CONTENT_LENGTH);
+    let proto = if ctx.tls { "https" } else { "http" };
+    headers::set_forwarded(h, &ctx.peer.ip().to_string(), proto, host);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(X_REQUEST_ID.clone(), v);
+    }
+    if !h.contains_key(header::HOST) {
+        if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+            h.insert(header::HOST, v);
+        }
+    }
+    head.version = http::Version::HTTP_11;
+    Ok((head, buf.freeze()))
+}
+
+/// A short plain-text answer naming the reason. Never empty.
+pub fn error_response(e: &Error) -> Response<ProxyBody> {
+    let status = e.status();
+    let body = format!(
+        "{} {}: {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        e
+    );
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.closes_connection() {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// A plain-text response, for the admin listener and simple answers.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,139 @@
+//! Configuration reload: on SIGHUP or when the config file changes.
+//!
+//! The new file is parsed, validated and built into a new [`State`] off the
+//! request path, then swapped in whole. A bad file keeps the running state,
+//! logs the error with file and line, and counts
+//! `usher_config_reloads_total{result="failure"}`.
+//!
+//! Listeners and the admin address are bound at start: a reload that changes
+//! them is refused with a message saying a restart is needed. A changed fleet
+//! command is likewise applied on restart only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use crate::state::{FleetAddrs, State};
+
+pub struct Reloader {
+    pub path: Option<PathBuf>,
+    pub state: Arc<ArcSwap<State>>,
+    pub metrics: Arc<Metrics>,
+    pub fleet: FleetAddrs,
+    pub access_log: crate::access_log::AccessLog,
+}
+
+fn listener_addrs(c: &Config) -> Vec<(String, String)> {
+    let mut v: Vec<_> = c
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.address.clone()))
+        .collect();
+    if let Some(a) = &c.admin {
+        v.push(("admin".into(), a.address.clone()));
+    }
+    v
+}
+
+impl Reloader {
+    /// Reloads now. Returns the error text on failure.
+    pub fn reload(&self) -> Result<(), String> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            return Err("running on the embedded default config; nothing to reload".into());
+        };
+        let new = config::load_file(path).map_err(|errs| {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let old = self.state.load_full();
+        if listener_addrs(&new) != listener_addrs(&old.config) {
+            return Err(format!(
+                "{}: listeners and admin address cannot change on reload; restart Usher to apply",
+                path.display()
+            ));
+        }
+        for (name, u) in &new.upstreams {
+            let before = old
+                .config
+                .upstreams
+                .get(name)
+                .and_then(|o| o.fleet.as_ref());
+            if let (Some(a), Some(b)) = (before, &u.fleet) {
+                if a.command != b.command
+                    || a.processes != b.processes
+                    || a.base_port != b.base_port
+                {
+                    return Err(format!(
+                        "{}: upstreams.{name}.fleet changed; fleet changes apply on restart",
+                        path.display()
+                    ));
+                }
+            } else if before.is_some() != u.fleet.is_some() {
+                return Err(format!(
+                    "{}: upstreams.{name}.fleet added or removed; fleet changes apply on restart",
+                    path.display()
+                ));
+            }
+        }
+        let state = State::build(new, Some(&old), &self.fleet, &self.metrics)?;
+        self.access_log.set_format(state.config.access_log.format);
+        state.start();
+        self.state.store(Arc::new(state));
+        old.tasks.cancel();
+        Ok(())
+    }
+}
+
+/// The config file's modification time, for the file watch.
+pub fn mtime(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Polls the file once a second and reloads when it changes. Polling works
+/// on every filesystem, including Kubernetes ConfigMap volumes, whose
+/// updates are symlink swaps that inotify watches on the file itself miss.
+pub async fn watch(reloader: Arc<Reloader>, stop: tokio_util::sync::CancellationToken) {
+    let Some(path) = reloader.path.clone() else {
+        return;
+    };
+    let mut last = mtime(&path);
+    let mut last_len = std::fs::metadata(&path).map(|m| m.len()).ok();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = mtime(&path);
+        let len = std::fs::metadata(&path).map(|m| m.len()).ok();
+        if now != last || len != last_len {
+            last = now;
+            last_len = len;
+            if now.is_some() {
+                tracing::info!(file = %path.display(), "config file changed; reloading");
+                let _ = reloader.reload();
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The hot state: routes and upstreams built from one configuration.
+//!
+//! A `State` is built off the request path and swapped in whole through
+//! `ArcSwap`; each request loads it once. When a new state is built from a
+//! previous one, an upstream with the same name keeps its dispatcher (so its
+//! queue carries over), and a backend with the same address keeps its object
+//! (so its in-flight count, health and ejection carry over). A backend that is
+//! gone from the config gets no new requests; the slots of its in-flight ones
+//! hold it until they finish.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::config::{resolve_addr, Config, MaxInFlight};
+use crate::dispatch::{Dispatcher, QueueMetrics};
+use crate::metrics::Metrics;
+use crate::upstream::{build_client, RetryBudget, Upstream};
+
+pub struct Route {
+    pub name: String,
+    host: HostMatch,
+    prefix: String,
+    pub upstream: Arc<Upstream>,
+}
+
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` → `.example.com`
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn parse(h: &str) -> Self {
+        let h = h.to_ascii_lowercase();
+        if h == "*" || h.is_empty() {
+            HostMatch::Any
+        } else if let Some(s) = h.strip_prefix('*') {
+            HostMatch::Suffix(s.to_string())
+        } else {
+            HostMatch::Exact(h)
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+        }
+    }
+}
+
+/// Backend addresses an upstream's fleet runs on (filled in by `fleet.rs`).
+pub type FleetAddrs = HashMap<String, Vec<SocketAddr>>;
+
+pub struct State {
+    pub config: Config,
+    pub routes: Vec<Route>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// Cancels this state's background tasks (health checks) when replaced.
+    pub tasks: CancellationToken,
+}
+
+impl State {
+    /// Builds a state, carrying over from `prev` by upstream name and backend
+    /// address. Spawns nothing; call [`State::start`] once it is swapped in.
+    pub fn build(
+        config: Config,
+        prev: Option<&State>,
+        fleet: &FleetAddrs,
+        metrics: &Arc<Metrics>,
+    ) -> Result<State, String> {
+        let mut upstreams = HashMap::new();
+        for (name, ucfg) in &config.upstreams {
+            metrics.init_upstream(name);
+            let old = prev.and_then(|p| p.upstreams.get(name));
+            let old_backends: HashMap<SocketAddr, Arc<Backend>> = old
+                .map(|u| {
+                    u.dispatcher
+                        .backends()
+                        .into_iter()
+                        .map(|b| (b.addr, b))
+                        .collect()
+                })
+                .unwrap_or_default();
+
+            let mut wanted: Vec<(SocketAddr, u32, Option<u32>)> = Vec::new();
+            for b in &ucfg.backends {
+                let addr =
+                    resolve_addr(&b.address).map_err(|e| format!("upstreams.{name}: {e}"))?;
+                let fixed = match b.max_in_flight {
+                    MaxInFlight::Fixed(n) => Some(n),
+                    MaxInFlight::Auto => None,
+                };
+                wanted.push((addr, b.weight, fixed));
+            }
+            if let (Some(f), Some(addrs)) = (&ucfg.fleet, fleet.get(name)) {
+                let fixed = match f.max_in_flight {
+                    MaxInFlight::Fixed(n) => Some(n),
+                    MaxInFlight::Auto => None,
+                };
+                for a in addrs {
+                    if !wanted.iter().any(|w| w.0 == *a) {
+                        wanted.push((*a, 1, fixed));
+                    }
+                }
+            }
+
+            let backends: Vec<Arc<Backend>> = wanted
+                .iter()
+                .map(|&(addr, weight, fixed)| match old_backends.get(&addr) {
+                    Some(b) => {
+                        b.reconfigure(weight, fixed, ucfg.default_capacity);
+                        b.clone()
+                    }
+                    None => {
+                        let b = Backend::new(addr, weight, fixed, ucfg.default_capacity);
+                        metrics.init_backend(name, &b.key);
+                        Arc::new(b)
+                    }
+                })
+                .collect();
+            for (addr, b) in &old_backends {
+                if !wanted.iter().any(|w| w.0 == *addr) {
+                    metrics.forget_backend(name, &b.key);
+                }
+            }
+
+            let dispatcher = match old {
+                Some(u) => {
+                    u.dispatcher.set_limits(
+                        ucfg.balance,
+                        ucfg.queue.max_depth,
+                        ucfg.queue.timeout.0,
+                    );
+                    u.dispatcher.set_backends(backends);
+                    u.dispatcher.clone()
+                }
+                None => Dispatcher::new(
+                    backends,
+                    ucfg.balance,
+                    ucfg.queue.max_depth,
+                    ucfg.queue.timeout.0,
+                    QueueMetrics {
+                        depth: metrics.queue_depth.with_label_values(&[name]),
+                        wait: metrics.queue_wait.with_label_values(&[name]),
+                        rejected_full: metrics.queue_rejections.with_label_values(&[name, "full"]),
+                        rejected_timeout: metrics
+                            .queue_rejections
+                            .with_label_values(&[name, "timeout"]),
+                    },
+                ),
+            };
+            let retry_budget = old
+                .map(|u| u.retry_budget.clone())
+                .unwrap_or_else(|| Arc::new(RetryBudget::new(0.2, 10.0)));
+            upstreams.insert(
+                name.clone(),
+                Arc::new(Upstream {
+                    name: name.clone(),
+                    cfg: ucfg.clone(),
+                    dispatcher,
+                    client: build_client(ucfg),
+                    metrics: metrics.clone(),
+                    max_response_buffer: config.limits.max_response_buffer.0,
+                    retry_budget,
+                }),
+            );
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone().unwrap_or_else(|| {
+                    let host = if r.host == "*" { "" } else { r.host.as_str() };
+                    format!("{host}{}", r.path_prefix)
+                }),
+                host: HostMatch::parse(&r.host),
+                prefix: r.path_prefix.clone(),
+                upstream: upstreams[&r.upstream].clone(),
+            })
+            .collect();
+        Ok(State {
+            config,
+            routes,
+            upstreams,
+            tasks: CancellationToken::new(),
+        })
+    }
+
+    /// Starts this state's background tasks: health checks, and a ticker
+    /// that re-examines queues when ejections expire or slow start ramps.
+    pub fn start(&self) {
+        for up in self.upstreams.values() {
+            if up.cfg.health_check.is_some() {
+                tokio::spawn(crate::health::run(up.clone(), self.tasks.clone()));
+            }
+            let (up, cancel) = (up.clone(), self.tasks.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => up.dispatcher.kick(),
+                    }
+                }
+            });
+        }
+    }
+
+    /// The route for a request: the most specific host match (exact, then
+    /// wildcard, then `*`), then the longest path prefix; the first listed
+    /// wins a tie.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        let host = match host.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let host = host.to_ascii_lowercase();
+        let mut best: Option<(&Route, (u8, usize))> = None;
+        for r in &self.routes {
+            if !r.host.matches(&host) || !path.starts_with(&r.prefix) {
+                continue;
+            }
+            let rank = match r.host {
+                HostMatch::Exact(_) => 2,
+                HostMatch::Suffix(_) => 1,
+                HostMatch::Any => 0,
+            };
+            let score = (rank, r.prefix.len());
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((r, score));
+            }
+        }
+        best.map(|(r, _)| r)
+    }
+
+    /// Updates the per-backend gauges from live state (at scrape time).
+    pub fn refresh_gauges(&self, metrics: &Metrics) {
+        let now = std::time::Instant::now();
+        for (name, up) in &self.upstreams {
+            metrics
+                .queue_depth
+                .with_label_values(&[name])
+                .set(up.dispatcher.queue_len() as i64);
+            for b in up.dispatcher.backends() {
+                let l = [name.as_str(), b.key.as_str()];
+                metrics
+                    .backend_in_flight
+                    .with_label_values(&l)
+                    .set(i64::from(b.in_flight()));
+                metrics
+                    .backend_capacity
+                    .with_label_values(&l)
+                    .set(i64::from(b.capacity()));
+                metrics
+                    .backend_up
+                    .with_label_values(&l)
+                    .set(i64::from(b.is_available(now)));
+            }
+        }
+    }
+
+    /// True when some upstream has a backend able to take requests.
+    pub fn any_backend_available(&self) -> bool {
+        let now = std::time::Instant::now();
+        self.upstreams
+            .values()
+            .any(|u| u.dispatcher.backends().iter().any(|b| b.is_available(now)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(yaml: &str) -> State {
+        let c = crate::config::parse(yaml, "t").unwrap();
+        State::build(c, None, &FleetAddrs::new(), &Arc::new(Metrics::new())).unwrap()
+    }
+
+    const Y: &str = r#"
+listeners: [{ name: p, address: "127.0.0.1:1" }]
+routes:
+  - { host: "*", path_prefix: /, upstream: a }
+  - { host: "*", path_prefix: /api, upstream: b }
+  - { host: "*.example.com", path_prefix: /, upstream: b }
+  - { host: "admin.local", path_prefix: /, upstream: a, name: adm }
+upstreams:
+  a: { backends: [{ address: "127.0.0.1:2" }] }
+  b: { backends: [{ address: "127.0.0.1:3" }, { address: "127.0.0.1:4" }] }
+"#;
+
+    #[tokio::test]
+    async fn routes_by_host_and_longest_prefix() {
+        let s = state(Y);
+        assert_eq!(s.route("x", "/").unwrap().upstream.name, "a");
+        assert_eq!(s.route("x", "/api/v1").unwrap().upstream.name, "b");
+        assert_eq!(
+            s.route("www.example.com:8080", "/z").unwrap().upstream.name,
+            "b"
+        );
+        assert_eq!(s.route("example.com", "/z").unwrap().upstream.name, "a");
+        assert_eq!(s.route("admin.local", "/").unwrap().name, "adm");
+    }
+
+    #[tokio::test]
+    async fn rebuild_keeps_backend_objects_by_address() {
+        let metrics = Arc::new(Metrics::new());
+        let c = crate::config::parse(Y, "t").unwrap();
+        let s1 = State::build(c, None, &FleetAddrs::new(), &metrics).unwrap();
+        let b3 = s1.upstreams["b"].dispatcher.backends()[0].clone();
+        b3.inc();
+        let c2 = crate::config::parse(&Y.replace("127.0.0.1:4", "127.0.0.1:5"), "t").unwrap();
+        let s2 = State::build(c2, Some(&s1), &FleetAddrs::new(), &metrics).unwrap();
+        let now = s2.upstreams["b"].dispatcher.backends();
+        assert!(Arc::ptr_eq(&now[0], &b3));
+        assert_eq!(now[0].in_flight(), 1);
+        assert_eq!(now[1].key, "127.0.0.1:5");
+        assert!(Arc::ptr_eq(
+            &s1.upstreams["b"].dispatcher,
+            &s2.upstreams["b"].dispatcher
+        ));
+    }
+}

@@ -1,0 +1,517 @@
+//! One upstream: its dispatcher, its connection pool, and forwarding with
+//! retries.
+//!
+//! When does a request complete, from a worker's point of view? When its
+//! thread is free again, which is when the worker has written the whole
+//! response. So the slot is held until the response body has been read from
+//! the backend (or the connection failed) — not until the client has read it.
+//! Responses up to `max_response_buffer` are read whole into memory, the slot
+//! is released, and the client is then served at its own pace. Larger ones
+//! stream and hold the slot until done.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::backend::{parse_load_threads, Backend, Verdict};
+use crate::config::UpstreamConfig;
+use crate::dispatch::{Dispatcher, Slot};
+use crate::error::Error;
+use crate::headers::X_USHER_LOAD;
+use crate::metrics::Metrics;
+
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the keep-alive client for one upstream.
+pub fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.timeouts.connect.0));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.pool.idle_timeout.0)
+        .pool_max_idle_per_host(cfg.pool.max_idle_per_backend)
+        // A request on a pooled connection that the backend closed before
+        // the request was written is re-sent on a new connection.
+        .retry_canceled_requests(true)
+        .build(connector)
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub cfg: UpstreamConfig,
+    pub dispatcher: Arc<Dispatcher>,
+    pub client: UpstreamClient,
+    pub metrics: Arc<Metrics>,
+    pub max_response_buffer: u64,
+    pub retry_budget: Arc<RetryBudget>,
+}
+
+/// A response on its way to the client, with what the access log needs.
+pub struct Forwarded {
+    pub response: Response<ProxyBody>,
+    pub backend: String,
+    pub queue_wait: Duration,
+}
+
+/// Details of a failed forward, for the access log.
+pub struct Failed {
+    pub error: Error,
+    pub backend: Option<String>,
+    pub queue_wait: Duration,
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+enum Attempt {
+    Done(Box<Response<ProxyBody>>),
+    /// Failed before the request reached the backend: safe to retry anywhere.
+    NotSent(Error),
+    /// Failed after the request may have reached the backend.
+    Sent(Error),
+}
+
+impl Upstream {
+    /// Sends the request to a backend, retrying where it is safe, and returns
+    /// the response.
+    pub async fn forward(
+        &self,
+        head: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<Forwarded, Failed> {
+        let mut avoid: Vec<SocketAddr> = Vec::new();
+        let mut queue_wait = Duration::ZERO;
+        let mut last_backend = None;
+        let max_attempts = 1 + self.cfg.retries.attempts;
+        let mut attempt = 0;
+        self.retry_budget.deposit();
+        loop {
+            attempt += 1;
+            let admitted = match self.dispatcher.acquire(&avoid, attempt > 1).await {
+                Ok(a) => a,
+                Err(r) => {
+                    return Err(Failed {
+                        error: Error::from_rejection(r, &self.name),
+                        backend: last_backend,
+                        queue_wait: queue_wait + Duration::ZERO,
+                    })
+                }
+            };
+            queue_wait += admitted.waited;
+            let backend = admitted.slot.backend().clone();
+            last_backend = Some(backend.key.clone());
+            let outcome = self.send(head, body.clone(), admitted.slot).await;
+            let (error, reason) = match outcome {
+                Attempt::Done(response) => {
+                    return Ok(Forwarded {
+                        response: *response,
+                        backend: backend.key.clone(),
+                        queue_wait,
+                    })
+                }
+                Attempt::NotSent(e) => (e, "connect"),
+                Attempt::Sent(e) if is_idempotent(&head.method) => (e, "error"),
+                Attempt::Sent(e) => {
+                    return Err(Failed {
+                        error: e,
+                        backend: last_backend,
+                        queue_wait,
+                    })
+                }
+            };
+            avoid.push(backend.addr);
+            if attempt >= max_attempts || !self.retry_budget.withdraw() {
+                return Err(Failed {
+                    error,
+                    backend: last_backend,
+                    queue_wait,
+                });
+            }
+            tracing::debug!(upstream = %self.name, backend = %backend.key, %error, "retrying");
+            self.metrics
+                .retries
+                .with_label_values(&[&self.name, reason])
+                .inc();
+        }
+    }
+
+    /// One attempt on the backend that `slot` reserves.
+    async fn send(&self, head: &http::request::Parts, body: Bytes, slot: Slot) -> Attempt {
+        let backend = slot.backend().clone();
+        let started = Instant::now();
+        let req = match self.outgoing(head, body, backend.addr) {
+            Ok(r) => r,
+            Err(e) => return Attempt::NotSent(e),
+        };
+        let timeout = self.cfg.timeouts.response.0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let labels = [self.name.as_str(), backend.key.as_str()];
+
+        let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let response = match result {
+            Err(_) => {
+                self.count(&backend, "timeout");
+                self.note_failure(&backend, false);
+                return Attempt::Sent(Error::UpstreamTimeout {
+                    backend: backend.key.clone(),
+                    timeout,
+                });
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                self.count(&backend, "connect_error");
+                self.note_failure(&backend, true);
+                return Attempt::NotSent(Error::Connect {
+                    backend: backend.key.clone(),
+                    reason: error_chain(&e),
+                });
+            }
+            Ok(Err(e)) => {
+                self.count(&backend, "error");
+                self.note_failure(&backend, false);
+                return Attempt::Sent(Error::Upstream {
+                    backend: backend.key.clone(),
+                    reason: error_chain(&e),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        if let Some(threads) = response
+            .headers()
+            .get(&X_USHER_LOAD)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_load_threads)
+        {
+            if backend.report_threads(threads) {
+                self.dispatcher.kick();
+            }
+        }
+        let status = response.status();
+        if matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ) {
+            self.note_failure(&backend, false);
+        } else {
+            backend.record_success();
+        }
+
+        let (parts, mut incoming) = response.into_parts();
+        let mut buffered: VecDeque<Bytes> = VecDeque::new();
+        let mut size: u64 = 0;
+        let mut trailers = None;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+                Err(_) => {
+                    self.count(&backend, "timeout");
+                    return Attempt::Sent(Error::UpstreamTimeout {
+                        backend: backend.key.clone(),
+                        timeout,
+                    });
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    self.count(&backend, "error");
+                    self.note_failure(&backend, false);
+                    return Attempt::Sent(Error::Upstream {
+                        backend: backend.key.clone(),
+                        reason: format!("response body: {}", error_chain(&e)),
+                    });
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    size += data.len() as u64;
+                    buffered.push_back(data);
+                    if size > self.max_response_buffer {
+                        // Too big to hold: stream the rest, keeping the slot.
+                        self.count(&backend, status.as_str());
+                        let body = ProxyBody::relay(
+                            buffered,
+                            incoming,
+                            slot,
+                            self.backend_timer(&labels, started),
+                        );
+                        return Attempt::Done(Box::new(Response::from_parts(parts, body)));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        drop(slot);
+        self.count(&backend, status.as_str());
+        self.metrics
+            .backend_response
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let body = ProxyBody::buffered(buffered, size, trailers);
+        Attempt::Done(Box::new(Response::from_parts(parts, body)))
+    }
+
+    fn backend_timer(
+        &self,
+        labels: &[&str; 2],
+        started: Instant,
+    ) -> Option<(prometheus::Histogram, Instant)> {
+        Some((
+            self.metrics.backend_response.with_label_values(labels),
+            started,
+        ))
+    }
+
+    fn count(&self, backend: &Backend, code: &str) {
+        self.metrics
+            .backend_requests
+            .with_label_values(&[&self.name, &backend.key, code])
+            .inc();
+    }
+
+    /// Passive health: counts a gateway failure and maybe ejects. A refused
+    /// connection is decisive on its own; other failures need a run of
+    /// `outlier.consecutive_failures`.
+    fn note_failure(&self, backend: &Arc<Backend>, connect: bool) {
+        let o = &self.cfg.outlier;
+        let now = Instant::now();
+        let all = self.dispatcher.backends();
+        let ejected = all.iter().filter(|b| b.is_ejected(now)).count();
+        let may_eject = (ejected + 1) * 100 <= o.max_ejected_percent as usize * all.len();
+        let threshold = if connect { 1 } else { o.consecutive_failures };
+        if let Verdict::Ejected(d) = backend.record_failure(
+            threshold,
+            o.base_ejection.0,
+            o.max_ejection.0,
+            may_eject,
+            now,
+        ) {
+            tracing::warn!(upstream = %self.name, backend = %backend.key, ejected_for = ?d, "backend ejected after failures");
+            self.metrics
+                .backend_ejections
+                .with_label_values(&[&self.name, &backend.key])
+                .inc();
+        }
+    }
+
+    fn outgoing(
+        &self,
+        head: &http::request::Parts,
+        body: Bytes,
+        addr: SocketAddr,
+    ) -> Result<Request<Full<Bytes>>, Error> {
+        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri: Uri = format!("http://{addr}{pq}")
+            .parse()
+            .map_err(|_| Error::BadRequest("invalid request target"))?;
+        let mut req = Request::new(Full::new(body.clone()));
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = head.headers.clone();
+        if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        } else {
+            req.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
+        Ok(req)
+    }
+}
+
+/// Renders an error with its causes: hyper's top-level messages are vague.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Retry budget: retries may add at most `ratio` on top of first attempts,
+/// plus a small floor, so a failing fleet is not hammered by retries.
+#[derive(Debug)]
+pub struct RetryBudget {
+    state: std::sync::Mutex<(f64, Instant)>,
+    ratio: f64,
+    floor_per_sec: f64,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, floor_per_sec: f64) -> Self {
+        RetryBudget {
+            state: std::sync::Mutex::new((floor_per_sec, Instant::now())),
+            ratio,
+            floor_per_sec,
+        }
+    }
+
+    fn refill(&self, s: &mut (f64, Instant)) {
+        let now = Instant::now();
+        let dt = now.duration_since(s.1).as_secs_f64();
+        s.1 = now;
+        let cap = (self.floor_per_sec * 10.0).max(10.0) + 100.0 * self.ratio;
+        s.0 = (s.0 + dt * self.floor_per_sec).min(cap);
+    }
+
+    pub fn deposit(&self) {
+        let mut s = self.state.lock().unwrap();
+        self.refill(&mut s);
+        s.0 += self.ratio;
+    }
+
+    pub fn withdraw(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        self.refill(&mut s);
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body Usher sends to clients: either fully buffered, or a
+    /// relay that streams the rest from the backend and holds the slot until
+    /// the backend has sent it all.
+    pub struct ProxyBody {
+        buffered: VecDeque<Bytes>,
+        remaining: u64,
+        trailers: Option<http::HeaderMap>,
+        #[pin]
+        rest: Option<Incoming>,
+        slot: Option<Slot>,
+        timer: Option<(prometheus::Histogram, Instant)>,
+    }
+}
+
+impl ProxyBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        let len = b.len() as u64;
+        Self::buffered(VecDeque::from([b]), len, None)
+    }
+
+    pub fn empty() -> Self {
+        Self::buffered(VecDeque::new(), 0, None)
+    }
+
+    fn buffered(chunks: VecDeque<Bytes>, size: u64, trailers: Option<http::HeaderMap>) -> Self {
+        ProxyBody {
+            buffered: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            remaining: size,
+            trailers,
+            rest: None,
+            slot: None,
+            timer: None,
+        }
+    }
+
+    fn relay(
+        chunks: VecDeque<Bytes>,
+        rest: Incoming,
+        slot: Slot,
+        timer: Option<(prometheus::Histogram, Instant)>,
+    ) -> Self {
+        ProxyBody {
+            buffered: chunks,
+            remaining: 0,
+            trailers: None,
+            rest: Some(rest),
+            slot: Some(slot),
+            timer,
+        }
+    }
+
+    /// Bytes known up front (buffered bodies only).
+    pub fn known_len(&self) -> Option<u64> {
+        self.rest.is_none().then_some(self.remaining)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        if let Some(chunk) = this.buffered.pop_front() {
+            *this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if let Some(rest) = this.rest.as_mut().as_pin_mut() {
+            let polled = rest.poll_frame(cx);
+            if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                // The backend is done with this request: free its thread.
+                if let Some((h, t)) = this.timer.take() {
+                    h.observe(t.elapsed().as_secs_f64());
+                }
+                this.slot.take();
+            }
+            return polled;
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_empty()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.rest {
+            None => SizeHint::with_exact(self.remaining),
+            Some(r) => {
+                let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
+                let mut h = r.size_hint();
+                h.set_lower(h.lower() + buffered);
+                if let Some(u) = h.upper() {
+                    h.set_upper(u + buffered);
+                }
+                h
+            }
+        }
+    }
+}
+
+/// Used by the body reader and error paths.
+pub fn collect_error(e: hyper::Error) -> Error {
+    Error::ClientBody(e)
+}
+
+/// Reads a response body whole (for health checks).
+pub async fn read_all(body: Incoming, limit: usize) -> Option<Bytes> {
+    let collected = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .ok()?;
+    Some(collected.to_bytes())
+}
