@@ -303,6 +303,10 @@ impl Picker {
     }
 }
 
+fn is_ok(outcome: Outcome) -> bool {
+    matches!(outcome, Outcome::Status(200..=299))
+}
+
 /// What happened to one request.
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
@@ -320,6 +324,9 @@ struct ClassStats {
     connect_errors: u64,
     timeouts: u64,
     io_errors: u64,
+    /// 2xx responses that completed inside the measured window, whenever they
+    /// were sent: the basis of the throughput figure.
+    ok_in_window: u64,
     /// Latencies of 2xx responses, microseconds.
     lat_us: Vec<u32>,
 }
@@ -354,6 +361,7 @@ impl ClassStats {
         self.connect_errors += other.connect_errors;
         self.timeouts += other.timeouts;
         self.io_errors += other.io_errors;
+        self.ok_in_window += other.ok_in_window;
         self.lat_us.extend_from_slice(&other.lat_us);
     }
 }
@@ -461,8 +469,10 @@ impl Pool {
 struct RunResult {
     mode: &'static str,
     classes: Vec<ClassStats>,
-    /// Seconds over which throughput is computed.
+    /// Seconds over which throughput is computed (the measured duration).
     window: f64,
+    /// Seconds from the end of the window to the last measured completion.
+    drain: f64,
     connections_opened: u64,
     /// Open loop: the most requests waiting for a free connection at once.
     backlog_max: usize,
@@ -569,6 +579,7 @@ async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResu
     let measure_from = t0 + args.warmup;
     // Nanoseconds after t0 of the last measured completion.
     let last_done = Arc::new(AtomicU64::new(0));
+    let window_end = measure_from + args.duration;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
     let picker = Picker::new(&target.classes);
@@ -611,14 +622,21 @@ async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResu
             waiting.fetch_sub(1, Ordering::Relaxed);
             if permit.is_ok() {
                 let outcome = pool.send(&target.classes[job.class].uri, timeout).await;
-                if job.measured {
-                    let done = Instant::now();
-                    last_done.fetch_max(
-                        done.saturating_duration_since(t0).as_nanos() as u64,
-                        Ordering::Relaxed,
-                    );
-                    stats.lock().expect("stats lock")[job.class]
-                        .record(outcome, done.saturating_duration_since(job.intended));
+                let done = Instant::now();
+                let in_window = done >= measure_from && done < window_end;
+                if job.measured || in_window {
+                    let mut stats = stats.lock().expect("stats lock");
+                    let s = &mut stats[job.class];
+                    if in_window && is_ok(outcome) {
+                        s.ok_in_window += 1;
+                    }
+                    if job.measured {
+                        last_done.fetch_max(
+                            done.saturating_duration_since(t0).as_nanos() as u64,
+                            Ordering::Relaxed,
+                        );
+                        s.record(outcome, done.saturating_duration_since(job.intended));
+                    }
                 }
             }
             drop(permit);
@@ -648,14 +666,11 @@ async fn run_open(args: &Args, target: Arc<Target>, rate: f64) -> Result<RunResu
         c.sent = s;
     }
     let done_at = t0 + Duration::from_nanos(last_done.load(Ordering::Relaxed));
-    let window = done_at
-        .saturating_duration_since(measure_from)
-        .max(args.duration)
-        .as_secs_f64();
     Ok(RunResult {
         mode: "open",
         classes,
-        window,
+        window: args.duration.as_secs_f64(),
+        drain: done_at.saturating_duration_since(window_end).as_secs_f64(),
         connections_opened: pool.opened.load(Ordering::Relaxed),
         backlog_max,
         scheduler_lag_max: sched.lag_max,
@@ -693,10 +708,14 @@ async fn run_closed(args: &Args, target: Arc<Target>, loops: usize) -> Result<Ru
                 }
                 let class = picker.pick(&mut rng);
                 let outcome = pool.send(&target.classes[class].uri, timeout).await;
+                let done = Instant::now();
                 if now >= measure_from {
                     let s = &mut stats[class];
                     s.sent += 1;
-                    s.record(outcome, now.elapsed());
+                    s.record(outcome, done - now);
+                    if done < end && is_ok(outcome) {
+                        s.ok_in_window += 1;
+                    }
                 }
                 if matches!(outcome, Outcome::Connect) {
                     // Don't spin on a dead target.
@@ -715,14 +734,11 @@ async fn run_closed(args: &Args, target: Arc<Target>, loops: usize) -> Result<Ru
             acc.merge(one);
         }
     }
-    let window = finished
-        .saturating_duration_since(measure_from)
-        .as_secs_f64()
-        .max(1e-9);
     Ok(RunResult {
         mode: "closed",
         classes,
-        window,
+        window: args.duration.as_secs_f64(),
+        drain: finished.saturating_duration_since(end).as_secs_f64(),
         connections_opened: pool.opened.load(Ordering::Relaxed),
         backlog_max: 0,
         scheduler_lag_max: Duration::ZERO,
@@ -776,7 +792,7 @@ fn class_json(name: &str, weight: Option<u32>, s: &mut ClassStats, window: f64) 
             "unfinished": unfinished,
             "total": s.connect_errors + s.timeouts + s.io_errors + unfinished,
         },
-        "throughput_ok": s.ok as f64 / window,
+        "throughput_ok": s.ok_in_window as f64 / window,
         "latency_ms": {
             "p50": pct_ms(lat, 50.0),
             "p90": pct_ms(lat, 90.0),
@@ -809,6 +825,7 @@ fn report(args: &Args, target: &Target, mut r: RunResult) -> Value {
         "duration_s": args.duration.as_secs_f64(),
         "warmup_s": args.warmup.as_secs_f64(),
         "window_s": r.window,
+        "drain_s": r.drain,
         "arrivals": if r.mode == "open" { Some(format!("{:?}", args.arrivals).to_lowercase()) } else { None },
         "connections_opened": r.connections_opened,
         "backlog_max": r.backlog_max,
@@ -903,13 +920,15 @@ fn render_human(rep: &Value) -> String {
     let e = &rep["overall"]["errors"];
     let _ = writeln!(
         out,
-        "errors: connect {} timeout {} io {} unfinished {}; connections opened {}; window {:.2}s",
+        "errors: connect {} timeout {} io {} unfinished {}; connections opened {}; \
+         window {:.2}s (+{:.2}s drain); ok/s counts 2xx completed inside the window",
         e["connect"],
         e["timeout"],
         e["io"],
         e["unfinished"],
         rep["connections_opened"],
-        rep["window_s"].as_f64().unwrap_or(0.0)
+        rep["window_s"].as_f64().unwrap_or(0.0),
+        rep["drain_s"].as_f64().unwrap_or(0.0)
     );
     if mode == "open" {
         let _ = writeln!(
