@@ -102,6 +102,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let access_log = AccessLog::new(config.access_log.format);
     let state =
         State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
+    state.probe_capacity().await;
     state.start();
     let state = Arc::new(ArcSwap::from_pointee(state));
     let shared = Arc::new(Shared {

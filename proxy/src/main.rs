@@ -74,6 +74,7 @@ fn run(source: Source, log_level: &str) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match source.load() {
         Ok(c) => c,

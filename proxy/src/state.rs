@@ -215,6 +215,30 @@ impl State {
         }
     }
 
+    /// Asks every backend's `/healthz` (or the health check path) for its
+    /// thread count once, before traffic, so an `auto` capacity is right from
+    /// the first request. Backends that don't answer keep `default_capacity`.
+    pub async fn probe_capacity(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for up in self.upstreams.values() {
+            let path = up
+                .cfg
+                .health_check
+                .as_ref()
+                .map_or("/healthz".to_string(), |h| h.path.clone());
+            for b in up.dispatcher.backends() {
+                let (up, path) = (up.clone(), path.clone());
+                set.spawn(async move {
+                    let r = crate::health::probe(&up, &b, &path, Duration::from_secs(1)).await;
+                    if let Some(t) = r.threads {
+                        b.report_threads(t);
+                    }
+                });
+            }
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// The route for a request: the most specific host match (exact, then
     /// wildcard, then `*`), then the longest path prefix; the first listed
     /// wins a tie.

@@ -556,3 +556,4 @@ pub mod blocking {
         }
     }
 }
+pub mod usher;
