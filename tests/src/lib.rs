@@ -126,6 +126,7 @@ pub struct Proc {
     name: String,
     child: Child,
     output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     exit: Option<ExitStatus>,
 }
 
@@ -148,22 +149,24 @@ impl Proc {
             .stderr
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let mut readers = Vec::new();
         for stream in [stdout, stderr].into_iter().flatten() {
             let output = output.clone();
             // Draining the pipes also keeps a chatty child from blocking on a full pipe.
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     let mut out = output.lock().unwrap_or_else(|e| e.into_inner());
                     out.push_str(&line);
                     out.push('\n');
                 }
-            });
+            }));
         }
         Proc {
             name,
             child,
             output,
+            readers,
             exit: None,
         }
     }
@@ -197,6 +200,7 @@ impl Proc {
     }
 
     /// Waits up to `timeout` for the process to exit. `None` if it is still running.
+    /// Once it has exited, [`Proc::output`] holds everything it wrote.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.exit.is_none() {
             let child = &mut self.child;
@@ -206,6 +210,14 @@ impl Proc {
                 exit.is_some()
             });
             self.exit = exit;
+            if exit.is_some() {
+                // The pipes reach EOF right after the exit, unless a grandchild
+                // inherited them: wait for the readers, but not forever.
+                let readers = &self.readers;
+                wait_until(Duration::from_secs(2), || {
+                    readers.iter().all(|r| r.is_finished())
+                });
+            }
         }
         self.exit
     }
