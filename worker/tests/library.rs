@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use usher_e2e::{blocking, url, wait_until_async, Client};
@@ -226,4 +227,35 @@ async fn grace_bounds_the_drain() {
         "drain took {:?} despite a 200 ms grace",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let srv = start(Server::builder(), thread_name).await;
+    let mut conn = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut rd, mut wr) = conn.split();
+    wr.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = rd.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // The connection is now idle in keep-alive; the drain must not wait for the
+    // 30 s header timeout to close it.
+    let started = std::time::Instant::now();
+    srv.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let eof = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf))
+        .await
+        .expect("connection closed by the server");
+    assert_eq!(eof.unwrap(), 0);
 }
