@@ -15,6 +15,8 @@
 //! ]);
 //! prom.wait_for_targets_up(Duration::from_secs(20));
 //! harness::assert_queries_return_data(&prom, &harness::all_deploy_queries(), Duration::from_secs(30));
+//! // or all of the above in one call:
+//! harness::check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()]);
 //! ```
 //!
 //! Missing tools are failures, not skips: CI installs them (test.sh).
@@ -859,4 +861,20 @@ pub fn assert_queries_return_data(prom: &Prometheus, queries: &[Query], timeout:
         );
     }
     panic!("{msg}");
+}
+
+/// Starts Prometheus against a running Usher (its admin address) and its
+/// workers, and asserts that every query of both dashboards and every
+/// recording rule returns data. Call it from any test with a busy Usher:
+/// `check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()])`.
+/// Counters only exist after their first event, so drive traffic that causes
+/// 5xx, queue rejections, retries, ejections and a failed reload meanwhile
+/// (see `live_usher_feeds_every_dashboard_panel_and_rule` in tests/deploy.rs).
+pub fn check_live_deploy_queries(usher_admin: &str, workers: &[String]) {
+    let prom = Prometheus::start(&[
+        ScrapeJob::new("usher", [usher_admin.to_string()]),
+        ScrapeJob::new("usher-worker", workers.to_vec()),
+    ]);
+    prom.wait_for_targets_up(Duration::from_secs(30));
+    assert_queries_return_data(&prom, &all_deploy_queries(), Duration::from_secs(60));
 }

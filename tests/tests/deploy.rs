@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use harness::{
     assert_queries_return_data, dashboard_panels, dashboard_paths, dashboard_queries, deploy_dir,
     promql_refs, promtool, read_yaml, repo_root, require_tool, rules, rules_path, run_ok,
-    Prometheus, Query, ScrapeJob, TempDir,
+    Prometheus, ScrapeJob, TempDir,
 };
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -1736,20 +1736,6 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
 
 // =============================================================== live Usher (ignored)
 
-/// Starts Prometheus against a running Usher (admin address) and its workers,
-/// and asserts that every query of both dashboards and every recording rule
-/// returns data. Call it from any test with a busy Usher:
-/// `check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()])`.
-fn check_live_deploy_queries(usher_admin: &str, workers: &[String]) {
-    let prom = Prometheus::start(&[
-        ScrapeJob::new("usher", [usher_admin.to_string()]),
-        ScrapeJob::new("usher-worker", workers.to_vec()),
-    ]);
-    prom.wait_for_targets_up(Duration::from_secs(30));
-    let queries: Vec<Query> = harness::all_deploy_queries();
-    assert_queries_return_data(&prom, &queries, Duration::from_secs(60));
-}
-
 #[test]
 #[ignore = "needs the usher proxy; enabled when the proxy lands"]
 fn live_usher_feeds_every_dashboard_panel_and_rule() {
@@ -1759,25 +1745,6 @@ fn live_usher_feeds_every_dashboard_panel_and_rule() {
         usher.is_file() && worker.is_file(),
         "cargo build --workspace --bins first"
     );
-
-    // The shipped Kubernetes configs must pass `usher check` (dns: discovery).
-    for (render, docs) in renders() {
-        let dir = TempDir::new("check");
-        let file = dir.path().join("usher.yaml");
-        let cm = find(&docs, "ConfigMap", "usher-config");
-        std::fs::write(&file, cm["data"]["usher.yaml"].as_str().unwrap()).unwrap();
-        let out = Command::new(&usher)
-            .arg("check")
-            .arg("-c")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{render}: usher check: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     // Usher with a fleet of 2 workers x 2 threads, plus a backend that accepts
     // health checks but drops every request (retries, ejections).
@@ -1842,10 +1809,29 @@ access_log: {{ format: "off" }}
     let prom_check = std::thread::spawn({
         let admin = admin.clone();
         let workers = workers.clone();
-        move || check_live_deploy_queries(&admin, &workers)
+        move || harness::check_live_deploy_queries(&admin, &workers)
     });
     drive_traffic(&public, &cfg, &config);
     prom_check.join().expect("every query returned data");
+
+    // The shipped Kubernetes configs must pass `usher check` (dns: discovery).
+    for (render, docs) in renders() {
+        let dir = TempDir::new("check");
+        let file = dir.path().join("usher.yaml");
+        let cm = find(&docs, "ConfigMap", "usher-config");
+        std::fs::write(&file, cm["data"]["usher.yaml"].as_str().unwrap()).unwrap();
+        let out = Command::new(&usher)
+            .arg("check")
+            .arg("-c")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{render}: usher check: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Traffic that makes every contract metric exist: successes, 5xx, a burst
