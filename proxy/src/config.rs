@@ -734,7 +734,7 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
         let key = format!("listeners[{i}].address");
         match resolve_addr(&l.address) {
             Ok(a) => {
-                if !seen_addrs.insert(a) {
+                if a.port() != 0 && !seen_addrs.insert(a) {
                     err(
                         key,
                         &[&l.address],
@@ -762,7 +762,7 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
     if let Some(admin) = &c.admin {
         match resolve_addr(&admin.address) {
             Ok(a) => {
-                if seen_addrs.contains(&a) {
+                if a.port() != 0 && seen_addrs.contains(&a) {
                     err(
                         "admin.address".into(),
                         &[&admin.address],

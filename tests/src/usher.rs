@@ -67,10 +67,17 @@ impl Usher {
         std::fs::write(&config_path, yaml).expect("write config");
         let mut cmd = Command::new(bin_path("usher"));
         cmd.arg("-c").arg(&config_path).env("RUST_LOG", "info");
-        let proc = Proc::spawn(cmd);
-        let line = proc
-            .wait_for_output("listening listener=", START_TIMEOUT)
-            .unwrap_or_else(|| panic!("usher did not start:\n{}", proc.output()));
+        let mut proc = Proc::spawn(cmd);
+        let mut line = None;
+        wait_until(START_TIMEOUT, || {
+            line = proc
+                .output()
+                .lines()
+                .find(|l| l.contains("listening listener="))
+                .map(String::from);
+            line.is_some() || proc.wait_exit(Duration::ZERO).is_some()
+        });
+        let line = line.unwrap_or_else(|| panic!("usher did not start:\n{}", proc.output()));
         let addr = addr_after(&line, "addr=").expect("listener address in log");
         let admin_line = proc
             .wait_for_output("admin listening", START_TIMEOUT)

@@ -1,0 +1,613 @@
+//! End-to-end tests of the proxy core: capacity caps, the central queue and
+//! its bounds, request/response buffering against slow clients, error
+//! mapping, headers and metrics. Real `usher` and `usher-worker` binaries.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use usher_e2e::usher::{metric_value, Usher};
+use usher_e2e::{blocking, free_port, spawn_worker, wait_until, Client, Proc};
+
+fn backends_yaml(addrs: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("      - {{ address: \"{a}\"{extra} }}"))
+        .collect();
+    list.join("\n")
+}
+
+fn config(
+    addrs: &[SocketAddr],
+    backend_extra: &str,
+    upstream_extra: &str,
+    top_extra: &str,
+) -> String {
+    format!(
+        r#"
+listeners:
+  - {{ name: public, address: "LISTEN" }}
+admin: {{ address: "ADMIN" }}
+routes:
+  - {{ host: "*", path_prefix: /, upstream: app }}
+upstreams:
+  app:
+    backends:
+{}
+{upstream_extra}
+access_log: {{ format: json }}
+{top_extra}
+"#,
+        backends_yaml(addrs, backend_extra)
+    )
+}
+
+fn healthz(addr: SocketAddr) -> serde_json::Value {
+    blocking::get(&format!("http://{addr}/healthz"))
+        .expect("worker /healthz")
+        .json()
+}
+
+/// Polls `f` every 20 ms in a background thread while the test runs, keeping
+/// the maximum it saw.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(f: impl Fn() -> u64 + Send + 'static) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicU64::new(0));
+        let (s, m) = (stop.clone(), max.clone());
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                m.fetch_max(f(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Sampler {
+            stop,
+            max,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn caps_hold_and_the_excess_waits_in_usher() {
+    let workers: Vec<(Proc, SocketAddr)> =
+        (0..4).map(|_| spawn_worker(["--threads", "2"])).collect();
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.1).collect();
+    // Capacity is `auto`: learned from each worker's own report (2 threads).
+    let usher = Usher::start_ready(&config(&addrs, "", "", ""));
+    let status = usher.status();
+    for b in status["upstreams"]["app"]["backends"].as_array().unwrap() {
+        assert_eq!(
+            b["capacity"], 2,
+            "capacity learned from the worker: {status}"
+        );
+    }
+
+    let admin = usher.admin_url("/metrics");
+    let depth = Sampler::start(move || {
+        blocking::get(&admin)
+            .map(|r| metric_value(&r.text(), "usher_queue_depth", &[("upstream", "app")]) as u64)
+            .unwrap_or(0)
+    });
+    let client = Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (c, u) = (client.clone(), usher.url("/sleep?ms=200"));
+        tasks.push(tokio::spawn(async move { c.get(&u).await }));
+    }
+    let mut served_by = std::collections::HashMap::new();
+    for t in tasks {
+        let r = t.await.unwrap().expect("request through usher");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        *served_by
+            .entry(r.header("x-usher-worker").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    let max_depth = depth.finish();
+
+    for (_, addr) in &workers {
+        let h = healthz(*addr);
+        assert!(
+            h["peak_busy"].as_u64().unwrap() <= 2,
+            "worker {addr} exceeded its 2 threads: {h}"
+        );
+        assert_eq!(h["queued"], 0);
+    }
+    assert_eq!(served_by.len(), 4, "all four workers served: {served_by:?}");
+    assert!(
+        max_depth > 0,
+        "40 requests on 8 threads must have queued in usher"
+    );
+    assert!(usher.metric("usher_queue_wait_seconds_count", &[("upstream", "app")]) >= 40.0);
+    assert_eq!(
+        usher.metric("usher_requests_total", &[("code", "200")]),
+        40.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_503_at_once_and_a_slow_queue_after_its_timeout() {
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let usher = Usher::start_ready(&config(
+        &[addr],
+        ", max_in_flight: 1",
+        "    queue: { max_depth: 5, timeout: 10s }",
+        "",
+    ));
+    let client = Client::new();
+    // 1 in flight + 5 queued fit; the other 6 must be refused at once.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let (c, u) = (client.clone(), usher.url("/sleep?ms=500"));
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(&u).await;
+            (r, started.elapsed())
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        let r = r.expect("every request gets an answer");
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                refused += 1;
+                assert_eq!(r.header("retry-after"), Some("1"));
+                assert!(r.text().contains("queue full"), "{}", r.text());
+                assert!(
+                    took < Duration::from_secs(2),
+                    "a full queue answers promptly, took {took:?}"
+                );
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(ok, 6, "one in flight and five queued are served");
+    assert_eq!(refused, 6);
+    assert_eq!(
+        usher.metric("usher_queue_rejections_total", &[("reason", "full")]),
+        6.0
+    );
+    drop(usher);
+
+    // With a tiny queue timeout, a waiting request gives up after it.
+    let usher = Usher::start_ready(&config(
+        &[addr],
+        ", max_in_flight: 1",
+        "    queue: { max_depth: 5, timeout: 300ms }",
+        "",
+    ));
+    let hold = {
+        let (c, u) = (client.clone(), usher.url("/sleep?ms=1500"));
+        tokio::spawn(async move { c.get(&u).await })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || healthz(addr)["busy"] == 1),
+        "the slow request reached the worker"
+    );
+    let t0 = Instant::now();
+    let r = client.get(&usher.url("/sleep?ms=1")).await.unwrap();
+    let waited = t0.elapsed();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.header("retry-after").is_some());
+    assert!(r.text().contains("timed out"), "{}", r.text());
+    assert!(
+        waited >= Duration::from_millis(250),
+        "answered after the queue timeout, not before: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1400),
+        "answered at the queue timeout, not when the slot freed: {waited:?}"
+    );
+    assert_eq!(
+        usher.metric("usher_queue_rejections_total", &[("reason", "timeout")]),
+        1.0
+    );
+    assert_eq!(hold.await.unwrap().unwrap().status, StatusCode::OK);
+}
+
+#[test]
+fn a_slow_uploader_holds_no_worker_thread() {
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let usher = Usher::start_ready(&config(&[addr], "", "", ""));
+    let served_before = healthz(addr)["served"].as_u64().unwrap();
+
+    let mut s = TcpStream::connect(usher.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body_len = 64 * 1024;
+    write!(
+        s,
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {body_len}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 1024];
+    let mut max_busy = 0;
+    for i in 0..64 {
+        s.write_all(&chunk).unwrap();
+        if i % 8 == 0 {
+            let h = healthz(addr);
+            max_busy = max_busy.max(h["busy"].as_u64().unwrap());
+            assert_eq!(
+                h["served"].as_u64().unwrap(),
+                served_before + (i / 8) as u64,
+                "nothing reached the worker yet"
+            );
+            // While the upload crawls, other clients are served by the one thread.
+            let r = blocking::get(&usher.url("/sleep?ms=1")).unwrap();
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        max_busy, 0,
+        "the worker thread stayed free during the upload"
+    );
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let n = s.read(&mut buf).unwrap();
+        raw.extend_from_slice(&buf[..n]);
+        if n == 0 || raw.len() >= body_len {
+            if let Ok(r) = blocking::parse_response(&raw) {
+                if r.body.len() == body_len {
+                    break;
+                }
+            }
+        }
+    }
+    let r = blocking::parse_response(&raw).unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), body_len, "the whole body was echoed");
+}
+
+#[test]
+fn a_slow_reader_does_not_hold_the_worker_slot() {
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let usher = Usher::start_ready(&config(
+        &[addr],
+        ", max_in_flight: 1",
+        "    queue: { max_depth: 10, timeout: 3s }",
+        "",
+    ));
+    let served_before = healthz(addr)["served"].as_u64().unwrap();
+    // A 2 MiB response that the client does not read at all.
+    let body = vec![b'y'; 2 << 20];
+    let mut slow = TcpStream::connect(usher.addr).unwrap();
+    write!(
+        slow,
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    slow.write_all(&body).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || healthz(addr)["served"]
+            .as_u64()
+            .unwrap()
+            > served_before),
+        "the big echo was served by the worker"
+    );
+    // The next request gets the only thread although the first client has
+    // not read its response.
+    let t0 = Instant::now();
+    let r = blocking::get(&usher.url("/sleep?ms=10")).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "not stuck behind the slow reader"
+    );
+    // And the slow client still gets its whole response when it reads.
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while got < body.len() {
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("slow reader: {e}"),
+        }
+    }
+    assert!(got >= body.len(), "read {got} bytes");
+}
+
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    let closed = s.read_to_end(&mut raw).is_ok();
+    (String::from_utf8_lossy(&raw).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn errors_map_to_clear_statuses() {
+    let (_w, live) = spawn_worker(["--threads", "2"]);
+    let dead1: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dead2: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+
+    // Backend down: both backends refuse; the answer is 502 after trying each.
+    let usher = Usher::start(&config(&[dead1, dead2], ", max_in_flight: 2", "", ""));
+    let r = blocking::get(&usher.url("/x")).unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert!(r.text().contains("cannot reach backend"), "{}", r.text());
+    assert!(usher.metric("usher_retries_total", &[("reason", "connect")]) >= 1.0);
+    drop(usher);
+
+    // One dead, one live: the dead one is retried away, the client sees 200.
+    let usher = Usher::start_ready(&config(&[dead1, live], ", max_in_flight: 2", "", ""));
+    for _ in 0..10 {
+        let r = blocking::get(&usher.url("/sleep?ms=1")).unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    drop(usher);
+
+    // Slow backend → 504; oversized body → 413; ambiguous framing → 400.
+    let usher = Usher::start_ready(&config(
+        &[live],
+        "",
+        "    timeouts: { response: 300ms }\n    retries: { attempts: 0 }",
+        "limits: { max_request_body: 1KiB }",
+    ));
+    let t0 = Instant::now();
+    let r = blocking::get(&usher.url("/sleep?ms=3000")).unwrap();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let r = blocking::request("POST", &usher.url("/echo"), &[b'z'; 2048]).unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    // A chunked body over the limit (no Content-Length to check up front).
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'q'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let (resp, _) = raw_exchange(usher.addr, &req);
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+
+    let (resp, closed) = raw_exchange(
+        usher.addr,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /status/200 HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    // hyper's parser drops the Content-Length and decodes by Transfer-Encoding
+    // alone, then closes the connection (RFC 9112 §6.1 allows this instead of
+    // a 400). Either way, what a smuggler needs never happens: the pipelined
+    // request behind the body is not served, and the connection is closed.
+    assert!(
+        resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 200"),
+        "CL+TE is refused or framed by TE alone: {resp}"
+    );
+    assert!(closed, "and the connection is closed");
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        1,
+        "the smuggled request is not answered: {resp}"
+    );
+    let (resp, _) = raw_exchange(
+        usher.addr,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 400"),
+        "non-chunked TE is refused: {resp}"
+    );
+    // Every error answer names its reason; none is empty.
+    let r = blocking::get(&usher.url("/sleep?ms=3000")).unwrap();
+    assert!(!r.body.is_empty());
+}
+
+#[test]
+fn usher_check_names_the_file_line_and_key() {
+    let dir = usher_e2e::usher::TempDir::new("check");
+    let good = dir.0.join("good.yaml");
+    let yaml = config(
+        &["127.0.0.1:9".parse().unwrap()],
+        "",
+        "    queue: { max_depth: 5 }",
+        "",
+    );
+    std::fs::write(
+        &good,
+        yaml.replace("LISTEN", "127.0.0.1:8080")
+            .replace("ADMIN", "127.0.0.1:9901"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(usher_e2e::bin_path("usher"))
+        .args(["check", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.0.join("bad.yaml");
+    let text = std::fs::read_to_string(&good)
+        .unwrap()
+        .replace("max_depth: 5", "max_dpth: 5");
+    std::fs::write(&bad, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("max_dpth")).unwrap() + 1;
+    let out = std::process::Command::new(usher_e2e::bin_path("usher"))
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains(&format!("bad.yaml:{line}:")),
+        "names the line {line}: {err}"
+    );
+    assert!(
+        err.contains("upstreams.app.queue") && err.contains("max_dpth"),
+        "names the key: {err}"
+    );
+
+    // The daemon refuses to start on it too, with the same message.
+    let out = std::process::Command::new(usher_e2e::bin_path("usher"))
+        .arg("-c")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_dpth"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_request_ids() {
+    let (_w, addr) = spawn_worker(["--threads", "2"]);
+    let usher = Usher::start_ready(&config(&[addr], "", "", ""));
+    // The worker's /echo returns the body; to see the headers the backend got
+    // we use a tiny raw request with hop-by-hop headers and check the answer.
+    let r = Client::new()
+        .send(
+            http::Request::post(usher.url("/echo"))
+                .header("x-request-id", "abc-123")
+                .header("x-forwarded-for", "10.1.2.3")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"hi")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "hi");
+    assert_eq!(
+        r.header("x-request-id"),
+        Some("abc-123"),
+        "request id passed through and returned"
+    );
+    let r = blocking::get(&usher.url("/status/204")).unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let id = r.header("x-request-id").expect("a generated request id");
+    assert_eq!(id.len(), 32);
+    // No route for this method/path mix is still answered by the upstream:
+    let r = Client::new()
+        .request(Method::DELETE, &usher.url("/status/404"), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The access log has one JSON line per request with the backend and id.
+    let line = usher
+        .proc
+        .wait_for_output("\"request_id\":\"abc-123\"", Duration::from_secs(5))
+        .expect("access log line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["backend"], addr.to_string());
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["upstream"], "app");
+    assert!(v["queue_ms"].is_number() && v["duration_ms"].is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_contract_metric_is_exported_and_promtool_accepts_them() {
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let usher = Usher::start_ready(&config(
+        &[addr, dead],
+        ", max_in_flight: 1",
+        "    queue: { max_depth: 1, timeout: 200ms }\n    health_check: { path: /healthz, interval: 100ms, timeout: 200ms, rise: 1, fall: 1 }\n    outlier: { consecutive_failures: 1, max_ejected_percent: 50 }",
+        "",
+    ));
+    // Traffic with 200s, queue rejections (full and timeout), retries and an ejection.
+    let client = Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (c, u) = (
+            client.clone(),
+            usher.url(if i % 2 == 0 {
+                "/sleep?ms=400"
+            } else {
+                "/status/503"
+            }),
+        );
+        tasks.push(tokio::spawn(async move { c.get(&u).await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert!(!r.body.is_empty());
+    }
+    assert!(wait_until(Duration::from_secs(10), || usher
+        .metric("usher_health_checks_total", &[("result", "failure")])
+        > 0.0));
+    let text = usher.metrics();
+    for name in [
+        "usher_requests_total",
+        "usher_request_duration_seconds_bucket",
+        "usher_queue_depth",
+        "usher_queue_wait_seconds_bucket",
+        "usher_queue_rejections_total",
+        "usher_backend_in_flight",
+        "usher_backend_capacity",
+        "usher_backend_up",
+        "usher_backend_requests_total",
+        "usher_backend_response_seconds_bucket",
+        "usher_backend_ejections_total",
+        "usher_health_checks_total",
+        "usher_retries_total",
+        "usher_client_connections",
+        "usher_config_reloads_total",
+        "usher_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing from /metrics"
+        );
+    }
+    assert_eq!(
+        metric_value(&text, "usher_backend_up", &[("backend", &dead.to_string())]),
+        0.0
+    );
+    assert_eq!(
+        metric_value(&text, "usher_backend_up", &[("backend", &addr.to_string())]),
+        1.0
+    );
+    assert!(metric_value(&text, "usher_queue_rejections_total", &[]) >= 1.0);
+
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
