@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(nginx-light haproxy prometheus wrk nghttp2-client curl openssl)
+APT_PACKAGES=(nginx-light haproxy prometheus wrk nghttp2-client curl openssl dnsmasq-base kubectl)
 PIP_PACKAGES=(waitress gunicorn kubernetes-validate)
 
 missing=()

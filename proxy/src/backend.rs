@@ -42,7 +42,7 @@ pub struct Backend {
     ejection: Mutex<Ejection>,
     /// Slow start: capacity ramps from 1 to full between these instants (ms since `epoch`).
     slow_start_until_ms: AtomicU64,
-    slow_start_ms: u64,
+    slow_start_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -79,14 +79,19 @@ impl Backend {
             draining: AtomicBool::new(false),
             ejection: Mutex::new(Ejection::default()),
             slow_start_until_ms: AtomicU64::new(0),
-            slow_start_ms: 0,
+            slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
 
-    pub fn with_slow_start(mut self, d: Duration) -> Self {
-        self.slow_start_ms = d.as_millis() as u64;
+    pub fn with_slow_start(self, d: Duration) -> Self {
+        self.set_slow_start(d);
         self
+    }
+
+    pub fn set_slow_start(&self, d: Duration) {
+        self.slow_start_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Full capacity, before slow start.
@@ -105,15 +110,16 @@ impl Backend {
     pub fn capacity(&self) -> u32 {
         let full = self.full_capacity();
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
-        if until == 0 || self.slow_start_ms == 0 {
+        let span = self.slow_start_ms.load(Ordering::Relaxed);
+        if until == 0 || span == 0 {
             return full;
         }
         let now = self.epoch.elapsed().as_millis() as u64;
         if now >= until {
             return full;
         }
-        let elapsed = self.slow_start_ms - (until - now).min(self.slow_start_ms);
-        let ramp = 1 + (u64::from(full - 1) * elapsed / self.slow_start_ms) as u32;
+        let elapsed = span - (until - now).min(span);
+        let ramp = 1 + (u64::from(full - 1) * elapsed / span) as u32;
         ramp.clamp(1, full)
     }
 
@@ -155,10 +161,11 @@ impl Backend {
     }
 
     pub fn start_slow(&self) {
-        if self.slow_start_ms > 0 {
+        let span = self.slow_start_ms.load(Ordering::Relaxed);
+        if span > 0 {
             let now = self.epoch.elapsed().as_millis() as u64;
             self.slow_start_until_ms
-                .store(now + self.slow_start_ms, Ordering::Relaxed);
+                .store(now + span, Ordering::Relaxed);
         }
     }
 
@@ -225,10 +232,10 @@ impl Backend {
     }
 
     fn start_slow_after(&self, d: Duration) {
-        if self.slow_start_ms > 0 {
+        let span = self.slow_start_ms.load(Ordering::Relaxed);
+        if span > 0 {
             let at = (self.epoch.elapsed() + d).as_millis() as u64;
-            self.slow_start_until_ms
-                .store(at + self.slow_start_ms, Ordering::Relaxed);
+            self.slow_start_until_ms.store(at + span, Ordering::Relaxed);
         }
     }
 

@@ -325,6 +325,28 @@ fn default_fleet_host() -> String {
     "127.0.0.1".into()
 }
 
+/// DNS discovery of backends (e.g. a Kubernetes headless Service).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    pub name: String,
+    pub port: u16,
+    /// How often the name is re-resolved. Default 5s.
+    #[serde(default = "default_refresh")]
+    pub refresh: Dur,
+    /// A DNS server to ask (A records over UDP) instead of the system
+    /// resolver. Default: the system resolver.
+    #[serde(default)]
+    pub resolver: Option<SocketAddr>,
+    /// Capacity of the discovered backends. Default `auto`.
+    #[serde(default)]
+    pub max_in_flight: MaxInFlight,
+}
+
+fn default_refresh() -> Dur {
+    Dur::secs(5)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
@@ -512,7 +534,13 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
+    pub dns: Option<DnsConfig>,
+    #[serde(default)]
     pub balance: Balance,
+    /// A backend that comes back (or is added) ramps its capacity from 1 to
+    /// full over this time. Default 0s (off).
+    #[serde(default = "default_slow_start")]
+    pub slow_start: Dur,
     /// Capacity of a backend with `max_in_flight: auto` that reports no load.
     /// Default 4 (waitress's default thread count).
     #[serde(default = "default_capacity")]
@@ -533,6 +561,10 @@ pub struct UpstreamConfig {
 
 fn default_capacity() -> u32 {
     4
+}
+
+fn default_slow_start() -> Dur {
+    Dur::secs(0)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -807,11 +839,11 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
     }
     for (name, u) in &c.upstreams {
         let k = |s: &str| format!("upstreams.{name}.{s}");
-        if u.backends.is_empty() && u.fleet.is_none() {
+        if u.backends.is_empty() && u.fleet.is_none() && u.dns.is_none() {
             err(
                 k("backends"),
                 &[&format!("{name}:")],
-                "an upstream needs `backends` or a `fleet`".into(),
+                "an upstream needs `backends`, a `fleet` or `dns`".into(),
             );
         }
         let mut seen = HashSet::new();
@@ -833,6 +865,22 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
                     k(&format!("backends[{i}].weight")),
                     &["weight"],
                     "weight must be at least 1".into(),
+                );
+            }
+        }
+        if let Some(d) = &u.dns {
+            if d.name.is_empty() || d.port == 0 {
+                err(
+                    k("dns"),
+                    &["dns"],
+                    "dns needs a name and a non-zero port".into(),
+                );
+            }
+            if d.refresh.0 < Duration::from_millis(100) {
+                err(
+                    k("dns.refresh"),
+                    &["refresh"],
+                    "must be at least 100ms".into(),
                 );
             }
         }

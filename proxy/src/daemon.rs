@@ -103,8 +103,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let state =
         State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
     state.probe_capacity().await;
-    state.start();
     let state = Arc::new(ArcSwap::from_pointee(state));
+    state.load().start(&state, &metrics);
     let shared = Arc::new(Shared {
         state: state.clone(),
         metrics: metrics.clone(),

@@ -12,6 +12,7 @@ pub mod balance;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
+pub mod dns;
 pub mod error;
 pub mod fleet;
 pub mod headers;

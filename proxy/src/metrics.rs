@@ -27,6 +27,7 @@ pub const CLIENT_CONNECTIONS: &str = "usher_client_connections";
 pub const CONFIG_RELOADS: &str = "usher_config_reloads_total";
 pub const BUILD_INFO: &str = "usher_build_info";
 pub const FLEET_RESTARTS: &str = "usher_fleet_restarts_total";
+pub const DNS_RESOLUTIONS: &str = "usher_dns_resolutions_total";
 
 /// Every metric name of the contract, for tests and docs.
 pub const CONTRACT: &[&str] = &[
@@ -76,6 +77,7 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub fleet_restarts: IntCounterVec,
+    pub dns_resolutions: IntCounterVec,
     pub build_info: IntGauge,
 }
 
@@ -210,6 +212,12 @@ impl Metrics {
                 FLEET_RESTARTS,
                 "Fleet processes restarted after they exited.",
                 &["upstream"],
+            ),
+            dns_resolutions: counter(
+                &r,
+                DNS_RESOLUTIONS,
+                "DNS discovery resolutions, by result (success, failure).",
+                &["upstream", "result"],
             ),
             build_info: IntGauge::with_opts(
                 Opts::new(BUILD_INFO, "Always 1; the version is a label.")

@@ -99,8 +99,9 @@ impl Reloader {
         }
         let state = State::build(new, Some(&old), &self.fleet, &self.metrics)?;
         self.access_log.set_format(state.config.access_log.format);
-        state.start();
-        self.state.store(Arc::new(state));
+        let state = Arc::new(state);
+        self.state.store(state.clone());
+        state.start(&self.state, &self.metrics);
         old.tasks.cancel();
         Ok(())
     }

@@ -61,6 +61,9 @@ pub type FleetAddrs = HashMap<String, Vec<SocketAddr>>;
 
 pub struct State {
     pub config: Config,
+    /// DNS discovery results, shared with the discovery tasks and carried
+    /// across reloads.
+    pub discovered: crate::dns::Discovered,
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Cancels this state's background tasks (health checks) when replaced.
@@ -100,6 +103,20 @@ impl State {
                 };
                 wanted.push((addr, b.weight, fixed));
             }
+            let discovered = prev
+                .and_then(|p| p.discovered.lock().unwrap().get(name).cloned())
+                .unwrap_or_default();
+            if let Some(d) = &ucfg.dns {
+                let fixed = match d.max_in_flight {
+                    MaxInFlight::Fixed(n) => Some(n),
+                    MaxInFlight::Auto => None,
+                };
+                for a in &discovered {
+                    if !wanted.iter().any(|w| w.0 == *a) {
+                        wanted.push((*a, 1, fixed));
+                    }
+                }
+            }
             if let (Some(f), Some(addrs)) = (&ucfg.fleet, fleet.get(name)) {
                 let fixed = match f.max_in_flight {
                     MaxInFlight::Fixed(n) => Some(n),
@@ -117,10 +134,16 @@ impl State {
                 .map(|&(addr, weight, fixed)| match old_backends.get(&addr) {
                     Some(b) => {
                         b.reconfigure(weight, fixed, ucfg.default_capacity);
+                        b.set_slow_start(ucfg.slow_start.0);
                         b.clone()
                     }
                     None => {
-                        let b = Backend::new(addr, weight, fixed, ucfg.default_capacity);
+                        let b = Backend::new(addr, weight, fixed, ucfg.default_capacity)
+                            .with_slow_start(ucfg.slow_start.0);
+                        if prev.is_some() {
+                            // Added while serving: ramp up gently.
+                            b.start_slow();
+                        }
                         metrics.init_backend(name, &b.key);
                         Arc::new(b)
                     }
@@ -188,6 +211,7 @@ impl State {
             .collect();
         Ok(State {
             config,
+            discovered: prev.map(|p| p.discovered.clone()).unwrap_or_default(),
             routes,
             upstreams,
             tasks: CancellationToken::new(),
@@ -196,8 +220,18 @@ impl State {
 
     /// Starts this state's background tasks: health checks, and a ticker
     /// that re-examines queues when ejections expire or slow start ramps.
-    pub fn start(&self) {
+    pub fn start(&self, handle: &Arc<arc_swap::ArcSwap<State>>, metrics: &Arc<Metrics>) {
         for up in self.upstreams.values() {
+            if let Some(d) = &up.cfg.dns {
+                tokio::spawn(crate::dns::run(
+                    up.name.clone(),
+                    d.clone(),
+                    handle.clone(),
+                    self.discovered.clone(),
+                    metrics.clone(),
+                    self.tasks.clone(),
+                ));
+            }
             if up.cfg.health_check.is_some() {
                 tokio::spawn(crate::health::run(up.clone(), self.tasks.clone()));
             }
@@ -299,6 +333,43 @@ impl State {
             .values()
             .any(|u| u.dispatcher.backends().iter().any(|b| b.is_available(now)))
     }
+}
+
+/// Applies a new set of discovered addresses to a live upstream: static
+/// backends stay, new addresses join with slow start, vanished ones leave
+/// (their in-flight requests finish on the objects their slots hold).
+pub fn apply_discovered(up: &Upstream, addrs: &[SocketAddr]) {
+    let current = up.dispatcher.backends();
+    let statics: Vec<SocketAddr> = up
+        .cfg
+        .backends
+        .iter()
+        .filter_map(|b| resolve_addr(&b.address).ok())
+        .collect();
+    let fixed = match up.cfg.dns.as_ref().map(|d| d.max_in_flight) {
+        Some(MaxInFlight::Fixed(n)) => Some(n),
+        _ => None,
+    };
+    let mut next: Vec<Arc<Backend>> = current
+        .iter()
+        .filter(|b| statics.contains(&b.addr) || addrs.contains(&b.addr))
+        .cloned()
+        .collect();
+    for a in addrs {
+        if !next.iter().any(|b| b.addr == *a) {
+            let b = Backend::new(*a, 1, fixed, up.cfg.default_capacity)
+                .with_slow_start(up.cfg.slow_start.0);
+            b.start_slow();
+            up.metrics.init_backend(&up.name, &b.key);
+            next.push(Arc::new(b));
+        }
+    }
+    for b in &current {
+        if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
+            up.metrics.forget_backend(&up.name, &b.key);
+        }
+    }
+    up.dispatcher.set_backends(next);
 }
 
 #[cfg(test)]
