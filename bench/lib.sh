@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # variables here are used by the scripts that source this
 # Shared helpers for bench/*.sh. Source it; it expects `set -euo pipefail`.
 # Everything here listens on and sends to 127.0.0.1 only, and every process a
 # script starts through start_bg is stopped on exit.

@@ -13,6 +13,7 @@
 #      ONLY (space-separated subset of: direct nginx haproxy haproxy-maxconn
 #      usher usher-uncapped), NO_BUILD=1, KEEP_WORK=1.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 SECS="${BENCH_SECS:-10}"

@@ -16,6 +16,7 @@
 #      (1024) usher-worker --queue, BACKEND (auto | waitress), NO_BUILD=1,
 #      KEEP_WORK=1, RESULTS_OUT=FILE (copy of the JSON lines).
 set -euo pipefail
+# shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 SECS="${BENCH_SECS:-20}"
