@@ -1,0 +1,187 @@
+//! DNS discovery against a real DNS server (Debian's dnsmasq) on a loopback
+//! port: scaling the name from 2 to 4 to 1 addresses is followed within
+//! `refresh`, with zero failed requests during the changes, and a dead DNS
+//! server keeps the last good set.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use usher_e2e::usher::{TempDir, Usher};
+use usher_e2e::{blocking, free_port, wait_until, Client, Proc};
+
+fn write_hosts(path: &Path, ips: &[&str]) {
+    let text: String = ips
+        .iter()
+        .map(|ip| format!("{ip} workers.usher.test\n"))
+        .collect();
+    // Write then rename, so dnsmasq never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn start_dnsmasq(dir: &Path, port: u16) -> Proc {
+    let hosts = dir.join("hosts");
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--local-ttl=0",
+        "--no-negcache",
+        "--user=root",
+        "--log-facility=-",
+    ])
+    .arg(format!("--port={port}"))
+    .arg(format!("--addn-hosts={}", hosts.display()))
+    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
+    Proc::spawn(cmd)
+}
+
+fn backend_addrs(usher: &Usher) -> Vec<String> {
+    let mut v: Vec<String> = usher.status()["upstreams"]["app"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dns_discovery_follows_the_name_with_zero_failed_requests() {
+    let dir = TempDir::new("dns");
+    let port = free_port();
+    let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    // Four workers on four loopback addresses, all on the same port, as pods
+    // behind a headless Service would be.
+    let _workers: Vec<Proc> = ips
+        .iter()
+        .map(|ip| {
+            let w = Proc::spawn_bin(
+                "usher-worker",
+                ["--threads", "2", "--listen", &format!("{ip}:{port}")],
+            );
+            let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+            assert!(
+                wait_until(Duration::from_secs(30), || blocking::get(&format!(
+                    "http://{addr}/healthz"
+                ))
+                .is_ok()),
+                "worker on {addr} did not start:\n{}",
+                w.output()
+            );
+            w
+        })
+        .collect();
+
+    write_hosts(&dir.0.join("hosts"), &ips[..2]);
+    let dns_port = free_port();
+    let mut dnsmasq = start_dnsmasq(&dir.0, dns_port);
+    assert!(
+        dnsmasq
+            .wait_for_output("started", Duration::from_secs(10))
+            .is_some(),
+        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
+        dnsmasq.output()
+    );
+
+    let usher = Usher::start_ready(&format!(
+        r#"
+listeners: [{{ name: public, address: "LISTEN" }}]
+admin: {{ address: "ADMIN" }}
+routes: [{{ path_prefix: /, upstream: app }}]
+upstreams:
+  app:
+    dns: {{ name: workers.usher.test, port: {port}, refresh: 200ms, resolver: "127.0.0.1:{dns_port}" }}
+    queue: {{ max_depth: 1000, timeout: 10s }}
+access_log: {{ format: off }}
+"#
+    ));
+    let want =
+        |n: usize| -> Vec<String> { ips[..n].iter().map(|ip| format!("{ip}:{port}")).collect() };
+    assert!(
+        wait_until(Duration::from_secs(10), || backend_addrs(&usher) == want(2)),
+        "{:?}",
+        backend_addrs(&usher)
+    );
+
+    // Steady bounded load while the name changes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let client = Client::new();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures, ok, c, url) = (
+            stop.clone(),
+            failures.clone(),
+            ok.clone(),
+            client.clone(),
+            usher.url("/sleep?ms=5"),
+        );
+        load.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match c.get(&url).await {
+                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failures.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+
+    let pid = |p: &Proc| nix::unistd::Pid::from_raw(p.pid() as i32);
+    for n in [4, 1] {
+        write_hosts(&dir.0.join("hosts"), &ips[..n]);
+        nix::sys::signal::kill(pid(&dnsmasq), nix::sys::signal::Signal::SIGHUP).unwrap();
+        let t0 = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(10), || backend_addrs(&usher) == want(n)),
+            "usher follows the name to {n} addresses: {:?}",
+            backend_addrs(&usher)
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "followed within a few refreshes"
+        );
+        // Let traffic flow on the new set for a moment.
+        let before = ok.load(Ordering::Relaxed);
+        assert!(wait_until(Duration::from_secs(10), || ok
+            .load(Ordering::Relaxed)
+            > before + 50));
+    }
+
+    // The DNS server dies: the last good set stays, failures are counted.
+    dnsmasq.signal(nix::sys::signal::Signal::SIGKILL);
+    dnsmasq.wait_exit(Duration::from_secs(5));
+    assert!(wait_until(Duration::from_secs(15), || {
+        usher.metric("usher_dns_resolutions_total", &[("result", "failure")]) >= 2.0
+    }));
+    assert_eq!(backend_addrs(&usher), want(1));
+    let before = ok.load(Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(10), || ok
+        .load(Ordering::Relaxed)
+        > before + 20));
+
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no request failed during the changes"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 150);
+}
