@@ -1076,4 +1076,91 @@ mod tests {
         );
         assert!(split_url("https://127.0.0.1/").is_err());
     }
+
+    /// A loopback HTTP/1.1 server that answers after `delay`; `/busy` gets 503.
+    async fn slow_server(delay: Duration) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            let status = if req.uri().path() == "/busy" {
+                                503
+                            } else {
+                                200
+                            };
+                            let body = http_body_util::Full::new(Bytes::from_static(b"ok\n"));
+                            let resp = hyper::Response::builder().status(status).body(body);
+                            Ok::<_, std::convert::Infallible>(resp.unwrap())
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn open_loop_charges_the_wait_for_a_connection() {
+        let addr = slow_server(Duration::from_millis(20)).await;
+        let url = format!("http://{addr}/x");
+        let args = Args::parse_from([
+            "usher-load",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--connections",
+            "1",
+            "--timeout",
+            "5s",
+            "--url",
+            &url,
+        ]);
+        let target = Arc::new(build_target(&args).await.unwrap());
+        let r = run_open(&args, target, 100.0).await.unwrap();
+        let c = &r.classes[0];
+        assert_eq!((c.sent, c.ok, c.completed()), (100, 100, 100));
+        assert_eq!(r.connections_opened, 1);
+        // One connection at 20 ms per request serves 50/s of a 100/s schedule, so
+        // the last request is due at 0.99 s and answered at about 2 s.
+        let (min, max) = (
+            *c.lat_us.iter().min().unwrap(),
+            *c.lat_us.iter().max().unwrap(),
+        );
+        assert!(min >= 20_000, "min {min} us");
+        assert!(max >= 800_000, "max {max} us: waiting time was not charged");
+        // Throughput counts what completed inside the 1 s window: about 50.
+        assert!((25..=55).contains(&c.ok_in_window), "{}", c.ok_in_window);
+    }
+
+    #[tokio::test]
+    async fn closed_loop_counts_statuses_per_class() {
+        let addr = slow_server(Duration::from_millis(2)).await;
+        let args = Args::parse_from([
+            "usher-load",
+            "--closed",
+            "4",
+            "--duration",
+            "500ms",
+            "--target",
+            &addr.to_string(),
+            "--mix",
+            "3:/x,1:/busy",
+        ]);
+        let target = Arc::new(build_target(&args).await.unwrap());
+        let r = run_closed(&args, target, 4).await.unwrap();
+        let (x, busy) = (&r.classes[0], &r.classes[1]);
+        assert!(x.ok > 20 && x.ok == x.sent, "{x:?}");
+        assert_eq!(busy.ok, 0);
+        assert_eq!(busy.status.get(&503).copied(), Some(busy.sent));
+        assert!(busy.sent > 5);
+        assert!(r.connections_opened <= 4);
+    }
 }
