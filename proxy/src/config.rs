@@ -199,10 +199,128 @@ pub struct ListenerConfig {
     /// in the kernel's accept backlog. Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Serve HTTPS (HTTP/1.1 and h2 by ALPN) on this listener. Default: off,
+    /// plain HTTP/1.1 and h2c.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// HTTP/2 limits for this listener's clients.
+    #[serde(default)]
+    pub http2: Http2Config,
+    /// Answer every request with `308 Permanent Redirect` to the same host
+    /// and path on `https://` instead of proxying it. Only on a plain
+    /// listener. Default false.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// The port put in a redirect's `Location` (left out when 443).
+    /// Default 443.
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
 }
 
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_https_port() -> u16 {
+    443
+}
+
+/// TLS on a client listener (see `tls.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates, chosen by the client's SNI. At least one.
+    pub certificates: Vec<CertConfig>,
+    /// Served when the client sends no SNI or a name no certificate has.
+    /// Default: the first of `certificates`.
+    #[serde(default)]
+    pub default: Option<CertConfig>,
+    /// Longest time a client may take to finish the TLS handshake. Default 10s.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+    /// `Strict-Transport-Security` value added to every response, e.g.
+    /// `max-age=31536000; includeSubDomains`. Default: none.
+    #[serde(default)]
+    pub hsts: Option<String>,
+}
+
+fn default_handshake_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// A certificate and its key, as PEM files. Relative paths are relative to
+/// the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    /// The certificate, followed by its intermediate chain.
+    pub cert: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
+    /// Host names this certificate serves: exact (`www.example.com`) or
+    /// wildcard (`*.example.com`). Default: the DNS names in the
+    /// certificate's subjectAltName.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+}
+
+/// HTTP/2 server limits, per listener. The defaults follow hyper/h2 and
+/// nginx; they bound what one client connection can make Usher hold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Config {
+    /// Streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    /// Default 250.
+    #[serde(default = "default_h2_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest decoded request header list (SETTINGS_MAX_HEADER_LIST_SIZE);
+    /// larger ones are refused with 431 / REFUSED_STREAM, and far larger ones
+    /// close the connection. Default 64KiB.
+    #[serde(default = "default_h2_header_list")]
+    pub max_header_list_size: Size,
+    /// Interval of PING frames on an idle connection; `0s` turns them off. Default 20s.
+    #[serde(default = "default_h2_ping")]
+    pub keepalive_interval: Dur,
+    /// A connection whose PING is not answered within this is closed. Default 20s.
+    #[serde(default = "default_h2_ping")]
+    pub keepalive_timeout: Dur,
+    /// Rapid-reset protection (CVE-2023-44487): streams the client opened and
+    /// reset before Usher accepted them, allowed at once; past it the
+    /// connection gets GOAWAY `ENHANCE_YOUR_CALM`. Default 20.
+    #[serde(default = "default_h2_pending_resets")]
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams Usher itself reset for protocol errors, allowed per
+    /// connection before GOAWAY. Default 1024.
+    #[serde(default = "default_h2_local_resets")]
+    pub max_local_error_reset_streams: usize,
+}
+
+fn default_h2_streams() -> u32 {
+    250
+}
+fn default_h2_header_list() -> Size {
+    Size(64 << 10)
+}
+fn default_h2_ping() -> Dur {
+    Dur::secs(20)
+}
+fn default_h2_pending_resets() -> usize {
+    20
+}
+fn default_h2_local_resets() -> usize {
+    1024
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: default_h2_streams(),
+            max_header_list_size: default_h2_header_list(),
+            keepalive_interval: default_h2_ping(),
+            keepalive_timeout: default_h2_ping(),
+            max_pending_accept_reset_streams: default_h2_pending_resets(),
+            max_local_error_reset_streams: default_h2_local_resets(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -557,10 +675,78 @@ pub struct UpstreamConfig {
     pub timeouts: UpstreamTimeouts,
     #[serde(default)]
     pub pool: PoolConfig,
+    /// `http1` (the default) or `http2`: h2c, or h2 over `tls`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Talk TLS to the backends. Default: plain TCP.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+    /// WebSocket and other `Upgrade` connections to this upstream's backends.
+    #[serde(default)]
+    pub upgrades: UpgradesConfig,
 }
 
 fn default_capacity() -> u32 {
     4
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+/// TLS to the backends of one upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CA certificates that sign the backends' certificates.
+    pub ca: PathBuf,
+    /// Name checked against the backend's certificate and sent as SNI.
+    /// Default: the backend's address (an IP address must then be in the
+    /// certificate's subjectAltName).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// A client certificate for backends that require one. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<CertConfig>,
+}
+
+/// How upgraded (WebSocket) connections are admitted.
+///
+/// An upgraded connection can live for hours. By default it does not take
+/// one of the backend's request slots (a thread): most WebSocket servers
+/// serve sockets on an event loop, and a socket holding a slot for hours
+/// would starve ordinary requests. It counts against `max_upgraded`
+/// instead. Set `hold_slot: true` for threaded backends whose WebSocket
+/// handler really occupies a thread for the socket's whole life; the
+/// upgrade then waits in the queue like a request and keeps the slot until
+/// the socket closes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradesConfig {
+    /// Upgraded connections open at once per backend; past it on every
+    /// backend, new ones get 503. Default 1024.
+    #[serde(default = "default_max_upgraded")]
+    pub max_upgraded: u32,
+    /// Hold a request slot for the life of the upgraded connection. Default false.
+    #[serde(default)]
+    pub hold_slot: bool,
+}
+
+fn default_max_upgraded() -> u32 {
+    1024
+}
+
+impl Default for UpgradesConfig {
+    fn default() -> Self {
+        UpgradesConfig {
+            max_upgraded: default_max_upgraded(),
+            hold_slot: false,
+        }
+    }
 }
 
 fn default_slow_start() -> Dur {
@@ -686,8 +872,25 @@ pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
 
 /// Parses and validates config text. `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    let config: Config = serde_yaml::from_str(text).map_err(|e| vec![yaml_error(e, file)])?;
-    let errors = validate(&config, text, file);
+    let mut config: Config =
+        serde_yaml::from_str(text).map_err(|e| vec![yaml_error(e, file)])?;
+    if file != DEFAULT_CONFIG_NAME {
+        if let Some(dir) = Path::new(file).parent() {
+            crate::tls::resolve_paths(&mut config, dir);
+        }
+    }
+    let mut errors = validate(&config, text, file);
+    errors.extend(
+        crate::tls::check_config(&config)
+            .into_iter()
+            .map(|p| ConfigError {
+                file: file.to_string(),
+                line: find_line(text, &[&p.needle]),
+                column: None,
+                key: p.key,
+                message: p.message,
+            }),
+    );
     if errors.is_empty() {
         Ok(config)
     } else {

@@ -22,4 +22,5 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
