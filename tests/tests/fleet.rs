@@ -31,11 +31,9 @@ fn start_usher(yaml: &str) -> Usher {
     Usher::start(&yaml)
 }
 
-/// Usher supervising a fleet of 2 `usher-worker --threads 2` processes, with
-/// fast health checks.
-fn start_fleet() -> Usher {
-    let usher = start_usher(
-        r#"listeners: [{ name: public, address: LISTEN }]
+/// The fleet config of these tests: 2 `usher-worker --threads 2` processes
+/// on free ports, with fast health checks.
+const FLEET_YAML: &str = r#"listeners: [{ name: public, address: LISTEN }]
 admin: { address: ADMIN }
 routes: [{ upstream: app }]
 upstreams:
@@ -48,8 +46,45 @@ upstreams:
     queue: { max_depth: 1000, timeout: 20s }
 timeouts: { shutdown_grace: 5s }
 access_log: { format: off }
-"#,
-    );
+"#;
+
+/// A running Usher with a fleet. On drop (also when a test fails) it stops
+/// Usher with SIGTERM and then SIGKILLs any fleet process still alive, so no
+/// test leaves workers behind even if Usher's own cleanup is broken.
+struct FleetUsher(Usher);
+
+impl std::ops::Deref for FleetUsher {
+    type Target = Usher;
+    fn deref(&self) -> &Usher {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for FleetUsher {
+    fn deref_mut(&mut self) -> &mut Usher {
+        &mut self.0
+    }
+}
+
+impl Drop for FleetUsher {
+    fn drop(&mut self) {
+        let pids: Vec<i32> = fleet_processes(&self.0).iter().map(|&(_, p)| p).collect();
+        if self.0.proc.wait_exit(Duration::ZERO).is_none() {
+            let _ = kill(Pid::from_raw(self.0.proc.pid() as i32), Signal::SIGTERM);
+            self.0.proc.wait_exit(Duration::from_secs(15));
+        }
+        for pid in pids {
+            if !pid_gone(pid, Duration::from_secs(2)) {
+                eprintln!("fleet process {pid} outlived usher; killing it");
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Usher supervising [`FLEET_YAML`]'s fleet, ready, with both backends up.
+fn start_fleet() -> FleetUsher {
+    let usher = FleetUsher(start_usher(FLEET_YAML));
     usher.wait_ready();
     assert!(
         wait_until(Duration::from_secs(20), || fleet_processes(&usher).len()
@@ -289,6 +324,86 @@ fn fleet_processes_exit_when_usher_is_killed() {
             "fleet process {pid} still runs 5 s after usher was killed with SIGKILL"
         );
     }
+}
+
+/// `kill -9` of Usher together with whatever reads its log (a pipeline such
+/// as `usher | logger`, a container runtime's log pipe): the workers inherit
+/// Usher's stderr, whose reader is gone too. They must still exit.
+///
+/// PROXY BUG (this test fails until it is fixed in proxy/src/fleet.rs):
+/// `watch_parent` announces the exit with `eprintln!`, which panics when
+/// stderr is a pipe without a reader (EPIPE). The panic ends only the watcher
+/// thread, so the worker runs on forever as an orphan of init, still bound to
+/// its port. Seen first as leaked `usher worker` processes after test runs.
+#[test]
+fn fleet_processes_exit_when_usher_is_killed_with_its_log_reader() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = usher_e2e::usher::TempDir::new("fleet-pipe");
+    let config = dir.0.join("usher.yaml");
+    let yaml = FLEET_YAML
+        .replace("LISTEN", "127.0.0.1:0")
+        .replace("admin: { address: ADMIN }\n", "");
+    std::fs::write(&config, yaml).expect("write config");
+    let mut child = Command::new(usher_e2e::bin_path("usher"))
+        .arg("-c")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start usher");
+    let stderr = child.stderr.take().expect("usher stderr");
+
+    // The log reader: it reads until the fleet is serving, then goes away,
+    // closing the only read end of the pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        let mut pids = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("fleet process started") {
+                if let Some(pid) = line
+                    .split(" pid=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
+                    pids.push(pid);
+                }
+            }
+            let serving = line.contains("usher is serving");
+            log.push_str(&line);
+            log.push('\n');
+            if serving {
+                break;
+            }
+        }
+        let _ = tx.send((pids, log));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    let usher_pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(usher_pid, Signal::SIGKILL);
+    let _ = child.wait();
+    let (pids, log) = got.expect("usher did not log `usher is serving` within 30 s");
+    assert_eq!(pids.len(), 2, "fleet pids in the log:\n{log}");
+
+    let survivors: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|&pid| !pid_gone(pid, Duration::from_secs(5)))
+        .collect();
+    for &pid in &survivors {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    assert!(
+        survivors.is_empty(),
+        "PROXY BUG: fleet processes {survivors:?} still run 5 s after usher and its log reader \
+         were killed (watch_parent's eprintln! panics on EPIPE and the worker never exits)"
+    );
 }
 
 /// Gauge values from one `/metrics` scrape: (queued, in flight, completed).
