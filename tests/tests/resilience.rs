@@ -442,6 +442,10 @@ async fn a_worker_killed_under_load_costs_no_request_and_comes_back() {
 
     // Slow requests, so that some are surely in flight on the victim when it
     // dies: 8 of them over 4 workers, least outstanding first.
+    let retries_before = usher.metric(
+        "usher_retries_total",
+        &[("upstream", "app"), ("reason", "error")],
+    );
     let client = Client::new().with_timeout(Duration::from_secs(30));
     let slow: Vec<_> = (0..8)
         .map(|_| {
@@ -457,11 +461,7 @@ async fn a_worker_killed_under_load_costs_no_request_and_comes_back() {
         .await,
         "no request reached the victim"
     );
-
-    let retries_before = usher.metric(
-        "usher_retries_total",
-        &[("upstream", "app"), ("reason", "error")],
-    );
+    // Kill at once, while that request runs.
     let killed_at = Instant::now();
     workers[0].0.signal(Signal::SIGKILL);
     assert!(
@@ -516,6 +516,7 @@ async fn a_worker_killed_under_load_costs_no_request_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _restarted = restarted.expect("cannot restart a worker on the victim's port");
+    let restarted_at = Instant::now();
     // rise × interval is 400 ms; an ejection from the crash (connect
     // failures) may still have a few seconds to run.
     assert!(
@@ -524,6 +525,7 @@ async fn a_worker_killed_under_load_costs_no_request_and_comes_back() {
         usher.status()
     );
     let up_at = Instant::now();
+    let up_after = up_at - restarted_at;
     assert_eq!(backend_up(&usher, victim), 1.0);
     assert!(
         poll_until(Duration::from_secs(10), || load
@@ -546,8 +548,10 @@ async fn a_worker_killed_under_load_costs_no_request_and_comes_back() {
         assert!(served_by(&outcomes, a) > 0, "{a} served nothing");
     }
     eprintln!(
-        "crash under load: {} requests, 0 failed; down after {down_after:?}",
-        outcomes.len()
+        "crash under load: {} requests, 0 failed; down {down_after:?} after the kill, \
+         up {up_after:?} after the restart ({:?} after the kill)",
+        outcomes.len(),
+        up_at - killed_at
     );
 }
 
