@@ -60,6 +60,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
 
+    // Certificates before anything else: a bad one is a config error.
+    let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
     // Bind first, so a busy port fails fast before any process is started.
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -77,7 +79,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     };
 
     let grace = config.timeouts.shutdown_grace.0;
-    let mut fleets = Vec::new();
+    let mut fleets = std::collections::HashMap::new();
     let mut fleet_addrs = FleetAddrs::new();
     for (name, u) in &config.upstreams {
         if let Some(f) = &u.fleet {
@@ -92,10 +94,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             )
             .map_err(StartError::Config)?;
             fleet_addrs.insert(name.clone(), addrs);
-            fleets.push(fleet);
+            fleets.insert(name.clone(), fleet);
         }
     }
-    for f in &fleets {
+    for f in fleets.values() {
         f.wait_ready(Duration::from_secs(15)).await;
     }
 
@@ -119,6 +121,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             max_connections: l.max_connections,
             header_timeout: config.timeouts.client_header.0,
             keepalive: config.timeouts.client_keepalive.0,
+            tls: tls.get(&l.name),
         };
         metrics.client_connections.with_label_values(&[&l.name]);
         serving.spawn(server::serve(
@@ -142,10 +145,17 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         path,
         state: state.clone(),
         metrics: metrics.clone(),
-        fleet: fleet_addrs,
+        fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),
+        fleets: Arc::new(tokio::sync::Mutex::new(fleets)),
         access_log,
+        tls: tls.clone(),
     });
     tokio::spawn(crate::reload::watch(reloader.clone(), stop.clone()));
+    tokio::spawn(crate::tls::rotate::watch(
+        tls,
+        metrics.clone(),
+        stop.clone(),
+    ));
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "usher is serving");
     loop {
@@ -170,7 +180,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         _ = sigint.recv() => tracing::warn!("second signal: stopping now"),
     }
     state.load().tasks.cancel();
-    for f in fleets {
+    let fleets = std::mem::take(&mut *reloader.fleets.lock().await);
+    for (_, f) in fleets {
         f.shutdown().await;
     }
     admin_stop.cancel();

@@ -170,7 +170,11 @@ pub async fn run(
                     tracing::info!(%upstream, name = %cfg.name, ?addrs, "DNS discovery: backend set changed");
                     let s = state.load_full();
                     if let Some(up) = s.upstreams.get(&upstream) {
-                        crate::state::apply_discovered(up, &addrs);
+                        let fixed = match cfg.max_in_flight {
+                            crate::config::MaxInFlight::Fixed(n) => Some(n),
+                            crate::config::MaxInFlight::Auto => None,
+                        };
+                        crate::state::apply_dynamic(up, &addrs, fixed);
                     }
                 }
             }

@@ -22,10 +22,15 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use prometheus::IntCounter;
 use tokio::process::{Child, Command};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
 use crate::config::FleetConfig;
+use crate::state::{FleetAddrs, State};
 
 /// Environment variable naming the parent Usher's pid, for worker processes.
 pub const PARENT_PID_ENV: &str = "USHER_PARENT_PID";
@@ -67,10 +72,109 @@ fn command_for(cfg: &FleetConfig, port: u16) -> Result<(PathBuf, Vec<String>), S
     Ok((PathBuf::from(program), args))
 }
 
-pub struct Fleet {
+/// The live upstream a fleet feeds: where a rolling restart publishes its
+/// addresses and drains retiring processes.
+pub struct LiveUpstream {
+    pub name: String,
+    pub state: Arc<ArcSwap<State>>,
+    pub addrs: Arc<Mutex<FleetAddrs>>,
+    pub fixed_capacity: Option<u32>,
+}
+
+impl LiveUpstream {
+    /// Makes `addrs` the fleet's backends, in the shared map (for later
+    /// reloads) and in the live upstream.
+    pub fn publish(&self, addrs: Vec<SocketAddr>) {
+        self.addrs
+            .lock()
+            .unwrap()
+            .insert(self.name.clone(), addrs.clone());
+        if let Some(up) = self.state.load().upstreams.get(&self.name) {
+            crate::state::apply_dynamic(up, &addrs, self.fixed_capacity);
+        }
+    }
+
+    /// Stops new requests to `addr` and waits (up to `limit`) until it has
+    /// none in flight.
+    pub async fn drain(&self, addr: SocketAddr, limit: Duration) {
+        let state = self.state.load_full();
+        let Some(up) = state.upstreams.get(&self.name) else {
+            return;
+        };
+        let Some(b) = up
+            .dispatcher
+            .backends()
+            .into_iter()
+            .find(|b| b.addr == addr)
+        else {
+            return;
+        };
+        b.set_draining(true);
+        let deadline = Instant::now() + limit;
+        while b.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// One supervised process (restarted whenever it exits) and its address.
+struct FleetProc {
+    addr: SocketAddr,
     stop: CancellationToken,
-    tasks: JoinSet<()>,
-    pub addrs: Vec<SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl FleetProc {
+    fn start(
+        upstream: &str,
+        cfg: &FleetConfig,
+        addr: SocketAddr,
+        restarts: IntCounter,
+        grace: Duration,
+    ) -> Result<FleetProc, String> {
+        let (program, args) = command_for(cfg, addr.port())?;
+        let sup = Supervisor {
+            upstream: upstream.to_string(),
+            addr,
+            program,
+            args,
+            env: cfg.env.clone().into_iter().collect(),
+            restarts,
+            grace,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(sup.run(stop.clone()));
+        Ok(FleetProc { addr, stop, task })
+    }
+
+    /// SIGTERM, then SIGKILL after the grace; returns when it is gone.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits until `addr` accepts connections, up to `limit`.
+async fn wait_accepting(addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The processes of one upstream's fleet.
+pub struct Fleet {
+    upstream: String,
+    cfg: FleetConfig,
+    procs: Vec<FleetProc>,
+    restarts: IntCounter,
+    grace: Duration,
 }
 
 impl Fleet {
@@ -82,46 +186,103 @@ impl Fleet {
         restarts: IntCounter,
         grace: Duration,
     ) -> Result<Fleet, String> {
-        let stop = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for addr in &addrs {
-            let (program, args) = command_for(cfg, addr.port())?;
-            let sup = Supervisor {
-                upstream: upstream.to_string(),
-                addr: *addr,
-                program,
-                args,
-                env: cfg.env.clone().into_iter().collect(),
-                restarts: restarts.clone(),
-                grace,
-            };
-            tasks.spawn(sup.run(stop.clone()));
-        }
-        Ok(Fleet { stop, tasks, addrs })
+        let procs = addrs
+            .iter()
+            .map(|a| FleetProc::start(upstream, cfg, *a, restarts.clone(), grace))
+            .collect::<Result<_, _>>()?;
+        Ok(Fleet {
+            upstream: upstream.to_string(),
+            cfg: cfg.clone(),
+            procs,
+            restarts,
+            grace,
+        })
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.procs.iter().map(|p| p.addr).collect()
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.cfg
     }
 
     /// Waits until every process accepts connections, up to `limit`.
     pub async fn wait_ready(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        for addr in &self.addrs {
-            loop {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    tracing::warn!(%addr, "fleet process is not accepting connections yet");
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        for addr in self.addrs() {
+            if !wait_accepting(addr, limit).await {
+                tracing::warn!(%addr, "fleet process is not accepting connections yet");
+                return false;
             }
         }
         true
     }
 
+    /// Replaces the processes one at a time with ones running `cfg` (a new
+    /// app version): start a new one, wait until it accepts connections, add
+    /// it to the upstream, drain the old one, wait for its in-flight requests,
+    /// stop it. `publish` is called with the fleet's addresses after every
+    /// change so the upstream follows. New processes get free ports, since
+    /// the old ones still hold theirs while they drain.
+    pub async fn roll(&mut self, cfg: FleetConfig, live: &LiveUpstream) -> Result<(), String> {
+        let mut fresh_cfg = cfg.clone();
+        fresh_cfg.base_port = 0;
+        fresh_cfg.processes = 1;
+        let old: Vec<FleetProc> = std::mem::take(&mut self.procs);
+        let mut old = std::collections::VecDeque::from(old);
+        let target = cfg.processes as usize;
+        let mut started = 0;
+        while started < target || !old.is_empty() {
+            if started < target {
+                let addr = plan(&fresh_cfg)?.remove(0);
+                let p = FleetProc::start(
+                    &self.upstream,
+                    &cfg,
+                    addr,
+                    self.restarts.clone(),
+                    self.grace,
+                )?;
+                if !wait_accepting(addr, Duration::from_secs(30)).await {
+                    p.stop().await;
+                    // Keep what still runs; the operator sees the error.
+                    self.procs.extend(old);
+                    live.publish(self.addrs());
+                    return Err(format!("new fleet process on {addr} did not start accepting connections within 30s; rollout stopped"));
+                }
+                tracing::info!(upstream = %self.upstream, %addr, "rolling restart: new process is up");
+                self.procs.push(p);
+                started += 1;
+                let all: Vec<SocketAddr> = self
+                    .addrs()
+                    .into_iter()
+                    .chain(old.iter().map(|p| p.addr))
+                    .collect();
+                live.publish(all);
+            }
+            if let Some(retiring) = old.pop_front() {
+                let remaining: Vec<SocketAddr> = self
+                    .addrs()
+                    .into_iter()
+                    .chain(old.iter().map(|p| p.addr))
+                    .collect();
+                live.drain(retiring.addr, self.grace).await;
+                live.publish(remaining);
+                tracing::info!(upstream = %self.upstream, addr = %retiring.addr, "rolling restart: old process drained; stopping it");
+                retiring.stop().await;
+            }
+        }
+        self.cfg = cfg;
+        Ok(())
+    }
+
     /// SIGTERM to every process, SIGKILL to those still running after the grace.
-    pub async fn shutdown(mut self) {
-        self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn shutdown(self) {
+        for p in &self.procs {
+            p.stop.cancel();
+        }
+        for p in self.procs {
+            let _ = p.task.await;
+        }
     }
 }
 

@@ -6,8 +6,10 @@
 //! `usher_config_reloads_total{result="failure"}`.
 //!
 //! Listeners and the admin address are bound at start: a reload that changes
-//! them is refused with a message saying a restart is needed. A changed fleet
-//! command is likewise applied on restart only.
+//! them is refused with a message saying a restart is needed, as is adding or
+//! removing a whole fleet. A changed fleet (new command, process count or
+//! environment: a new app version) is applied by a rolling restart, one
+//! process at a time, with no failed requests (see `Fleet::roll`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +25,11 @@ pub struct Reloader {
     pub path: Option<PathBuf>,
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
-    pub fleet: FleetAddrs,
+    pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
+    pub fleets: Arc<tokio::sync::Mutex<std::collections::HashMap<String, crate::fleet::Fleet>>>,
     pub access_log: crate::access_log::AccessLog,
+    /// TLS listeners: their certificates are re-read on every reload.
+    pub tls: Arc<crate::tls::TlsSet>,
 }
 
 fn listener_addrs(c: &Config) -> Vec<(String, String)> {
@@ -74,6 +79,7 @@ impl Reloader {
                 path.display()
             ));
         }
+        let mut rolls = Vec::new();
         for (name, u) in &new.upstreams {
             let before = old
                 .config
@@ -83,12 +89,11 @@ impl Reloader {
             if let (Some(a), Some(b)) = (before, &u.fleet) {
                 if a.command != b.command
                     || a.processes != b.processes
-                    || a.base_port != b.base_port
+                    || a.env != b.env
+                    || a.host != b.host
+                    || a.max_in_flight != b.max_in_flight
                 {
-                    return Err(format!(
-                        "{}: upstreams.{name}.fleet changed; fleet changes apply on restart",
-                        path.display()
-                    ));
+                    rolls.push((name.clone(), b.clone()));
                 }
             } else if before.is_some() != u.fleet.is_some() {
                 return Err(format!(
@@ -97,13 +102,53 @@ impl Reloader {
                 ));
             }
         }
-        let state = State::build(new, Some(&old), &self.fleet, &self.metrics)?;
+        let fleet_addrs = self.fleet.lock().unwrap().clone();
+        let tls = self.tls.prepare(&new)?;
+        let state = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
         self.access_log.set_format(state.config.access_log.format);
         let state = Arc::new(state);
         self.state.store(state.clone());
+        tls.commit();
         state.start(&self.state, &self.metrics);
         old.tasks.cancel();
+        for (name, cfg) in rolls {
+            self.spawn_roll(name, cfg);
+        }
         Ok(())
+    }
+
+    /// Starts a rolling restart of one upstream's fleet in the background.
+    fn spawn_roll(&self, name: String, cfg: crate::config::FleetConfig) {
+        let live = crate::fleet::LiveUpstream {
+            name: name.clone(),
+            state: self.state.clone(),
+            addrs: self.fleet.clone(),
+            fixed_capacity: match cfg.max_in_flight {
+                crate::config::MaxInFlight::Fixed(n) => Some(n),
+                crate::config::MaxInFlight::Auto => None,
+            },
+        };
+        let fleets = self.fleets.clone();
+        tokio::spawn(async move {
+            // One rollout at a time per Usher; a later reload waits its turn.
+            let mut fleets = fleets.lock().await;
+            let Some(fleet) = fleets.get_mut(&name) else {
+                return;
+            };
+            if fleet.config().command == cfg.command
+                && fleet.config().processes == cfg.processes
+                && fleet.config().env == cfg.env
+                && fleet.config().host == cfg.host
+                && fleet.config().max_in_flight == cfg.max_in_flight
+            {
+                return;
+            }
+            tracing::info!(upstream = %name, "fleet changed: rolling restart");
+            match fleet.roll(cfg, &live).await {
+                Ok(()) => tracing::info!(upstream = %name, "rolling restart done"),
+                Err(e) => tracing::error!(upstream = %name, error = %e, "rolling restart failed"),
+            }
+        });
     }
 }
 

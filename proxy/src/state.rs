@@ -190,6 +190,7 @@ impl State {
                     cfg: ucfg.clone(),
                     dispatcher,
                     client: build_client(ucfg),
+                    connector: crate::tls::connector::UpstreamConnector::new(ucfg),
                     metrics: metrics.clone(),
                     max_response_buffer: config.limits.max_response_buffer.0,
                     retry_budget,
@@ -335,10 +336,10 @@ impl State {
     }
 }
 
-/// Applies a new set of discovered addresses to a live upstream: static
-/// backends stay, new addresses join with slow start, vanished ones leave
-/// (their in-flight requests finish on the objects their slots hold).
-pub fn apply_discovered(up: &Upstream, addrs: &[SocketAddr]) {
+/// Applies a new set of dynamic (DNS or fleet) addresses to a live upstream:
+/// static backends stay, new addresses join with slow start, vanished ones
+/// leave (their in-flight requests finish on the objects their slots hold).
+pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>) {
     let current = up.dispatcher.backends();
     let statics: Vec<SocketAddr> = up
         .cfg
@@ -346,10 +347,6 @@ pub fn apply_discovered(up: &Upstream, addrs: &[SocketAddr]) {
         .iter()
         .filter_map(|b| resolve_addr(&b.address).ok())
         .collect();
-    let fixed = match up.cfg.dns.as_ref().map(|d| d.max_in_flight) {
-        Some(MaxInFlight::Fixed(n)) => Some(n),
-        _ => None,
-    };
     let mut next: Vec<Arc<Backend>> = current
         .iter()
         .filter(|b| statics.contains(&b.addr) || addrs.contains(&b.addr))
