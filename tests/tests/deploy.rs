@@ -5,9 +5,8 @@
 //! metrics contract in DESIGN.md.
 //!
 //! A missing tool FAILS the test (CI installs them, see test.sh); nothing here
-//! skips silently. The one exception is the worker check, which skips while the
-//! `usher-worker` binary is not built, and the live Usher test, `#[ignore]`d
-//! until the proxy lands.
+//! skips silently: the binaries must be built first (`cargo build --workspace
+//! --bins`, as test.sh does).
 //!
 //! `USHER_BLESS=1` rewrites the generated PrometheusRule from rules.yaml.
 
@@ -1734,10 +1733,9 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
     assert_queries_return_data(&prom, &queries, Duration::from_secs(30));
 }
 
-// =============================================================== live Usher (ignored)
+// =============================================================== live Usher
 
 #[test]
-#[ignore = "needs the usher proxy; enabled when the proxy lands"]
 fn live_usher_feeds_every_dashboard_panel_and_rule() {
     let usher = target_bin("usher");
     let worker = target_bin("usher-worker");
