@@ -37,6 +37,8 @@ pub struct Backend {
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
+    /// Open upgraded (WebSocket) connections; see `upgrade.rs`.
+    upgraded: AtomicU32,
     up: AtomicBool,
     draining: AtomicBool,
     ejection: Mutex<Ejection>,
@@ -75,6 +77,7 @@ impl Backend {
             default_capacity: AtomicU32::new(default_capacity.max(1)),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
+            upgraded: AtomicU32::new(0),
             up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             ejection: Mutex::new(Ejection::default()),
@@ -82,6 +85,24 @@ impl Backend {
             slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
+    }
+
+    /// Open upgraded connections.
+    pub fn upgraded(&self) -> u32 {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more upgraded connection if fewer than `max` are open.
+    pub fn try_inc_upgraded(&self, max: u32) -> bool {
+        self.upgraded
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn dec_upgraded(&self) {
+        self.upgraded.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn with_slow_start(self, d: Duration) -> Self {

@@ -30,6 +30,8 @@ pub enum Error {
     Upstream { backend: String, reason: String },
     #[error("backend {backend} did not answer within {timeout:?}")]
     UpstreamTimeout { backend: String, timeout: Duration },
+    #[error("every backend of upstream `{upstream}` has its most upgraded connections open")]
+    UpgradeLimit { upstream: String },
     #[error("shutting down")]
     ShuttingDown,
 }
@@ -54,6 +56,7 @@ impl Error {
             Error::QueueFull { .. }
             | Error::QueueTimeout { .. }
             | Error::NoBackend { .. }
+            | Error::UpgradeLimit { .. }
             | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Connect { .. } | Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -63,7 +66,9 @@ impl Error {
     /// Seconds for `Retry-After` on answers that mean "try again later".
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Error::QueueFull { .. } | Error::QueueTimeout { .. } => Some(1),
+            Error::QueueFull { .. } | Error::QueueTimeout { .. } | Error::UpgradeLimit { .. } => {
+                Some(1)
+            }
             Error::NoBackend { .. } | Error::ShuttingDown => Some(5),
             _ => None,
         }

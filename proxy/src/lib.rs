@@ -23,4 +23,5 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::state::State;
-use crate::upstream::{Failed, ProxyBody};
+use crate::upstream::{Failed, Forwarded, ProxyBody};
 
 /// What every request on one listener shares.
 pub struct Shared {
@@ -35,6 +35,10 @@ pub struct ConnCtx {
     pub listener: String,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// `Strict-Transport-Security` for every response (TLS listeners).
+    pub hsts: Option<HeaderValue>,
+    /// Set when the listener redirects everything to `https://` on this port.
+    pub redirect_https_port: Option<u16>,
 }
 
 pub async fn handle(
@@ -89,7 +93,17 @@ pub async fn handle(
         error: None,
     };
 
+    let upgrade = route.is_some() && crate::upgrade::is_upgrade(&req);
     let result = match route {
+        _ if ctx.redirect_https_port.is_some() => Ok(Forwarded {
+            response: redirect_to_https(
+                host.as_deref(),
+                &entry.path,
+                ctx.redirect_https_port.unwrap_or(443),
+            ),
+            backend: "-".into(),
+            queue_wait: Duration::ZERO,
+        }),
         None => Err(Failed {
             error: Error::NoRoute {
                 host: host.clone().unwrap_or_default(),
@@ -100,13 +114,17 @@ pub async fn handle(
         }),
         Some(route) => {
             let upstream = route.upstream.clone();
-            match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
+            if upgrade {
+                crate::upgrade::forward(req, &upstream, &ctx, host.as_deref(), &request_id).await
+            } else {
+                match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
                 Err(error) => Err(Failed {
                     error,
                     backend: None,
                     queue_wait: Duration::ZERO,
                 }),
-                Ok((head, body)) => upstream.forward(&head, body).await,
+                    Ok((head, body)) => upstream.forward(&head, body).await,
+                }
             }
         }
     };
@@ -116,7 +134,17 @@ pub async fn handle(
             entry.backend = Some(fwd.backend);
             entry.queue_wait = fwd.queue_wait;
             let mut resp = fwd.response;
-            headers::strip_hop_by_hop(resp.headers_mut());
+            // A 101 keeps its Upgrade/Connection (`upgrade.rs` set them).
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                headers::strip_hop_by_hop(resp.headers_mut());
+                if upgrade {
+                    // The backend declined the upgrade. Whatever the client
+                    // sent after its request was meant for the new protocol:
+                    // close rather than read it as HTTP.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
             resp
         }
         Err(failed) => {
@@ -128,6 +156,11 @@ pub async fn handle(
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    if let Some(v) = &ctx.hsts {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
     }
 
     entry.status = response.status().as_u16();
@@ -209,6 +242,37 @@ async fn read_request(
     }
     head.version = http::Version::HTTP_11;
     Ok((head, buf.freeze()))
+}
+
+/// `308` to the same host (without its port) and path on `https://`.
+fn redirect_to_https(host: Option<&str>, path: &str, port: u16) -> Response<ProxyBody> {
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a Host header is needed to redirect to HTTPS\n",
+        );
+    };
+    // Strip a port, keeping IPv6 brackets: `[::1]:80` → `[::1]`.
+    let name = match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let location = if port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{port}{path}")
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut resp = text(
+                StatusCode::PERMANENT_REDIRECT,
+                format!("308 Permanent Redirect: {location}\n"),
+            );
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => text(StatusCode::BAD_REQUEST, "400 Bad Request: invalid Host\n"),
+    }
 }
 
 /// A short plain-text answer naming the reason. Never empty.

@@ -20,26 +20,25 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::backend::{parse_load_threads, Backend, Verdict};
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::{Dispatcher, Slot};
 use crate::error::Error;
 use crate::headers::X_USHER_LOAD;
 use crate::metrics::Metrics;
+use crate::tls::connector::UpstreamConnector;
 
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
 
-/// Builds the keep-alive client for one upstream.
+/// Builds the keep-alive client for one upstream: HTTP/1.1, or HTTP/2 only
+/// with `protocol: http2` (h2c, or h2 over TLS).
 pub fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.timeouts.connect.0));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
+    let connector = UpstreamConnector::new(cfg);
     Client::builder(TokioExecutor::new())
+        .http2_only(cfg.protocol == UpstreamProtocol::Http2)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool.idle_timeout.0)
@@ -55,6 +54,8 @@ pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub dispatcher: Arc<Dispatcher>,
     pub client: UpstreamClient,
+    /// Connections outside the pool (upgraded requests).
+    pub connector: UpstreamConnector,
     pub metrics: Arc<Metrics>,
     pub max_response_buffer: u64,
     pub retry_budget: Arc<RetryBudget>,
@@ -321,7 +322,12 @@ impl Upstream {
         addr: SocketAddr,
     ) -> Result<Request<Full<Bytes>>, Error> {
         let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri: Uri = format!("http://{addr}{pq}")
+        let scheme = if self.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let uri: Uri = format!("{scheme}://{addr}{pq}")
             .parse()
             .map_err(|_| Error::BadRequest("invalid request target"))?;
         let mut req = Request::new(Full::new(body.clone()));
