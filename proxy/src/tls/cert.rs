@@ -62,7 +62,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(path, format!("not valid PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(err(path, "no `BEGIN CERTIFICATE` block (expected a PEM certificate)"));
+        return Err(err(
+            path,
+            "no `BEGIN CERTIFICATE` block (expected a PEM certificate)",
+        ));
     }
     Ok(certs)
 }
@@ -82,7 +85,8 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 /// Loads and checks a certificate chain and its key.
 pub fn load(cert: &Path, key: &Path) -> Result<Loaded, CertError> {
     let chain = read_certs(cert)?;
-    let info = inspect(&chain[0]).map_err(|e| err(cert, format!("not an X.509 certificate: {e}")))?;
+    let info =
+        inspect(&chain[0]).map_err(|e| err(cert, format!("not an X.509 certificate: {e}")))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -105,7 +109,10 @@ pub fn load(cert: &Path, key: &Path) -> Result<Loaded, CertError> {
     let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => err(
             key,
-            format!("private key does not match the certificate {}", cert.display()),
+            format!(
+                "private key does not match the certificate {}",
+                cert.display()
+            ),
         ),
         e => err(key, format!("unusable private key: {e}")),
     })?;
@@ -269,15 +276,17 @@ mod tests {
     use super::*;
 
     fn cert(names: &[&str], not_after: (i32, u8, u8)) -> rcgen::CertifiedKey {
-        let mut p = rcgen::CertificateParams::new(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         p.not_before = rcgen::date_time_ymd(2000, 1, 1);
         p.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = p.self_signed(&key).unwrap();
-        rcgen::CertifiedKey { cert, key_pair: key }
+        rcgen::CertifiedKey {
+            cert,
+            key_pair: key,
+        }
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -321,7 +330,10 @@ mod tests {
         let e = load(&d.join("missing.pem"), &k).unwrap_err();
         assert!(e.to_string().contains("missing.pem: cannot read"), "{e}");
         let e = load(&junk, &k).unwrap_err();
-        assert!(e.to_string().contains("junk.pem: no `BEGIN CERTIFICATE`"), "{e}");
+        assert!(
+            e.to_string().contains("junk.pem: no `BEGIN CERTIFICATE`"),
+            "{e}"
+        );
         let e = load(&c, &junk).unwrap_err();
         assert!(e.to_string().contains("junk.pem: no private key"), "{e}");
         let e = load(&c, &k2).unwrap_err();

@@ -47,7 +47,10 @@ pub struct UpstreamConnector {
     tls: TlsSide,
 }
 
-fn client_config(t: &UpstreamTlsConfig, protocol: UpstreamProtocol) -> Result<ClientConfig, String> {
+fn client_config(
+    t: &UpstreamTlsConfig,
+    protocol: UpstreamProtocol,
+) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     for c in cert::read_certs(&t.ca).map_err(|e| e.to_string())? {
         roots
@@ -125,9 +128,12 @@ impl UpstreamConnector {
                         ServerName::try_from(host.to_string())?
                     }
                 };
-                let tls = connector.connect(name, tcp.into_inner()).await.map_err(|e| {
-                    io::Error::new(e.kind(), format!("TLS handshake with backend: {e}"))
-                })?;
+                let tls = connector
+                    .connect(name, tcp.into_inner())
+                    .await
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("TLS handshake with backend: {e}"))
+                    })?;
                 Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
             }
         }

@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::sni::{Certs, SniResolver};
 use super::server_config;
+use super::sni::{Certs, SniResolver};
 use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 

@@ -137,12 +137,11 @@ mod tests {
 
     fn pair(dir: &Path, tag: &str, names: &[&str]) -> CertConfig {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
         let c = dir.join(format!("{tag}.crt"));
         let k = dir.join(format!("{tag}.key"));
         std::fs::write(&c, cert.pem()).unwrap();
