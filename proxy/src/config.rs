@@ -872,8 +872,7 @@ pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
 
 /// Parses and validates config text. `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    let mut config: Config =
-        serde_yaml::from_str(text).map_err(|e| vec![yaml_error(e, file)])?;
+    let mut config: Config = serde_yaml::from_str(text).map_err(|e| vec![yaml_error(e, file)])?;
     if file != DEFAULT_CONFIG_NAME {
         if let Some(dir) = Path::new(file).parent() {
             crate::tls::resolve_paths(&mut config, dir);

@@ -118,11 +118,11 @@ pub async fn handle(
                 crate::upgrade::forward(req, &upstream, &ctx, host.as_deref(), &request_id).await
             } else {
                 match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
-                Err(error) => Err(Failed {
-                    error,
-                    backend: None,
-                    queue_wait: Duration::ZERO,
-                }),
+                    Err(error) => Err(Failed {
+                        error,
+                        backend: None,
+                        queue_wait: Duration::ZERO,
+                    }),
                     Ok((head, body)) => upstream.forward(&head, body).await,
                 }
             }
