@@ -258,6 +258,38 @@ fn prepare_head(
     head.version = Version::HTTP_11;
 }
 
+/// After one side of a tunnel has closed, how long the other may go on
+/// sending before the tunnel is torn down. WebSocket peers close both ways
+/// at once; this only bounds a peer that never closes its end.
+const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Copies bytes both ways until both directions end (or one ended
+/// [`HALF_CLOSE_GRACE`] ago). Returns the bytes sent each way.
+async fn tunnel<C, S>(client: C, server: S) -> (u64, u64)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let up = async {
+        let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+        let _ = sw.shutdown().await;
+        n
+    };
+    let down = async {
+        let n = tokio::io::copy(&mut sr, &mut cw).await.unwrap_or(0);
+        let _ = cw.shutdown().await;
+        n
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        n = &mut up => (n, tokio::time::timeout(HALF_CLOSE_GRACE, down).await.unwrap_or(0)),
+        n = &mut down => (tokio::time::timeout(HALF_CLOSE_GRACE, up).await.unwrap_or(0), n),
+    }
+}
+
 /// Sends the request on its own connection; on 101 starts the tunnel.
 async fn exchange(
     up: &Upstream,
@@ -329,16 +361,9 @@ async fn exchange(
         let (client, server) = tokio::join!(client_side, backend_side);
         match (client, server) {
             (Ok(client), Ok(server)) => {
-                let mut client = TokioIo::new(client);
-                let mut server = TokioIo::new(server);
-                match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                    Ok((up_bytes, down_bytes)) => {
-                        tracing::debug!(upstream = %name, backend = %key, up_bytes, down_bytes, "upgraded connection closed")
-                    }
-                    Err(e) => {
-                        tracing::debug!(upstream = %name, backend = %key, error = %e, "upgraded connection ended with an error")
-                    }
-                }
+                let (up_bytes, down_bytes) =
+                    tunnel(TokioIo::new(client), TokioIo::new(server)).await;
+                tracing::debug!(upstream = %name, backend = %key, up_bytes, down_bytes, "upgraded connection closed");
             }
             (c, s) => tracing::debug!(
                 upstream = %name,
