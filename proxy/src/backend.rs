@@ -53,6 +53,9 @@ struct Ejection {
     consecutive_failures: u32,
     times_ejected: u32,
     until: Option<Instant>,
+    /// The ejection was for refused connections: a passing active health
+    /// check (the backend answers again) ends it early.
+    unreachable: bool,
 }
 
 /// What passive health decided about one outcome.
@@ -225,6 +228,19 @@ impl Backend {
         self.ejection.lock().unwrap().consecutive_failures = 0;
     }
 
+    /// An active health check passed: an ejection for refused connections
+    /// ends now (the process is back); one for bad answers runs its course.
+    /// Returns true if the backend was readmitted.
+    pub fn health_check_passed(&self, now: Instant) -> bool {
+        let mut e = self.ejection.lock().unwrap();
+        if e.unreachable && e.until.is_some_and(|t| now < t) {
+            e.until = Some(now);
+            e.unreachable = false;
+            return true;
+        }
+        false
+    }
+
     /// Counts a gateway failure. After `threshold` in a row the backend is
     /// ejected for `base × times_ejected` (capped), if `may_eject` allows it.
     pub fn record_failure(
@@ -235,9 +251,38 @@ impl Backend {
         may_eject: bool,
         now: Instant,
     ) -> Verdict {
+        self.record_failure_kind(threshold, base, max, may_eject, now, false)
+    }
+
+    /// [`Backend::record_failure`] for a refused connection: such an
+    /// ejection ends early when an active health check passes.
+    pub fn record_unreachable(
+        &self,
+        base: Duration,
+        max: Duration,
+        may_eject: bool,
+        now: Instant,
+    ) -> Verdict {
+        self.record_failure_kind(1, base, max, may_eject, now, true)
+    }
+
+    fn record_failure_kind(
+        &self,
+        threshold: u32,
+        base: Duration,
+        max: Duration,
+        may_eject: bool,
+        now: Instant,
+        unreachable: bool,
+    ) -> Verdict {
         let mut e = self.ejection.lock().unwrap();
         if e.until.is_some_and(|t| now < t) {
             return Verdict::Fine;
+        }
+        // A backend that behaved for `max` since its last ejection starts
+        // over: the multiplier punishes flapping, not one bad day.
+        if e.until.is_some_and(|t| now.duration_since(t) > max) {
+            e.times_ejected = 0;
         }
         e.consecutive_failures += 1;
         if e.consecutive_failures < threshold.max(1) || !may_eject {
@@ -245,6 +290,7 @@ impl Backend {
         }
         e.times_ejected += 1;
         e.consecutive_failures = 0;
+        e.unreachable = unreachable;
         let d = base.saturating_mul(e.times_ejected).min(max);
         e.until = Some(now + d);
         drop(e);

@@ -474,6 +474,22 @@ pub struct QueueConfig {
     /// Longest wait for a free slot. Default 5s.
     #[serde(default = "default_queue_timeout")]
     pub timeout: Dur,
+    /// `fifo` or `shortest_first` (shortest expected service time first,
+    /// with ageing; see `dispatch.rs`). Default `fifo`.
+    #[serde(default)]
+    pub discipline: crate::dispatch::Discipline,
+    /// What makes two requests "the same kind" for service-time estimates:
+    /// `path` (the default) or `path_and_query`.
+    #[serde(default)]
+    pub classify: Classify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Classify {
+    #[default]
+    Path,
+    PathAndQuery,
 }
 
 fn default_depth() -> usize {
@@ -488,6 +504,8 @@ impl Default for QueueConfig {
         QueueConfig {
             max_depth: default_depth(),
             timeout: default_queue_timeout(),
+            discipline: Default::default(),
+            classify: Default::default(),
         }
     }
 }

@@ -147,6 +147,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         metrics: metrics.clone(),
         fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),
         fleets: Arc::new(tokio::sync::Mutex::new(fleets)),
+        lock: Default::default(),
         access_log,
         tls: tls.clone(),
     });

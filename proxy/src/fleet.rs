@@ -383,7 +383,13 @@ pub fn watch_parent() {
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
             if nix::unistd::getppid().as_raw() != parent {
-                eprintln!("usher worker: parent usher (pid {parent}) is gone; exiting");
+                // Not eprintln!: with the parent gone, stderr is usually a
+                // broken pipe, and eprintln! would panic instead of exiting.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "usher worker: parent usher (pid {parent}) is gone; exiting"
+                );
                 std::process::exit(0);
             }
         })

@@ -140,6 +140,10 @@ pub async fn run(up: Arc<Upstream>, cancel: CancellationToken) {
             if let Some(threads) = r.threads {
                 changed |= b.report_threads(threads);
             }
+            if r.ok && b.health_check_passed(std::time::Instant::now()) {
+                tracing::info!(upstream = %up.name, backend = %b.key, "health check passed: readmitting a backend ejected for refused connections");
+                changed = true;
+            }
             if let Some(now_up) = t.record(r.ok) {
                 tracing::warn!(upstream = %up.name, backend = %b.key, up = now_up, "health check changed backend state");
                 changed |= b.set_up(now_up);

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod dns;
 pub mod error;
+pub mod estimate;
 pub mod fleet;
 pub mod headers;
 pub mod health;

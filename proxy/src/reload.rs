@@ -26,6 +26,7 @@ pub struct Reloader {
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
+    pub lock: std::sync::Mutex<()>,
     pub fleets: Arc<tokio::sync::Mutex<std::collections::HashMap<String, crate::fleet::Fleet>>>,
     pub access_log: crate::access_log::AccessLog,
     /// TLS listeners: their certificates are re-read on every reload.
@@ -47,6 +48,9 @@ fn listener_addrs(c: &Config) -> Vec<(String, String)> {
 impl Reloader {
     /// Reloads now. Returns the error text on failure.
     pub fn reload(&self) -> Result<(), String> {
+        // SIGHUP and the file watch may fire together: one reload at a time,
+        // so each builds on the state the previous one swapped in.
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics

@@ -180,6 +180,7 @@ impl State {
                     },
                 ),
             };
+            dispatcher.set_discipline(ucfg.queue.discipline);
             let retry_budget = old
                 .map(|u| u.retry_budget.clone())
                 .unwrap_or_else(|| Arc::new(RetryBudget::new(0.2, 10.0)));

@@ -104,9 +104,20 @@ impl Upstream {
         let max_attempts = 1 + self.cfg.retries.attempts;
         let mut attempt = 0;
         self.retry_budget.deposit();
+        let class = match self.cfg.queue.classify {
+            crate::config::Classify::Path => head.uri.path(),
+            crate::config::Classify::PathAndQuery => head
+                .uri
+                .path_and_query()
+                .map_or(head.uri.path(), |p| p.as_str()),
+        };
         loop {
             attempt += 1;
-            let admitted = match self.dispatcher.acquire(&avoid, attempt > 1).await {
+            let admitted = match self
+                .dispatcher
+                .acquire_as(&avoid, attempt > 1, &class)
+                .await
+            {
                 Ok(a) => a,
                 Err(r) => {
                     return Err(Failed {
@@ -119,7 +130,7 @@ impl Upstream {
             queue_wait += admitted.waited;
             let backend = admitted.slot.backend().clone();
             last_backend = Some(backend.key.clone());
-            let outcome = self.send(head, body.clone(), admitted.slot).await;
+            let outcome = self.send(head, body.clone(), admitted.slot, class).await;
             let (error, reason) = match outcome {
                 Attempt::Done(response) => {
                     return Ok(Forwarded {
@@ -155,7 +166,13 @@ impl Upstream {
     }
 
     /// One attempt on the backend that `slot` reserves.
-    async fn send(&self, head: &http::request::Parts, body: Bytes, slot: Slot) -> Attempt {
+    async fn send(
+        &self,
+        head: &http::request::Parts,
+        body: Bytes,
+        slot: Slot,
+        class: &str,
+    ) -> Attempt {
         let backend = slot.backend().clone();
         let started = Instant::now();
         let req = match self.outgoing(head, body, backend.addr) {
@@ -263,11 +280,13 @@ impl Upstream {
             }
         }
         drop(slot);
+        let took = started.elapsed().as_secs_f64();
+        self.dispatcher.observe(class, took);
         self.count(&backend, status.as_str());
         self.metrics
             .backend_response
             .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took);
         let body = ProxyBody::buffered(buffered, size, trailers);
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
     }
@@ -299,14 +318,18 @@ impl Upstream {
         let all = self.dispatcher.backends();
         let ejected = all.iter().filter(|b| b.is_ejected(now)).count();
         let may_eject = (ejected + 1) * 100 <= o.max_ejected_percent as usize * all.len();
-        let threshold = if connect { 1 } else { o.consecutive_failures };
-        if let Verdict::Ejected(d) = backend.record_failure(
-            threshold,
-            o.base_ejection.0,
-            o.max_ejection.0,
-            may_eject,
-            now,
-        ) {
+        let verdict = if connect {
+            backend.record_unreachable(o.base_ejection.0, o.max_ejection.0, may_eject, now)
+        } else {
+            backend.record_failure(
+                o.consecutive_failures,
+                o.base_ejection.0,
+                o.max_ejection.0,
+                may_eject,
+                now,
+            )
+        };
+        if let Verdict::Ejected(d) = verdict {
             tracing::warn!(upstream = %self.name, backend = %backend.key, ejected_for = ?d, "backend ejected after failures");
             self.metrics
                 .backend_ejections
