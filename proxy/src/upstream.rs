@@ -115,7 +115,7 @@ impl Upstream {
             attempt += 1;
             let admitted = match self
                 .dispatcher
-                .acquire_as(&avoid, attempt > 1, &class)
+                .acquire_as(&avoid, attempt > 1, class)
                 .await
             {
                 Ok(a) => a,
