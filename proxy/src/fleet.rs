@@ -64,8 +64,15 @@ fn command_for(cfg: &FleetConfig, port: u16) -> Result<(PathBuf, Vec<String>), S
         .collect();
     let program = args.remove(0);
     if program == "usher-worker" {
-        let me =
-            std::env::current_exe().map_err(|e| format!("cannot find Usher's own binary: {e}"))?;
+        // /proc/self/exe still runs this very binary after it was replaced
+        // or deleted on disk (an upgrade in place), keeping worker and proxy
+        // the same version.
+        let proc_exe = std::path::Path::new("/proc/self/exe");
+        let me = if proc_exe.exists() {
+            proc_exe.to_path_buf()
+        } else {
+            std::env::current_exe().map_err(|e| format!("cannot find Usher's own binary: {e}"))?
+        };
         args.insert(0, "worker".to_string());
         return Ok((me, args));
     }
