@@ -18,18 +18,7 @@ use http::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use usher_e2e::usher::{metric_value, pid_gone, Usher};
-use usher_e2e::{blocking, free_port, spawn_worker, url, wait_until, Client, Resp};
-
-/// [`Usher::start`], with the admin listener on a [`free_port`] instead of
-/// port 0.
-///
-/// PROXY BUG (reported, not fixed here): config validation rejects a listener
-/// and an admin both on `127.0.0.1:0` ("admin address 127.0.0.1:0 is also a
-/// listener address"), although port 0 gives each its own ephemeral port.
-fn start_usher(yaml: &str) -> Usher {
-    let yaml = yaml.replace("ADMIN", &format!("127.0.0.1:{}", free_port()));
-    Usher::start(&yaml)
-}
+use usher_e2e::{blocking, spawn_worker, url, wait_until, Client, Resp};
 
 /// The fleet config of these tests: 2 `usher-worker --threads 2` processes
 /// on free ports, with fast health checks.
@@ -45,7 +34,7 @@ upstreams:
     health_check: { path: /healthz, interval: 200ms, timeout: 500ms, rise: 1, fall: 2 }
     queue: { max_depth: 1000, timeout: 20s }
 timeouts: { shutdown_grace: 5s }
-access_log: { format: off }
+access_log: { format: json }
 "#;
 
 /// A running Usher with a fleet. On drop (also when a test fails) it stops
@@ -84,7 +73,7 @@ impl Drop for FleetUsher {
 
 /// Usher supervising [`FLEET_YAML`]'s fleet, ready, with both backends up.
 fn start_fleet() -> FleetUsher {
-    let usher = FleetUsher(start_usher(FLEET_YAML));
+    let usher = FleetUsher(Usher::start(FLEET_YAML));
     usher.wait_ready();
     assert!(
         wait_until(Duration::from_secs(20), || fleet_processes(&usher).len()
@@ -252,13 +241,43 @@ fn fleet_restarts_a_killed_worker_and_no_request_fails() {
         .collect();
     let after = outcomes.iter().filter(|(s, _)| *s >= killed_at).count();
     assert!(after >= 100, "only {after} requests after the kill");
+    // PROXY BUG (reported; this assertion fails intermittently, about 1 run
+    // in 10): a GET in flight on the killed worker fails there ("error"),
+    // and its retries, which avoid that backend only "if anything else is
+    // free" (Balancer::pick), go straight back to it while the surviving
+    // backend's slots are busy: a stale pooled connection, then a refused
+    // connect, and the 3 attempts are spent within ~7 ms. The client gets
+    // "502 cannot reach backend" although the other backend frees a slot
+    // 10 ms later. Expected: a retry waits for a backend it has not failed
+    // on while one is up.
+    let m = usher.metrics();
+    let related: Vec<&str> = m
+        .lines()
+        .filter(|l| {
+            [
+                "usher_retries_total",
+                "usher_backend_requests_total",
+                "usher_backend_ejections_total",
+            ]
+            .iter()
+            .any(|n| l.starts_with(n))
+        })
+        .collect();
+    let out = usher.proc.output();
+    let log: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.contains("\"status\":200"))
+        .collect();
     assert!(
         failures.is_empty(),
         "{} of {} GETs failed around kill -9 of a fleet worker \
-         (expected none: connect failures are retried on the other backend):\n{}",
+         (expected none: connect failures are retried on the other backend):\n{}\n\
+         metrics:\n{}\nusher's log without 200s:\n{}",
         failures.len(),
         outcomes.len(),
-        failures.join("\n")
+        failures.join("\n"),
+        related.join("\n"),
+        log.join("\n")
     );
 }
 
@@ -330,11 +349,10 @@ fn fleet_processes_exit_when_usher_is_killed() {
 /// as `usher | logger`, a container runtime's log pipe): the workers inherit
 /// Usher's stderr, whose reader is gone too. They must still exit.
 ///
-/// PROXY BUG (this test fails until it is fixed in proxy/src/fleet.rs):
-/// `watch_parent` announces the exit with `eprintln!`, which panics when
-/// stderr is a pipe without a reader (EPIPE). The panic ends only the watcher
-/// thread, so the worker runs on forever as an orphan of init, still bound to
-/// its port. Seen first as leaked `usher worker` processes after test runs.
+/// Regression test: `watch_parent` used to announce the exit with
+/// `eprintln!`, which panics when stderr is a pipe without a reader (EPIPE).
+/// The panic ended only the watcher thread, so the worker ran on forever as
+/// an orphan of init, still bound to its port (fixed in 2afbf5a).
 #[test]
 fn fleet_processes_exit_when_usher_is_killed_with_its_log_reader() {
     use std::io::{BufRead, BufReader};
@@ -401,8 +419,7 @@ fn fleet_processes_exit_when_usher_is_killed_with_its_log_reader() {
     }
     assert!(
         survivors.is_empty(),
-        "PROXY BUG: fleet processes {survivors:?} still run 5 s after usher and its log reader \
-         were killed (watch_parent's eprintln! panics on EPIPE and the worker never exits)"
+        "fleet processes {survivors:?} still run 5 s after usher and its log reader were killed"
     );
 }
 
@@ -420,7 +437,7 @@ async fn sigterm_drains_queued_and_in_flight_requests() {
     const N: usize = 50;
     let (_w1, a1) = spawn_worker(["--threads", "2"]);
     let (_w2, a2) = spawn_worker(["--threads", "2"]);
-    let mut usher = start_usher(&format!(
+    let mut usher = Usher::start(&format!(
         r#"listeners: [{{ name: public, address: LISTEN }}]
 admin: {{ address: ADMIN }}
 routes: [{{ upstream: app }}]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use usher_e2e::usher::{metric_value, Usher};
-use usher_e2e::{blocking, free_port, url, wait_until, Client, Proc, Resp, START_TIMEOUT};
+use usher_e2e::{blocking, url, wait_until, Client, Proc, Resp, START_TIMEOUT};
 
 /// The per-backend cap Usher enforces in every test here.
 const CAP: u64 = 2;
@@ -129,7 +129,7 @@ fn usher_for(backends: &[&PyServer]) -> Usher {
             )
         })
         .collect();
-    start_usher(&format!(
+    Usher::start_ready(&format!(
         "listeners: [{{ name: public, address: LISTEN }}]
 admin: {{ address: ADMIN }}
 routes: [{{ upstream: app }}]
@@ -141,17 +141,6 @@ upstreams:
 access_log: {{ format: off }}
 "
     ))
-}
-
-/// [`Usher::start_ready`], with the admin listener on a [`free_port`] instead
-/// of port 0.
-///
-/// PROXY BUG (reported, not fixed here): config validation rejects a listener
-/// and an admin both on `127.0.0.1:0` ("admin address 127.0.0.1:0 is also a
-/// listener address"), although port 0 gives each its own ephemeral port.
-fn start_usher(yaml: &str) -> Usher {
-    let yaml = yaml.replace("ADMIN", &format!("127.0.0.1:{}", free_port()));
-    Usher::start_ready(&yaml)
 }
 
 /// `/stats` of one backend, asked directly (not through Usher).
