@@ -220,7 +220,7 @@ EOF
     for b in "$@"; do echo "      - { address: \"127.0.0.1:$b\", max_in_flight: $cap }"; done
     cat <<EOF
     balance: least_outstanding
-    queue: { max_depth: 1024, timeout: 5s }
+    queue: { max_depth: 1024, timeout: 5s${USHER_QUEUE_EXTRA:-} }
     timeouts: { connect: 2s, response: 60s }
 access_log: { format: off }
 EOF

@@ -25,7 +25,7 @@ LOADS="${LOADS:-0.90 0.98 1.10}"
 WORKERS="${WORKERS:-4}"
 THREADS="${THREADS:-4}"
 MIX="${MIX:-90:/sleep?ms=10,10:/sleep?ms=200}"
-TARGETS="${TARGETS:-usher nginx haproxy}"
+TARGETS="${TARGETS:-usher usher-sef nginx haproxy}"
 CONNECTIONS="${CONNECTIONS:-4096}"
 
 ensure_tools
@@ -85,6 +85,17 @@ for target in $TARGETS; do
         pid=$LAST_PID; run_loads usher "$port"; stop_pid "$pid"
       else
         echo "usher: not available" >&2; record_unavailable usher "$UNAVAILABLE_WHY"
+      fi ;;
+    usher-sef)
+      # The same, serving the queue shortest-expected-first. Both request
+      # classes hit /sleep, so they are told apart by path and query.
+      admin="$(free_port)"; cfg="$WORK/usher-sef.yaml"
+      USHER_QUEUE_EXTRA=", discipline: shortest_first, classify: path_and_query" \
+        write_usher "$cfg" "$port" "$admin" "$THREADS" "${BPORTS[@]}"
+      if start_usher "$cfg" "$port" "$admin"; then
+        pid=$LAST_PID; run_loads usher-sef "$port"; stop_pid "$pid"
+      else
+        echo "usher-sef: not available" >&2; record_unavailable usher-sef "$UNAVAILABLE_WHY"
       fi ;;
     nginx)
       dir="$WORK/nginx"

@@ -26,8 +26,10 @@ impl Balancer {
     }
 
     /// Picks a backend that is available and has a free slot. Backends in
-    /// `avoid` (already tried by this request) are used only if nothing else is
-    /// free. Returns the index into `backends`.
+    /// `avoid` (already tried by this request) are used only when no other
+    /// backend is up at all: while another one is up but busy, the request
+    /// waits for it rather than going back where it just failed. Returns the
+    /// index into `backends`.
     pub fn pick(
         &mut self,
         backends: &[Arc<Backend>],
@@ -38,8 +40,18 @@ impl Balancer {
             let b = &backends[i];
             b.is_available(now) && b.in_flight() < b.capacity()
         };
-        self.pick_where(backends, |i| free(i) && !avoid.contains(&backends[i].addr))
-            .or_else(|| self.pick_where(backends, free))
+        if let Some(i) =
+            self.pick_where(backends, |i| free(i) && !avoid.contains(&backends[i].addr))
+        {
+            return Some(i);
+        }
+        let others_up = backends
+            .iter()
+            .any(|b| b.is_available(now) && !avoid.contains(&b.addr));
+        if others_up {
+            return None;
+        }
+        self.pick_where(backends, free)
     }
 
     fn pick_where(
@@ -154,6 +166,14 @@ mod tests {
         assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
         let avoid = [bs[0].addr, bs[1].addr];
         assert_eq!(bal.pick(&bs, &avoid, now), Some(2));
+        // The only other backend is busy: wait for it, don't go back.
+        for _ in 0..4 {
+            bs[2].inc();
+        }
+        assert_eq!(bal.pick(&bs, &avoid, now), None);
+        // It is down: going back is all that is left.
+        bs[2].set_up(false);
+        assert!(bal.pick(&bs, &avoid, now).is_some());
         let one = backends(&[(4, 1)]);
         assert_eq!(bal.pick(&one, &[one[0].addr], now), Some(0));
     }

@@ -474,8 +474,8 @@ pub struct QueueConfig {
     /// Longest wait for a free slot. Default 5s.
     #[serde(default = "default_queue_timeout")]
     pub timeout: Dur,
-    /// `fifo` or `shortest_first` (shortest expected service time first,
-    /// with ageing; see `dispatch.rs`). Default `fifo`.
+    /// `shortest_first` (shortest expected service time first, with ageing;
+    /// see `dispatch.rs`) or `fifo`. Default `shortest_first`.
     #[serde(default)]
     pub discipline: crate::dispatch::Discipline,
     /// What makes two requests "the same kind" for service-time estimates:
