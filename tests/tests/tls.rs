@@ -462,3 +462,39 @@ upstreams:
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert!(r.text().contains("certificate"), "{}", r.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_the_handshake_is_dropped() {
+    let dir = TempDir::new("tls-hs");
+    let ca = Ca::new();
+    let pa = write_leaf(&dir.0, "a", &ca.leaf(&["a.test"]));
+    let backend = spawn_backend(Upgrades::Echo);
+    let u = Usher::start_ready(&edge::config(
+        &tls_listener("secure", &[pa], "      handshake_timeout: 300ms\n"),
+        backend.addr,
+        "",
+    ));
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(u.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    // Send nothing: Usher closes the connection after the handshake timeout.
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the connection was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // Others are served meanwhile and after.
+    let s = tls_connect(u.addr, Some("a.test"), &connector(Some(&ca), &[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        get_over(s, true, "a.test", "/").await.unwrap().status,
+        StatusCode::OK
+    );
+}

@@ -213,3 +213,35 @@ fn declined_upgrade_is_a_normal_response_and_nothing_pipelined_reaches_the_backe
     let paths = backend.paths()[before..].to_vec();
     assert_eq!(paths, vec!["/ws", "/marker"], "the backend saw: {paths:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_tls_reaches_the_backend_as_https() {
+    let dir = usher_e2e::usher::TempDir::new("wss");
+    let ca = edge::Ca::new();
+    let (c, k) = edge::write_leaf(&dir.0, "a", &ca.leaf(&["a.test"]));
+    let backend = spawn_backend(Upgrades::Echo);
+    let listener = format!(
+        "  - name: secure\n    address: \"LISTEN\"\n    tls: {{ certificates: [{{ cert: \"{}\", key: \"{}\" }}] }}\n",
+        c.display(),
+        k.display()
+    );
+    let u = Usher::start_ready(&edge::config(&listener, backend.addr, ""));
+    // ALPN http/1.1: WebSocket upgrades are HTTP/1.1.
+    let tls = edge::tls_connect(
+        u.addr,
+        Some("a.test"),
+        &edge::connector(Some(&ca), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://a.test/secure-chat", tls)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over tls"));
+    ws.close(None).await.unwrap();
+    let seen = backend.seen.lock().unwrap().clone();
+    let up = seen.iter().find(|s| s.path == "/secure-chat").unwrap();
+    assert_eq!(up.headers["x-forwarded-proto"], "https");
+}
