@@ -377,3 +377,67 @@ async fn exchange(
     });
     Ok(Response::from_parts(parts, ProxyBody::empty()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get("/").version(version);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn recognises_upgrades_but_not_h2c_or_other_versions() {
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert!(is_upgrade(&req(Version::HTTP_11, &ws)));
+        assert!(!is_upgrade(&req(Version::HTTP_10, &ws)));
+        assert!(!is_upgrade(&req(Version::HTTP_2, &ws)));
+        assert!(!is_upgrade(&req(
+            Version::HTTP_11,
+            &[("upgrade", "websocket")]
+        )));
+        assert!(!is_upgrade(&req(
+            Version::HTTP_11,
+            &[("connection", "upgrade"), ("upgrade", "h2c")]
+        )));
+        assert!(!is_upgrade(&req(
+            Version::HTTP_11,
+            &[("connection", "upgrade")]
+        )));
+    }
+
+    #[test]
+    fn picks_the_least_upgraded_backend_under_the_limit() {
+        let b = |port| {
+            Arc::new(Backend::new(
+                format!("127.0.0.1:{port}").parse().unwrap(),
+                1,
+                None,
+                4,
+            ))
+        };
+        let (a, c) = (b(1), b(2));
+        let all = vec![a.clone(), c.clone()];
+        let g1 = pick(&all, &[], 1).unwrap();
+        let g2 = pick(&all, &[], 1).unwrap();
+        assert!(!Arc::ptr_eq(&g1.0, &g2.0));
+        assert_eq!(pick(&all, &[], 1).err(), Some(true), "both are full");
+        drop(g1);
+        let g3 = pick(&all, &[], 1).unwrap();
+        assert_eq!(g3.0.upgraded(), 1);
+        assert_eq!(
+            pick(&all, &all, 5).err(),
+            Some(false),
+            "nothing left to try"
+        );
+        drop((g2, g3));
+        assert_eq!(a.upgraded() + c.upgraded(), 0);
+    }
+}

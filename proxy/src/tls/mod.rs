@@ -204,3 +204,51 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config;
+
+    #[test]
+    fn relative_paths_follow_the_config_file_and_problems_name_key_and_line() {
+        let dir = std::env::temp_dir().join(format!("usher-tlscfg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("a.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("a.key"), key.serialize_pem()).unwrap();
+        let yaml = r#"
+listeners:
+  - name: s
+    address: 127.0.0.1:0
+    redirect_to_https: true
+    tls: { certificates: [{ cert: a.crt, key: a.key }], hsts: "nope" }
+routes: [{ upstream: app }]
+upstreams:
+  app: { backends: [{ address: "127.0.0.1:9" }] }
+"#;
+        let file = dir.join("u.yaml");
+        let errs = config::parse(yaml, &file.display().to_string()).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 2, "{text:?}");
+        assert!(text[0].contains(":6: listeners[0].tls.hsts"), "{text:?}");
+        assert!(
+            text[1].contains(":5: listeners[0].redirect_to_https"),
+            "{text:?}"
+        );
+
+        let ok = yaml
+            .replace("    redirect_to_https: true\n", "")
+            .replace("\"nope\"", "\"max-age=60\"");
+        let c = config::parse(&ok, &file.display().to_string()).unwrap();
+        let t = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(t.certificates[0].cert, dir.join("a.crt"));
+        assert_eq!(t.handshake_timeout.0, std::time::Duration::from_secs(10));
+        assert_eq!(c.listeners[0].http2.max_concurrent_streams, 250);
+        assert_eq!(c.upstreams["app"].upgrades.max_upgraded, 1024);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
