@@ -102,6 +102,8 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut cfg12 = cfg12;
+    cfg12.resumption = rustls::client::Resumption::disabled();
     let s = tls_connect(
         u.addr,
         Some("a.test"),

@@ -33,6 +33,12 @@ pub fn server_config(resolver: Arc<sni::SniResolver>) -> Arc<ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless session tickets (keys rotated by rustls every 6 hours), so
+    // returning clients skip the full handshake; the in-memory session
+    // cache stays for TLS 1.2 session ids.
+    if let Ok(t) = rustls::crypto::ring::Ticketer::new() {
+        cfg.ticketer = t;
+    }
     Arc::new(cfg)
 }
 

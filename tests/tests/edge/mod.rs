@@ -162,6 +162,9 @@ pub fn connector(ca: Option<&Ca>, alpn: &[&[u8]]) -> TlsConnector {
             .with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Full handshakes only: a resumed session shows the certificate of the
+    // session it resumes, not the one the server would present now.
+    cfg.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(cfg))
 }
 
