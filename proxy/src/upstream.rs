@@ -113,11 +113,7 @@ impl Upstream {
         };
         loop {
             attempt += 1;
-            let admitted = match self
-                .dispatcher
-                .acquire_as(&avoid, attempt > 1, class)
-                .await
-            {
+            let admitted = match self.dispatcher.acquire_as(&avoid, attempt > 1, class).await {
                 Ok(a) => a,
                 Err(r) => {
                     return Err(Failed {
