@@ -79,6 +79,11 @@ impl AccessLog {
         self.format.store(format_code(f), Ordering::Relaxed);
     }
 
+    /// Whether lines are written at all (`format: off` skips building them).
+    pub fn enabled(&self) -> bool {
+        self.format.load(Ordering::Relaxed) != 0
+    }
+
     pub fn log(&self, e: Entry) {
         let line = match self.format.load(Ordering::Relaxed) {
             1 => json_line(&e),

@@ -55,50 +55,37 @@ pub async fn handle(
         .map(str::to_string)
         .unwrap_or_else(headers::new_request_id);
 
-    let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let version = req.version();
-    let user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let host = request_host(&req);
-
     let route = state.route(host.as_deref().unwrap_or(""), req.uri().path());
     let (route_name, upstream_name) = match route {
-        Some(r) => (r.name.clone(), r.upstream.name.clone()),
-        None => ("-".to_string(), "-".to_string()),
+        Some(r) => (r.name.as_str(), r.upstream.name.as_str()),
+        None => ("-", "-"),
     };
-
-    let mut entry = Entry {
-        time: SystemTime::now(),
-        peer: ctx.peer,
-        method: method.to_string(),
-        path,
-        version,
-        status: 0,
-        bytes: None,
-        route: route_name.clone(),
-        upstream: upstream_name.clone(),
-        backend: None,
-        duration: Duration::ZERO,
-        queue_wait: Duration::ZERO,
-        request_id: request_id.clone(),
-        user_agent,
-        error: None,
-    };
+    // What the access log needs from the request, taken before the request
+    // is consumed, and only when lines are written at all.
+    let log_fields = ctx.shared.access_log.enabled().then(|| {
+        (
+            req.method().to_string(),
+            req.uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            req.version(),
+            req.headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        )
+    });
+    let backend_key: Option<String>;
+    let queue_wait: Duration;
+    let mut error_text: Option<String> = None;
 
     let upgrade = route.is_some() && crate::upgrade::is_upgrade(&req);
     let result = match route {
         _ if ctx.redirect_https_port.is_some() => Ok(Forwarded {
             response: redirect_to_https(
                 host.as_deref(),
-                &entry.path,
+                req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 ctx.redirect_https_port.unwrap_or(443),
             ),
             backend: "-".into(),
@@ -131,8 +118,8 @@ pub async fn handle(
 
     let mut response = match result {
         Ok(fwd) => {
-            entry.backend = Some(fwd.backend);
-            entry.queue_wait = fwd.queue_wait;
+            backend_key = Some(fwd.backend);
+            queue_wait = fwd.queue_wait;
             let mut resp = fwd.response;
             // A 101 keeps its Upgrade/Connection (`upgrade.rs` set them).
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -148,9 +135,9 @@ pub async fn handle(
             resp
         }
         Err(failed) => {
-            entry.backend = failed.backend;
-            entry.queue_wait = failed.queue_wait;
-            entry.error = Some(failed.error.to_string());
+            backend_key = failed.backend;
+            queue_wait = failed.queue_wait;
+            error_text = Some(failed.error.to_string());
             error_response(&failed.error)
         }
     };
@@ -163,17 +150,33 @@ pub async fn handle(
             .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
     }
 
-    entry.status = response.status().as_u16();
-    entry.bytes = response.body().known_len();
-    entry.duration = started.elapsed();
+    let duration = started.elapsed();
     let m = &ctx.shared.metrics;
     m.requests
-        .with_label_values(&[&route_name, &upstream_name, response.status().as_str()])
+        .with_label_values(&[route_name, upstream_name, response.status().as_str()])
         .inc();
     m.request_duration
-        .with_label_values(&[&route_name, &upstream_name])
-        .observe(entry.duration.as_secs_f64());
-    ctx.shared.access_log.log(entry);
+        .with_label_values(&[route_name, upstream_name])
+        .observe(duration.as_secs_f64());
+    if let Some((method, path, version, user_agent)) = log_fields {
+        ctx.shared.access_log.log(Entry {
+            time: SystemTime::now() - duration,
+            peer: ctx.peer,
+            method,
+            path,
+            version,
+            status: response.status().as_u16(),
+            bytes: response.body().known_len(),
+            route: route_name.to_string(),
+            upstream: upstream_name.to_string(),
+            backend: backend_key,
+            duration,
+            queue_wait,
+            request_id,
+            user_agent,
+            error: error_text,
+        });
+    }
     Ok(response)
 }
 
