@@ -542,7 +542,7 @@ async fn every_contract_metric_is_exported_and_promtool_accepts_them() {
             usher.url(if i % 2 == 0 {
                 "/sleep?ms=400"
             } else {
-                "/status/503"
+                "/status/500"
             }),
         );
         tasks.push(tokio::spawn(async move { c.get(&u).await }));
