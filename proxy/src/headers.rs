@@ -82,6 +82,27 @@ pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host
     }
 }
 
+/// What Usher tells a backend about the request: `X-Forwarded-*`,
+/// `X-Request-Id`, and a `Host` (from h2's `:authority`) when the client sent
+/// none.
+pub fn set_upstream_identity(
+    h: &mut HeaderMap,
+    peer_ip: &str,
+    proto: &'static str,
+    host: Option<&str>,
+    request_id: &str,
+) {
+    set_forwarded(h, peer_ip, proto, host);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(X_REQUEST_ID.clone(), v);
+    }
+    if !h.contains_key(header::HOST) {
+        if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+            h.insert(header::HOST, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -234,15 +234,7 @@ async fn read_request(
     headers::strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     let proto = if ctx.tls { "https" } else { "http" };
-    headers::set_forwarded(h, &ctx.peer.ip().to_string(), proto, host);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(X_REQUEST_ID.clone(), v);
-    }
-    if !h.contains_key(header::HOST) {
-        if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-            h.insert(header::HOST, v);
-        }
-    }
+    headers::set_upstream_identity(h, &ctx.peer.ip().to_string(), proto, host, request_id);
     head.version = http::Version::HTTP_11;
     Ok((head, buf.freeze()))
 }

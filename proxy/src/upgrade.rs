@@ -36,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use crate::backend::Backend;
 use crate::dispatch::Slot;
 use crate::error::Error;
-use crate::headers::{self, X_REQUEST_ID};
+use crate::headers;
 use crate::proxy::ConnCtx;
 use crate::upstream::{error_chain, Failed, Forwarded, ProxyBody, Upstream};
 
@@ -244,15 +244,7 @@ fn prepare_head(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let proto = if ctx.tls { "https" } else { "http" };
-    headers::set_forwarded(h, &ctx.peer.ip().to_string(), proto, host);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(X_REQUEST_ID.clone(), v);
-    }
-    if !h.contains_key(header::HOST) {
-        if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-            h.insert(header::HOST, v);
-        }
-    }
+    headers::set_upstream_identity(h, &ctx.peer.ip().to_string(), proto, host, request_id);
     let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
     head.uri = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     head.version = Version::HTTP_11;

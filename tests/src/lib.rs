@@ -568,4 +568,5 @@ pub mod blocking {
         }
     }
 }
+pub mod load;
 pub mod usher;

@@ -6,13 +6,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::StatusCode;
+use usher_e2e::load::SteadyLoad;
 use usher_e2e::usher::{TempDir, Usher};
-use usher_e2e::{blocking, free_port, wait_until, Client, Proc};
+use usher_e2e::{blocking, free_port, wait_until, Proc};
 
 fn write_hosts(path: &Path, ips: &[&str]) {
     let text: String = ips
@@ -116,30 +114,8 @@ access_log: {{ format: off }}
     );
 
     // Steady bounded load while the name changes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicU64::new(0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let client = Client::new();
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, failures, ok, c, url) = (
-            stop.clone(),
-            failures.clone(),
-            ok.clone(),
-            client.clone(),
-            usher.url("/sleep?ms=5"),
-        );
-        load.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match c.get(&url).await {
-                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failures.fetch_add(1, Ordering::Relaxed),
-                };
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }));
-    }
+    let urls: Vec<String> = (0..4).map(|_| usher.url("/sleep?ms=5")).collect();
+    let load = SteadyLoad::start(&urls, Duration::from_millis(10), Duration::from_secs(60));
 
     let pid = |p: &Proc| nix::unistd::Pid::from_raw(p.pid() as i32);
     for n in [4, 1] {
@@ -156,10 +132,7 @@ access_log: {{ format: off }}
             "followed within a few refreshes"
         );
         // Let traffic flow on the new set for a moment.
-        let before = ok.load(Ordering::Relaxed);
-        assert!(wait_until(Duration::from_secs(10), || ok
-            .load(Ordering::Relaxed)
-            > before + 50));
+        assert!(load.wait_for_more(50, Duration::from_secs(10)));
     }
 
     // The DNS server dies: the last good set stays, failures are counted.
@@ -169,19 +142,12 @@ access_log: {{ format: off }}
         usher.metric("usher_dns_resolutions_total", &[("result", "failure")]) >= 2.0
     }));
     assert_eq!(backend_addrs(&usher), want(1));
-    let before = ok.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || ok
-        .load(Ordering::Relaxed)
-        > before + 20));
+    assert!(load.wait_for_more(20, Duration::from_secs(10)));
 
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "no request failed during the changes"
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "no request failed during the changes: {failures:?}"
     );
-    assert!(ok.load(Ordering::Relaxed) > 150);
+    assert!(ok > 150);
 }

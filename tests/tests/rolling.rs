@@ -2,13 +2,11 @@
 //! version) replaces the processes one at a time — start new, wait until it
 //! accepts, drain old, stop old — with zero failed requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::StatusCode;
+use usher_e2e::load::SteadyLoad;
 use usher_e2e::usher::Usher;
-use usher_e2e::{wait_until, Client};
+use usher_e2e::wait_until;
 
 fn config(threads: u32) -> String {
     format!(
@@ -53,40 +51,15 @@ async fn a_changed_fleet_command_rolls_with_zero_failed_requests() {
     assert!(before.iter().all(|b| b.1 == 2), "{before:?}");
     let old_addrs: Vec<String> = before.iter().map(|b| b.0.clone()).collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicU64::new(0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let client = Client::new();
-    let mut load = Vec::new();
-    for i in 0..4 {
-        let (stop, failures, ok, c) = (stop.clone(), failures.clone(), ok.clone(), client.clone());
-        // Some slow requests, so old processes have work in flight when drained.
-        let url = usher.url(if i == 0 {
-            "/sleep?ms=300"
-        } else {
-            "/sleep?ms=5"
-        });
-        load.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match c.get(&url).await {
-                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(r) => {
-                        eprintln!("failed: {} {}", r.status, r.text());
-                        failures.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e:#}");
-                        failures.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
-    assert!(wait_until(Duration::from_secs(10), || ok
-        .load(Ordering::Relaxed)
-        > 50));
+    // Some slow requests, so old processes have work in flight when drained.
+    let urls = [
+        usher.url("/sleep?ms=300"),
+        usher.url("/sleep?ms=5"),
+        usher.url("/sleep?ms=5"),
+        usher.url("/sleep?ms=5"),
+    ];
+    let load = SteadyLoad::start(&urls, Duration::from_millis(5), Duration::from_secs(90));
+    assert!(load.wait_for_more(50, Duration::from_secs(10)));
 
     // New app version: three threads per process.
     // Same listener strings as at start (Usher::start writes 127.0.0.1:0).
@@ -107,18 +80,11 @@ async fn a_changed_fleet_command_rolls_with_zero_failed_requests() {
         backends(&usher),
         usher.proc.output()
     );
-    let after = ok.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || ok
-        .load(Ordering::Relaxed)
-        > after + 50));
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "no request failed during the rollout"
+    assert!(load.wait_for_more(50, Duration::from_secs(10)));
+    let (_, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "no request failed during the rollout: {failures:?}"
     );
     assert_eq!(
         usher.metric("usher_config_reloads_total", &[("result", "success")]),
