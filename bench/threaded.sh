@@ -87,8 +87,9 @@ for target in $TARGETS; do
         echo "usher: not available" >&2; record_unavailable usher "$UNAVAILABLE_WHY"
       fi ;;
     usher-sef)
-      # The same, serving the queue shortest-expected-first. Both request
-      # classes hit /sleep, so they are told apart by path and query.
+      # Usher's default queue is shortest-expected-first by *path*; both request
+      # classes here hit /sleep, so the plain `usher` row behaves as FIFO. This
+      # row tells them apart by path and query.
       admin="$(free_port)"; cfg="$WORK/usher-sef.yaml"
       USHER_QUEUE_EXTRA=", discipline: shortest_first, classify: path_and_query" \
         write_usher "$cfg" "$port" "$admin" "$THREADS" "${BPORTS[@]}"
