@@ -59,6 +59,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+    // nginx operators send USR1 to reopen logs; the default action would kill
+    // Usher. Logs go to stdout/stderr, so there is nothing to reopen: say so.
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signals)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signals)?;
 
     // Certificates before anything else: a bad one is a config error.
     let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
@@ -163,6 +167,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = sigusr1.recv() => tracing::info!("SIGUSR1 ignored: logs go to stdout/stderr; use SIGHUP to reload, SIGTERM to stop"),
+            _ = sigusr2.recv() => tracing::info!("SIGUSR2 ignored: use SIGHUP to reload, SIGTERM to stop"),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading configuration");
                 let r = reloader.clone();

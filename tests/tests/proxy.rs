@@ -611,3 +611,29 @@ async fn every_contract_metric_is_exported_and_promtool_accepts_them() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn usr1_and_usr2_do_not_kill_usher() {
+    // nginx operators send USR1 to reopen logs; it must not stop the proxy.
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let mut usher = Usher::start_ready(&config(&[addr], "", "", ""));
+    for sig in [
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGUSR2,
+    ] {
+        usher.proc.signal(sig);
+        assert!(
+            usher
+                .proc
+                .wait_for_output(&format!("{sig} ignored"), Duration::from_secs(5))
+                .is_some(),
+            "usher says it ignored {sig}"
+        );
+        assert!(
+            usher.proc.wait_exit(Duration::from_millis(200)).is_none(),
+            "still running after {sig}"
+        );
+        let r = blocking::get(&usher.url("/sleep?ms=1")).unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
