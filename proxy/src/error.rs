@@ -16,6 +16,8 @@ pub enum Error {
     ClientTooSlow(Duration),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("method {0} is not supported by this proxy")]
+    MethodNotAllowed(String),
     #[error("client connection failed while reading the body: {0}")]
     ClientBody(#[source] hyper::Error),
     #[error("queue full for upstream `{upstream}`")]
@@ -53,6 +55,7 @@ impl Error {
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::ClientTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             Error::BadRequest(_) | Error::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::QueueFull { .. }
             | Error::QueueTimeout { .. }
             | Error::NoBackend { .. }
@@ -80,6 +83,7 @@ impl Error {
         matches!(
             self,
             Error::BadRequest(_)
+                | Error::MethodNotAllowed(_)
                 | Error::ClientTooSlow(_)
                 | Error::BodyTooLarge { .. }
                 | Error::ClientBody(_)

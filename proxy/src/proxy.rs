@@ -91,6 +91,12 @@ pub async fn handle(
             backend: "-".into(),
             queue_wait: Duration::ZERO,
         }),
+        // Usher is a reverse proxy, not a forward one: no CONNECT tunnels.
+        _ if req.method() == http::Method::CONNECT && !upgrade => Err(Failed {
+            error: Error::MethodNotAllowed(req.method().to_string()),
+            backend: None,
+            queue_wait: Duration::ZERO,
+        }),
         None => Err(Failed {
             error: Error::NoRoute {
                 host: host.clone().unwrap_or_default(),

@@ -414,6 +414,16 @@ async fn errors_map_to_clear_statuses() {
         resp.starts_with("HTTP/1.1 400"),
         "non-chunked TE is refused: {resp}"
     );
+    // Usher is a reverse proxy: CONNECT is refused, not tunnelled.
+    let (resp, _) = raw_exchange(
+        usher.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 405"),
+        "CONNECT is refused: {resp}"
+    );
+    assert!(resp.contains("not supported"), "{resp}");
     // Every error answer names its reason; none is empty.
     let r = blocking::get(&usher.url("/sleep?ms=3000")).unwrap();
     assert!(!r.body.is_empty());
