@@ -119,7 +119,7 @@ impl Upstream {
                     return Err(Failed {
                         error: Error::from_rejection(r, &self.name),
                         backend: last_backend,
-                        queue_wait: queue_wait + Duration::ZERO,
+                        queue_wait,
                     })
                 }
             };
@@ -136,6 +136,16 @@ impl Upstream {
                     })
                 }
                 Attempt::NotSent(e) => (e, "connect"),
+                // A timed-out request is most likely still running on the
+                // backend's thread: retrying it would pile more work on a
+                // fleet that is already too slow (and double the wait).
+                Attempt::Sent(e @ Error::UpstreamTimeout { .. }) => {
+                    return Err(Failed {
+                        error: e,
+                        backend: last_backend,
+                        queue_wait,
+                    })
+                }
                 Attempt::Sent(e) if is_idempotent(&head.method) => (e, "error"),
                 Attempt::Sent(e) => {
                     return Err(Failed {
