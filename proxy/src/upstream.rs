@@ -189,11 +189,20 @@ impl Upstream {
         let deadline = tokio::time::Instant::now() + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
-        let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let mut pending = self.client.request(req);
+        let result = tokio::time::timeout_at(deadline, &mut pending).await;
         let response = match result {
             Err(_) => {
                 self.count(&backend, "timeout");
                 self.note_failure(&backend, false);
+                // The client gets its 504 now, but the backend's thread is
+                // most likely still on this request: keep its slot until the
+                // backend answers after all (capped, see `linger`).
+                linger(slot, timeout, async move {
+                    if let Ok(r) = pending.await {
+                        let _ = r.into_body().collect().await;
+                    }
+                });
                 return Attempt::Sent(Error::UpstreamTimeout {
                     backend: backend.key.clone(),
                     timeout,
@@ -246,6 +255,9 @@ impl Upstream {
             let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
                 Err(_) => {
                     self.count(&backend, "timeout");
+                    linger(slot, timeout, async move {
+                        let _ = incoming.collect().await;
+                    });
                     return Attempt::Sent(Error::UpstreamTimeout {
                         backend: backend.key.clone(),
                         timeout,
@@ -371,6 +383,24 @@ impl Upstream {
         }
         Ok(req)
     }
+}
+
+/// Holds `slot` while `rest` (the remainder of a timed-out exchange) runs, so
+/// the backend is not given another request while its thread is still busy
+/// with this one. Capped at the larger of the response timeout and 60 s: a
+/// thread stuck for longer is counted as lost only that long.
+fn linger(
+    slot: Slot,
+    timeout: Duration,
+    rest: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let limit = timeout.max(Duration::from_secs(60));
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let done = tokio::time::timeout(limit, rest).await.is_ok();
+        tracing::debug!(backend = %slot.backend().key, held = ?started.elapsed(), done, "released the slot of a timed-out request");
+        drop(slot);
+    });
 }
 
 /// Renders an error with its causes: hyper's top-level messages are vague.

@@ -654,3 +654,30 @@ fn usr1_and_usr2_do_not_kill_usher() {
         assert_eq!(r.status, StatusCode::OK);
     }
 }
+
+#[test]
+fn a_timed_out_request_keeps_its_slot_until_the_backend_is_done() {
+    // One thread and no queue in the worker: a second request sent while the
+    // thread still runs the timed-out one would get the worker's own 503.
+    let (_w, addr) = spawn_worker(["--threads", "1", "--queue", "0"]);
+    let usher = Usher::start_ready(&config(
+        &[addr],
+        ", max_in_flight: 1",
+        "    timeouts: { response: 300ms }\n    queue: { max_depth: 10, timeout: 5s }",
+        "",
+    ));
+    let t0 = Instant::now();
+    let r = blocking::get(&usher.url("/sleep?ms=1500")).unwrap();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(t0.elapsed() < Duration::from_millis(1000));
+    // The worker is still busy with it: Usher must not send the next one yet.
+    assert_eq!(healthz(addr)["busy"], 1);
+    let r = blocking::get(&usher.url("/sleep?ms=1")).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "waited for the backend's thread: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(healthz(addr)["peak_busy"], 1);
+}
