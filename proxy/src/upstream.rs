@@ -94,23 +94,18 @@ impl Upstream {
     /// Sends the request to a backend, retrying where it is safe, and returns
     /// the response.
     pub async fn forward(
-        &self,
-        head: &http::request::Parts,
+        self: &Arc<Self>,
+        head: http::request::Parts,
         body: Bytes,
     ) -> Result<Forwarded, Failed> {
+        let head = Arc::new(head);
         let mut avoid: Vec<SocketAddr> = Vec::new();
         let mut queue_wait = Duration::ZERO;
         let mut last_backend = None;
         let max_attempts = 1 + self.cfg.retries.attempts;
         let mut attempt = 0;
         self.retry_budget.deposit();
-        let class = match self.cfg.queue.classify {
-            crate::config::Classify::Path => head.uri.path(),
-            crate::config::Classify::PathAndQuery => head
-                .uri
-                .path_and_query()
-                .map_or(head.uri.path(), |p| p.as_str()),
-        };
+        let class = self.class_of(&head);
         loop {
             attempt += 1;
             let admitted = match self.dispatcher.acquire_as(&avoid, attempt > 1, class).await {
@@ -126,7 +121,20 @@ impl Upstream {
             queue_wait += admitted.waited;
             let backend = admitted.slot.backend().clone();
             last_backend = Some(backend.key.clone());
-            let outcome = self.send(head, body.clone(), admitted.slot, class).await;
+            // Once a slot is granted, the exchange runs in its own task: if
+            // the client goes away, the request still finishes on the
+            // backend, and its slot stays taken until the backend's thread
+            // is really free. (While queued, a vanished client just leaves.)
+            let exchange = tokio::spawn({
+                let (up, head, body) = (self.clone(), head.clone(), body.clone());
+                async move { up.send(&head, body, admitted.slot).await }
+            });
+            let outcome = exchange.await.unwrap_or_else(|e| {
+                Attempt::Sent(Error::Upstream {
+                    backend: backend.key.clone(),
+                    reason: format!("internal error in the exchange task: {e}"),
+                })
+            });
             let (error, reason) = match outcome {
                 Attempt::Done(response) => {
                     return Ok(Forwarded {
@@ -171,14 +179,20 @@ impl Upstream {
         }
     }
 
+    /// The request class for service-time estimates (`queue.classify`).
+    fn class_of<'a>(&self, head: &'a http::request::Parts) -> &'a str {
+        match self.cfg.queue.classify {
+            crate::config::Classify::Path => head.uri.path(),
+            crate::config::Classify::PathAndQuery => head
+                .uri
+                .path_and_query()
+                .map_or(head.uri.path(), |p| p.as_str()),
+        }
+    }
+
     /// One attempt on the backend that `slot` reserves.
-    async fn send(
-        &self,
-        head: &http::request::Parts,
-        body: Bytes,
-        slot: Slot,
-        class: &str,
-    ) -> Attempt {
+    async fn send(&self, head: &http::request::Parts, body: Bytes, slot: Slot) -> Attempt {
+        let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
         let req = match self.outgoing(head, body, backend.addr) {

@@ -681,3 +681,37 @@ fn a_timed_out_request_keeps_its_slot_until_the_backend_is_done() {
     );
     assert_eq!(healthz(addr)["peak_busy"], 1);
 }
+
+#[test]
+fn a_client_that_hangs_up_does_not_free_a_busy_thread() {
+    // One thread and no queue in the worker: a request sent while the thread
+    // still runs the abandoned one would get the worker's own 503.
+    let (_w, addr) = spawn_worker(["--threads", "1", "--queue", "0"]);
+    let usher = Usher::start_ready(&config(&[addr], ", max_in_flight: 1", "", ""));
+    let served = healthz(addr)["served"].as_u64().unwrap();
+    let t0 = Instant::now();
+    {
+        let mut s = TcpStream::connect(usher.addr).unwrap();
+        s.write_all(b"GET /sleep?ms=800 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || healthz(addr)["busy"] == 1),
+            "the request reached the worker"
+        );
+        // The client hangs up while the worker runs its request.
+    }
+    let r = blocking::get(&usher.url("/sleep?ms=1")).unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(700),
+        "waited for the abandoned request to finish: {:?}",
+        t0.elapsed()
+    );
+    let h = healthz(addr);
+    assert_eq!(h["peak_busy"], 1);
+    assert_eq!(
+        h["served"].as_u64().unwrap(),
+        served + 2,
+        "both ran, nothing refused"
+    );
+}
