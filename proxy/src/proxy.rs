@@ -116,7 +116,7 @@ pub async fn handle(
                         backend: None,
                         queue_wait: Duration::ZERO,
                     }),
-                    Ok((head, body)) => upstream.forward(&head, body).await,
+                    Ok((head, body)) => upstream.forward(head, body).await,
                 }
             }
         }
