@@ -5,7 +5,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /livez` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
-//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity |
+//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, upgraded |
 //! | `POST /upstreams/{u}/backends/{addr}/drain` | stop sending new requests to a backend |
 //! | `POST /upstreams/{u}/backends/{addr}/undrain` | resume it |
 //!
@@ -92,6 +92,7 @@ impl Admin {
                         "in_flight": b.in_flight(),
                         "capacity": b.capacity(),
                         "weight": b.weight(),
+                        "upgraded": b.upgraded(),
                     })
                 })
                 .collect();

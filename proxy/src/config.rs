@@ -752,10 +752,17 @@ pub struct UpgradesConfig {
     /// Hold a request slot for the life of the upgraded connection. Default false.
     #[serde(default)]
     pub hold_slot: bool,
+    /// An upgraded connection that carries no bytes either way for this
+    /// long is closed. Default 1h; `0s` means never.
+    #[serde(default = "default_upgrade_idle")]
+    pub idle_timeout: Dur,
 }
 
 fn default_max_upgraded() -> u32 {
     1024
+}
+fn default_upgrade_idle() -> Dur {
+    Dur::secs(3600)
 }
 
 impl Default for UpgradesConfig {
@@ -763,6 +770,7 @@ impl Default for UpgradesConfig {
         UpgradesConfig {
             max_upgraded: default_max_upgraded(),
             hold_slot: false,
+            idle_timeout: default_upgrade_idle(),
         }
     }
 }
@@ -1213,6 +1221,26 @@ limits: { max_request_body: 64KiB }
         assert_eq!(c.limits.max_request_body.0, 64 * 1024);
         assert_eq!(c.limits.max_response_buffer.0, 4 << 20);
         assert_eq!(app.default_capacity, 4);
+        assert_eq!(app.upgrades.idle_timeout.0, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn upgrade_idle_timeout_reads_a_duration_and_zero_means_none() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "    queue: { max_depth: 10",
+                &format!("    upgrades: {{ idle_timeout: {v} }}\n    queue: {{ max_depth: 10"),
+            )
+        };
+        let c = parse(&with("300ms"), "t.yaml").unwrap();
+        assert_eq!(
+            c.upstreams["app"].upgrades.idle_timeout.0,
+            Duration::from_millis(300)
+        );
+        let c = parse(&with("0s"), "t.yaml").unwrap();
+        assert!(c.upstreams["app"].upgrades.idle_timeout.0.is_zero());
+        let e = parse(&with("5"), "t.yaml").unwrap_err();
+        assert!(e[0].to_string().contains("upgrades"), "{e:?}");
     }
 
     #[test]

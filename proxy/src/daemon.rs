@@ -2,8 +2,9 @@
 //!
 //! Shutdown (SIGTERM or SIGINT): `/readyz` turns 503, listeners stop
 //! accepting, in-flight and queued requests get up to `shutdown_grace` to
-//! finish, then the fleet is stopped and the process exits 0. A second signal
-//! during the drain ends it at once.
+//! finish, and upgraded connections (WebSockets) get what is left of the same
+//! grace to end on their own before they are closed. Then the fleet is stopped
+//! and the process exits 0. A second signal during the drain ends it at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,6 +116,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         state: state.clone(),
         metrics: metrics.clone(),
         access_log: access_log.clone(),
+        tunnels: Default::default(),
     });
 
     let stop = CancellationToken::new();
@@ -179,10 +181,30 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     }
 
     admin.draining.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + grace;
     stop.cancel();
-    let drained = async { while serving.join_next().await.is_some() {} };
+    let drained = async {
+        while serving.join_next().await.is_some() {}
+        tracing::info!("all client connections drained");
+        // hyper's drain does not see upgraded connections: they are
+        // drained here, within the same grace.
+        let open = shared.tunnels.open();
+        if open > 0 {
+            tracing::info!(open, "waiting for upgraded connections to close");
+        }
+        match shared.tunnels.drain(deadline).await {
+            0 => {}
+            closed => {
+                tracing::warn!(
+                    closed,
+                    ?grace,
+                    "grace period over: upgraded connections closed"
+                )
+            }
+        }
+    };
     tokio::select! {
-        _ = drained => tracing::info!("all client connections drained"),
+        _ = drained => {}
         _ = sigterm.recv() => tracing::warn!("second signal: stopping now"),
         _ = sigint.recv() => tracing::warn!("second signal: stopping now"),
     }

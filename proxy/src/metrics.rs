@@ -28,6 +28,9 @@ pub const CONFIG_RELOADS: &str = "usher_config_reloads_total";
 pub const BUILD_INFO: &str = "usher_build_info";
 pub const FLEET_RESTARTS: &str = "usher_fleet_restarts_total";
 pub const DNS_RESOLUTIONS: &str = "usher_dns_resolutions_total";
+/// Not in the `DESIGN.md` contract (an addition): open upgraded (WebSocket)
+/// connections per backend.
+pub const UPGRADED_CONNECTIONS: &str = "usher_upgraded_connections";
 
 /// Every metric name of the contract, for tests and docs.
 pub const CONTRACT: &[&str] = &[
@@ -78,6 +81,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub fleet_restarts: IntCounterVec,
     pub dns_resolutions: IntCounterVec,
+    pub upgraded_connections: IntGaugeVec,
     pub build_info: IntGauge,
 }
 
@@ -219,6 +223,12 @@ impl Metrics {
                 "DNS discovery resolutions, by result (success, failure).",
                 &["upstream", "result"],
             ),
+            upgraded_connections: gauge(
+                &r,
+                UPGRADED_CONNECTIONS,
+                "Upgraded (WebSocket) connections open to the backend, or being opened.",
+                ub,
+            ),
             build_info: IntGauge::with_opts(
                 Opts::new(BUILD_INFO, "Always 1; the version is a label.")
                     .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -268,6 +278,7 @@ impl Metrics {
         let _ = self.backend_in_flight.remove_label_values(l);
         let _ = self.backend_capacity.remove_label_values(l);
         let _ = self.backend_up.remove_label_values(l);
+        let _ = self.upgraded_connections.remove_label_values(l);
     }
 
     pub fn render(&self) -> Vec<u8> {

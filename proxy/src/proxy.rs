@@ -27,6 +27,8 @@ pub struct Shared {
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// Open upgraded connections, drained on shutdown (`upgrade.rs`).
+    pub tunnels: crate::upgrade::Tunnels,
 }
 
 /// Per-connection context.

@@ -324,6 +324,10 @@ impl State {
                     .backend_up
                     .with_label_values(&l)
                     .set(i64::from(b.is_available(now)));
+                metrics
+                    .upgraded_connections
+                    .with_label_values(&l)
+                    .set(i64::from(b.upgraded()));
             }
         }
     }

@@ -21,9 +21,19 @@
 //!
 //! `Upgrade: h2c` is not passed on: it is a hop-by-hop protocol switch of
 //! the client's own connection, and Usher talks to backends on its own terms.
-//! Tunnels are not drained on shutdown; they end with the process.
+//!
+//! A tunnel ends when both sides have closed, when it has carried no byte
+//! either way for `upgrades.idle_timeout`, or at shutdown. hyper's graceful
+//! shutdown cannot see tunnels (once a connection is upgraded, hyper hands
+//! its socket over and forgets it), so every tunnel runs on [`Tunnels`], which
+//! the daemon drains after the listeners: open tunnels get what is left of
+//! `shutdown_grace` to end on their own, then the rest are closed.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,6 +42,9 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::dispatch::Slot;
@@ -61,23 +74,70 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     connection_upgrade && !protocol.is_empty() && !protocol.eq_ignore_ascii_case("h2c")
 }
 
-/// What keeps an upgraded connection admitted; dropping it releases.
-enum Ticket {
-    Upgraded(UpgradeGuard),
-    Slot(Slot),
+/// The process's open tunnels, so that shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    /// Fired when the drain's time is up: every tunnel closes at once.
+    close: CancellationToken,
+}
+
+impl Tunnels {
+    /// Tunnels open (or being set up) now.
+    pub fn open(&self) -> usize {
+        self.tracker.len()
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(task);
+    }
+
+    /// Lets open tunnels end on their own until `deadline`, then closes the
+    /// rest. Returns how many had to be closed.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        // A tunnel that an in-flight upgrade opens after this is still
+        // tracked; `close` only lets `wait` return once none are left.
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.tracker.len();
+        self.close.cancel();
+        // Each tunnel drops its sockets as soon as it sees the token.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        left
+    }
+}
+
+/// What keeps an upgraded connection admitted; dropping it releases. It is
+/// always counted on the backend (`upgraded`, for `/status` and the gauge);
+/// under `hold_slot` it also holds a request slot.
+struct Ticket {
+    upgraded: UpgradeGuard,
+    _slot: Option<Slot>,
 }
 
 impl Ticket {
     fn backend(&self) -> &Arc<Backend> {
-        match self {
-            Ticket::Upgraded(g) => &g.0,
-            Ticket::Slot(s) => s.backend(),
-        }
+        &self.upgraded.0
     }
 }
 
 /// One counted upgraded connection on a backend.
 struct UpgradeGuard(Arc<Backend>);
+
+impl UpgradeGuard {
+    /// Counts one more on `backend` with no limit: under `hold_slot` the
+    /// request slot is what bounds them.
+    fn unbounded(backend: Arc<Backend>) -> Self {
+        // Fails only at u32::MAX open tunnels, which a process cannot hold.
+        let _ = backend.try_inc_upgraded(u32::MAX);
+        UpgradeGuard(backend)
+    }
+}
 
 impl Drop for UpgradeGuard {
     fn drop(&mut self) {
@@ -149,13 +209,19 @@ pub async fn forward(
             match up.dispatcher.acquire(&avoid_addrs, attempt > 1).await {
                 Ok(a) => {
                     queue_wait += a.waited;
-                    Ticket::Slot(a.slot)
+                    Ticket {
+                        upgraded: UpgradeGuard::unbounded(a.slot.backend().clone()),
+                        _slot: Some(a.slot),
+                    }
                 }
                 Err(r) => return Err(fail(Error::from_rejection(r, &up.name), last, queue_wait)),
             }
         } else {
             match pick(&up.dispatcher.backends(), &avoid, cfg.max_upgraded) {
-                Ok(g) => Ticket::Upgraded(g),
+                Ok(g) => Ticket {
+                    upgraded: g,
+                    _slot: None,
+                },
                 Err(full) => {
                     let upstream = up.name.clone();
                     let error = if full {
@@ -208,7 +274,7 @@ pub async fn forward(
                 continue;
             }
         };
-        return exchange(up, head, io, ticket, client_side)
+        return exchange(up, head, io, ticket, client_side, &ctx.shared.tunnels)
             .await
             .map(|response| Forwarded {
                 response,
@@ -255,31 +321,130 @@ fn prepare_head(
 /// at once; this only bounds a peer that never closes its end.
 const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Why a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Both sides closed (or one did, [`HALF_CLOSE_GRACE`] before the other).
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// Shutdown's grace ran out.
+    Shutdown,
+}
+
+/// When bytes last moved through a tunnel, either way.
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Returns once nothing has moved for `limit`; never without one.
+    async fn idle_for(&self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            let due = self.last() + limit;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One direction's reader: counts the bytes it reads and marks activity.
+struct Metered<'a, R> {
+    inner: R,
+    bytes: &'a AtomicU64,
+    activity: &'a Activity,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Metered<'_, R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
 /// Copies bytes both ways until both directions end (or one ended
-/// [`HALF_CLOSE_GRACE`] ago). Returns the bytes sent each way.
-async fn tunnel<C, S>(client: C, server: S) -> (u64, u64)
+/// [`HALF_CLOSE_GRACE`] ago), nothing has moved for `idle_timeout`, or
+/// `close` fires. Returns the bytes sent each way and why it ended; the
+/// sockets are dropped (closed) on return.
+async fn tunnel<C, S>(
+    client: C,
+    server: S,
+    idle_timeout: Option<Duration>,
+    close: &CancellationToken,
+) -> (u64, u64, End)
 where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    C: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite,
 {
     use tokio::io::AsyncWriteExt;
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
+    let activity = Activity::new();
+    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (cr, mut cw) = tokio::io::split(client);
+    let (sr, mut sw) = tokio::io::split(server);
+    let mut cr = Metered {
+        inner: cr,
+        bytes: &up_bytes,
+        activity: &activity,
+    };
+    let mut sr = Metered {
+        inner: sr,
+        bytes: &down_bytes,
+        activity: &activity,
+    };
     let up = async {
-        let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+        let _ = tokio::io::copy(&mut cr, &mut sw).await;
         let _ = sw.shutdown().await;
-        n
     };
     let down = async {
-        let n = tokio::io::copy(&mut sr, &mut cw).await.unwrap_or(0);
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
         let _ = cw.shutdown().await;
-        n
     };
-    tokio::pin!(up, down);
-    tokio::select! {
-        n = &mut up => (n, tokio::time::timeout(HALF_CLOSE_GRACE, down).await.unwrap_or(0)),
-        n = &mut down => (tokio::time::timeout(HALF_CLOSE_GRACE, up).await.unwrap_or(0), n),
-    }
+    let both = async {
+        tokio::pin!(up, down);
+        tokio::select! {
+            _ = &mut up => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, down).await; }
+            _ = &mut down => { let _ = tokio::time::timeout(HALF_CLOSE_GRACE, up).await; }
+        }
+    };
+    let end = tokio::select! {
+        _ = both => End::Closed,
+        _ = activity.idle_for(idle_timeout) => End::Idle,
+        _ = close.cancelled() => End::Shutdown,
+    };
+    (up_bytes.into_inner(), down_bytes.into_inner(), end)
 }
 
 /// Sends the request on its own connection; on 101 starts the tunnel.
@@ -289,6 +454,7 @@ async fn exchange(
     io: crate::tls::connector::UpstreamStream,
     ticket: Ticket,
     client_side: hyper::upgrade::OnUpgrade,
+    tunnels: &Tunnels,
 ) -> Result<Response<ProxyBody>, Error> {
     let backend = ticket.backend().clone();
     let timeout = up.cfg.timeouts.response.0;
@@ -349,15 +515,21 @@ async fn exchange(
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     let (name, key) = (up.name.clone(), backend.key.clone());
-    tokio::spawn(async move {
-        let (client, server) = tokio::join!(client_side, backend_side);
-        match (client, server) {
-            (Ok(client), Ok(server)) => {
-                let (up_bytes, down_bytes) =
-                    tunnel(TokioIo::new(client), TokioIo::new(server)).await;
-                tracing::debug!(upstream = %name, backend = %key, up_bytes, down_bytes, "upgraded connection closed");
+    let idle_timeout = Some(up.cfg.upgrades.idle_timeout.0).filter(|d| !d.is_zero());
+    let close = tunnels.close.clone();
+    tunnels.spawn(async move {
+        let sides = tokio::select! {
+            sides = async { tokio::join!(client_side, backend_side) } => Some(sides),
+            _ = close.cancelled() => None,
+        };
+        match sides {
+            None => tracing::debug!(upstream = %name, backend = %key, "shut down before the upgrade completed"),
+            Some((Ok(client), Ok(server))) => {
+                let (up_bytes, down_bytes, end) =
+                    tunnel(TokioIo::new(client), TokioIo::new(server), idle_timeout, &close).await;
+                tracing::debug!(upstream = %name, backend = %key, up_bytes, down_bytes, ?end, "upgraded connection closed");
             }
-            (c, s) => tracing::debug!(
+            Some((c, s)) => tracing::debug!(
                 upstream = %name,
                 backend = %key,
                 client = ?c.err(),
@@ -431,5 +603,108 @@ mod tests {
         );
         drop((g2, g3));
         assert_eq!(a.upgraded() + c.upgraded(), 0);
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant as TokioInstant;
+
+    /// A tunnel between two in-memory peers: (client peer, backend peer, tunnel).
+    fn pair(
+        idle: Option<Duration>,
+        close: CancellationToken,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<(u64, u64, End)>,
+    ) {
+        let (client, client_peer) = tokio::io::duplex(1024);
+        let (server, server_peer) = tokio::io::duplex(1024);
+        let t = tokio::spawn(async move { tunnel(client, server, idle, &close).await });
+        (client_peer, server_peer, t)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+        let start = TokioInstant::now();
+        let (mut c, mut s, t) = pair(Some(Duration::from_millis(300)), CancellationToken::new());
+        c.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).await.unwrap();
+        let (up, down, end) = t.await.unwrap();
+        assert_eq!((up, down, end), (2, 0, End::Idle));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(400),
+            "{took:?}"
+        );
+        // Both peers see the tunnel gone.
+        assert_eq!(c.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_either_way_keeps_a_tunnel_open() {
+        let start = TokioInstant::now();
+        let (mut c, mut s, t) = pair(Some(Duration::from_millis(300)), CancellationToken::new());
+        let mut buf = [0u8; 1];
+        for i in 0..10u8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(!t.is_finished(), "closed after {:?}", start.elapsed());
+            // Alternate directions: either one counts as activity.
+            if i % 2 == 0 {
+                c.write_all(&[i]).await.unwrap();
+                s.read_exact(&mut buf).await.unwrap();
+            } else {
+                s.write_all(&[i]).await.unwrap();
+                c.read_exact(&mut buf).await.unwrap();
+            }
+            assert_eq!(buf[0], i);
+        }
+        let (up, down, end) = t.await.unwrap();
+        assert_eq!((up, down, end), (5, 5, End::Idle));
+        assert!(start.elapsed() >= Duration::from_millis(2300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_idle_timeout_a_tunnel_ends_when_both_sides_close() {
+        let (c, s, t) = pair(None, CancellationToken::new());
+        tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        assert!(!t.is_finished());
+        drop((c, s));
+        assert_eq!(t.await.unwrap(), (0, 0, End::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_ends_a_tunnel_at_once() {
+        let close = CancellationToken::new();
+        let (_c, _s, t) = pair(None, close.clone());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        close.cancel();
+        assert_eq!(t.await.unwrap().2, End::Shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_tunnels_then_closes_the_rest() {
+        let tunnels = Tunnels::default();
+        // One ends on its own within the grace, one never does.
+        tunnels.spawn(tokio::time::sleep(Duration::from_secs(1)));
+        let close = tunnels.close.clone();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tunnels.spawn(async move {
+            close.cancelled().await;
+            let _ = closed_tx.send(());
+        });
+        assert_eq!(tunnels.open(), 2);
+        let start = TokioInstant::now();
+        assert_eq!(tunnels.drain(start + Duration::from_secs(2)).await, 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        closed_rx.await.expect("the open tunnel was told to close");
+        assert_eq!(tunnels.open(), 0);
+
+        // Nothing left open: the drain returns at once.
+        let idle = Tunnels::default();
+        let start = TokioInstant::now();
+        assert_eq!(idle.drain(start + Duration::from_secs(30)).await, 0);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }
