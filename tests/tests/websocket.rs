@@ -3,12 +3,16 @@
 //! hold the backend's request slot (unless `hold_slot: true`), and counts
 //! against `max_upgraded`; a backend that answers 200 instead of 101 gets no
 //! tunnel, its answer is delivered, and a request pipelined behind the
-//! upgrade never reaches it.
+//! upgrade never reaches it. Open sockets show in `/status` (`upgraded`) and
+//! the `usher_upgraded_connections` gauge; an idle tunnel is closed after
+//! `upgrades.idle_timeout` while a busy one lives on; on SIGTERM open tunnels
+//! get `shutdown_grace` to finish, and Usher exits 0 on time either way.
 
 mod edge;
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use edge::{spawn_backend, Upgrades};
 use futures_util::{SinkExt, StreamExt};
@@ -40,6 +44,62 @@ async fn ws_connect(
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         ws
     })
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// The backend's `upgraded` in `/status`, and its `usher_upgraded_connections`.
+fn upgraded(u: &Usher, backend: SocketAddr) -> (u64, f64) {
+    let status = u.status();
+    let b = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(b["address"], backend.to_string(), "{status}");
+    let n = b["upgraded"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no `upgraded` in /status: {status}"));
+    let gauge = u.metric(
+        "usher_upgraded_connections",
+        &[("upstream", "app"), ("backend", &backend.to_string())],
+    );
+    (n, gauge)
+}
+
+/// Sends `text` and expects it echoed within 5 s.
+async fn echo(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("no echo of {text:?} in 5s"));
+    assert_eq!(got.unwrap().unwrap(), Message::text(text));
+}
+
+/// Closes cleanly: the close frame comes back and the stream ends.
+async fn close_cleanly(mut ws: Ws) {
+    ws.close(None).await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut frames = Vec::new();
+        while let Some(m) = ws.next().await {
+            frames.push(m);
+        }
+        frames
+    })
+    .await
+    .expect("the close handshake did not finish in 5s");
+    assert!(
+        matches!(rest.as_slice(), [Ok(Message::Close(_))]),
+        "expected only the close frame back, got {rest:?}"
+    );
+}
+
+/// Waits (bounded) for the stream to end without a message: what a client
+/// sees when Usher drops the tunnel. Returns how long that took.
+async fn wait_cut(ws: &mut Ws, within: Duration) -> Duration {
+    let start = Instant::now();
+    match tokio::time::timeout(within, ws.next()).await {
+        Err(_) => panic!("the tunnel was not closed within {within:?}"),
+        Ok(None | Some(Err(_))) => start.elapsed(),
+        Ok(Some(Ok(Message::Close(_)))) => start.elapsed(),
+        Ok(Some(Ok(m))) => panic!("unexpected message {m:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +222,11 @@ async fn hold_slot_keeps_the_backend_thread_for_the_socket_life() {
         "the socket holds the only slot: {}",
         r.text()
     );
+    assert_eq!(
+        upgraded(&u, backend.addr),
+        (1, 1.0),
+        "a socket holding a slot is counted as upgraded too"
+    );
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
     drop(ws);
@@ -244,4 +309,192 @@ async fn websocket_over_tls_reaches_the_backend_as_https() {
     let seen = backend.seen.lock().unwrap().clone();
     let up = seen.iter().find(|s| s.path == "/secure-chat").unwrap();
     assert_eq!(up.headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_sockets_show_in_status_and_the_gauge_until_they_close() {
+    let backend = spawn_backend(Upgrades::Echo);
+    let u = Usher::start_ready(&edge::config(PLAIN, backend.addr, ""));
+    assert_eq!(upgraded(&u, backend.addr), (0, 0.0));
+
+    let mut one = ws_connect(&u, "/one").await.unwrap();
+    let mut two = ws_connect(&u, "/two").await.unwrap();
+    echo(&mut one, "a").await;
+    echo(&mut two, "b").await;
+    assert_eq!(upgraded(&u, backend.addr), (2, 2.0));
+    assert!(
+        u.metrics()
+            .contains("# TYPE usher_upgraded_connections gauge"),
+        "{}",
+        u.metrics()
+    );
+
+    close_cleanly(one).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || upgraded(&u, backend.addr)
+            == (1, 1.0)),
+        "after one close: {:?}",
+        upgraded(&u, backend.addr)
+    );
+    echo(&mut two, "still open").await;
+    close_cleanly(two).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || upgraded(&u, backend.addr)
+            == (0, 0.0)),
+        "after both closed: {:?}",
+        upgraded(&u, backend.addr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_while_a_busy_one_lives_on() {
+    let backend = spawn_backend(Upgrades::Echo);
+    let idle_timeout = Duration::from_millis(300);
+    let u = Usher::start_ready(&edge::config(
+        PLAIN,
+        backend.addr,
+        "    upgrades: { idle_timeout: 300ms }\n",
+    ));
+    let mut idle = ws_connect(&u, "/idle").await.unwrap();
+    let mut busy = ws_connect(&u, "/busy").await.unwrap();
+    echo(&mut idle, "hello").await;
+    let idle_since = Instant::now();
+    let cut = tokio::spawn(async move { wait_cut(&mut idle, Duration::from_secs(10)).await });
+
+    // A message every 100 ms for four idle timeouts: never idle long enough.
+    let busy_since = Instant::now();
+    for i in 0..12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        echo(&mut busy, &format!("tick {i}")).await;
+    }
+    assert!(busy_since.elapsed() >= 4 * idle_timeout);
+
+    let cut_after = tokio::time::timeout(Duration::from_secs(10), cut)
+        .await
+        .expect("the idle socket was not closed")
+        .unwrap();
+    assert!(
+        cut_after >= idle_timeout - Duration::from_millis(50),
+        "closed after {cut_after:?}, before the idle timeout"
+    );
+    assert!(idle_since.elapsed() >= idle_timeout);
+    assert!(
+        wait_until(Duration::from_secs(5), || upgraded(&u, backend.addr)
+            == (1, 1.0)),
+        "only the busy socket is open: {:?}",
+        upgraded(&u, backend.addr)
+    );
+    echo(&mut busy, "still here").await;
+
+    // Once it stops talking, it is closed too.
+    wait_cut(&mut busy, Duration::from_secs(10)).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || upgraded(&u, backend.addr)
+            == (0, 0.0)),
+        "{:?}",
+        upgraded(&u, backend.addr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || backend
+            .open_sockets
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0),
+        "the backend sides were not closed"
+    );
+}
+
+/// Waits for the Usher process to exit, off the runtime; returns it, its
+/// exit status and the time since `since`.
+async fn exited(
+    mut u: Usher,
+    since: Instant,
+    within: Duration,
+) -> (Usher, std::process::ExitStatus, Duration) {
+    tokio::task::spawn_blocking(move || {
+        let status = u
+            .proc
+            .wait_exit(within)
+            .unwrap_or_else(|| panic!("usher did not exit within {within:?}"));
+        let took = since.elapsed();
+        (u, status, took)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_open_tunnels_the_grace_then_closes_them_and_exits_0() {
+    let backend = spawn_backend(Upgrades::Echo);
+    let grace = Duration::from_secs(2);
+    let u = Usher::start_ready(&format!(
+        "{}timeouts: {{ shutdown_grace: 2s }}\n",
+        edge::config(PLAIN, backend.addr, "")
+    ));
+    let mut lingering = ws_connect(&u, "/lingering").await.unwrap();
+    let mut finishing = ws_connect(&u, "/finishing").await.unwrap();
+    echo(&mut lingering, "before").await;
+    echo(&mut finishing, "before").await;
+
+    let term = Instant::now();
+    u.proc.term();
+    // Draining: both tunnels still carry messages, and one finishes on its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo(&mut finishing, "during the drain").await;
+    close_cleanly(finishing).await;
+    echo(&mut lingering, "during the drain").await;
+
+    // The other never closes: Usher closes it when the grace is over, and exits 0.
+    let (u, status, took) = exited(u, term, grace + Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < grace + Duration::from_millis(1500),
+        "exited {took:?} after SIGTERM; the grace is {grace:?}"
+    );
+    assert!(
+        took >= grace - Duration::from_millis(200),
+        "exited after {took:?}: the open tunnel did not get the grace"
+    );
+    wait_cut(&mut lingering, Duration::from_secs(5)).await;
+    let log = u.proc.output();
+    assert!(
+        log.contains("grace period over: upgraded connections closed") && log.contains("closed=1"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_as_soon_as_the_last_tunnel_closes() {
+    let backend = spawn_backend(Upgrades::Echo);
+    // A long grace: exiting early shows Usher waited for the tunnel, not the clock.
+    let u = Usher::start_ready(&format!(
+        "{}timeouts: {{ shutdown_grace: 30s }}\n",
+        edge::config(PLAIN, backend.addr, "")
+    ));
+    let mut ws = ws_connect(&u, "/chat").await.unwrap();
+    echo(&mut ws, "before").await;
+    u.proc.term();
+    assert!(
+        u.proc
+            .wait_for_output(
+                "waiting for upgraded connections to close",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        u.proc.output()
+    );
+    echo(&mut ws, "during the drain").await;
+    let closed = Instant::now();
+    close_cleanly(ws).await;
+    let (u, status, took) = exited(u, closed, Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after the tunnel closed"
+    );
+    assert!(
+        !u.proc.output().contains("grace period over"),
+        "{}",
+        u.proc.output()
+    );
 }
