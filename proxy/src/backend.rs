@@ -34,6 +34,8 @@ pub struct Backend {
     /// `max_in_flight: N`; 0 means `auto`.
     fixed_capacity: AtomicU32,
     default_capacity: AtomicU32,
+    /// Usher replicas sharing this backend; this one takes `ceil(cap / share)`.
+    share: AtomicU32,
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
@@ -78,6 +80,7 @@ impl Backend {
             weight: AtomicU32::new(weight.max(1)),
             fixed_capacity: AtomicU32::new(fixed_capacity.unwrap_or(0)),
             default_capacity: AtomicU32::new(default_capacity.max(1)),
+            share: AtomicU32::new(1),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
@@ -118,8 +121,20 @@ impl Backend {
             .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Full capacity, before slow start.
+    /// This Usher's share of the backend's threads when `replicas` Ushers
+    /// send to it.
+    pub fn set_share(&self, replicas: u32) {
+        self.share.store(replicas.max(1), Ordering::Relaxed);
+    }
+
+    /// Full capacity (this replica's share), before slow start.
     pub fn full_capacity(&self) -> u32 {
+        let share = self.share.load(Ordering::Relaxed).max(1);
+        self.threads().div_ceil(share).max(1)
+    }
+
+    /// The backend's own capacity: configured, reported or default.
+    fn threads(&self) -> u32 {
         match self.fixed_capacity.load(Ordering::Relaxed) {
             0 => {}
             n => return n,
@@ -392,6 +407,18 @@ mod tests {
         assert_eq!(a.record_failure(2, d, d, true, now), Verdict::Fine);
         assert_eq!(a.record_failure(2, d, d, false, now), Verdict::Fine);
         assert!(!a.is_ejected(now));
+    }
+
+    #[test]
+    fn replicas_share_the_threads() {
+        let a = b();
+        a.report_threads(8);
+        a.set_share(2);
+        assert_eq!(a.capacity(), 4);
+        a.set_share(3);
+        assert_eq!(a.capacity(), 3);
+        a.set_share(16);
+        assert_eq!(a.capacity(), 1);
     }
 
     #[test]

@@ -681,6 +681,12 @@ pub struct UpstreamConfig {
     /// Default 4 (waitress's default thread count).
     #[serde(default = "default_capacity")]
     pub default_capacity: u32,
+    /// How many Usher replicas send to these same backends (e.g. the
+    /// Deployment's replicas in Kubernetes). Each replica takes its share of
+    /// every backend's threads, `ceil(capacity / proxy_replicas)`, so together
+    /// they still never overfill a worker. Default 1.
+    #[serde(default = "one")]
+    pub proxy_replicas: u32,
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
@@ -1142,6 +1148,13 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
                     "base_port + processes exceeds 65535".into(),
                 );
             }
+        }
+        if u.proxy_replicas == 0 {
+            err(
+                k("proxy_replicas"),
+                &["proxy_replicas"],
+                "must be at least 1".into(),
+            );
         }
         if u.default_capacity == 0 {
             err(

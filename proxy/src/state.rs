@@ -149,6 +149,9 @@ impl State {
                     }
                 })
                 .collect();
+            for b in &backends {
+                b.set_share(ucfg.proxy_replicas);
+            }
             for (addr, b) in &old_backends {
                 if !wanted.iter().any(|w| w.0 == *addr) {
                     metrics.forget_backend(name, &b.key);
@@ -361,6 +364,7 @@ pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>) {
         if !next.iter().any(|b| b.addr == *a) {
             let b = Backend::new(*a, 1, fixed, up.cfg.default_capacity)
                 .with_slow_start(up.cfg.slow_start.0);
+            b.set_share(up.cfg.proxy_replicas);
             b.start_slow();
             up.metrics.init_backend(&up.name, &b.key);
             next.push(Arc::new(b));

@@ -284,6 +284,7 @@ routes:
 upstreams:
   app:
     dns: { name: usher-worker.usher.svc.cluster.local, port: 8000, refresh: 5s }
+    proxy_replicas: 2
     balance: least_outstanding
     queue: { max_depth: 1024, timeout: 5s }
     health_check: { path: /healthz, interval: 2s, timeout: 1s, rise: 2, fall: 3 }
@@ -608,6 +609,14 @@ fn configmap_config_has_the_exact_keys_and_finds_the_workers() {
         assert_eq!(
             container_port(usher, &Yaml::from("http")).to_string(),
             listener.rsplit(':').next().unwrap()
+        );
+
+        // Each replica takes its share of the workers' threads: the share
+        // must match the number of replicas, or together they overfill them.
+        assert_eq!(
+            int(&config, "upstreams.app.proxy_replicas"),
+            int(find(&docs, "Deployment", "usher"), "spec.replicas"),
+            "{render}: proxy_replicas must equal the usher Deployment's replicas"
         );
 
         // dns: must name the worker Service in the namespace it is deployed to.

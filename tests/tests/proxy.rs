@@ -715,3 +715,49 @@ fn a_client_that_hangs_up_does_not_free_a_busy_thread() {
         "both ran, nothing refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_usher_replicas_share_each_workers_threads() {
+    // Two Usher replicas in front of the same two 4-thread workers, as in
+    // Kubernetes: with `proxy_replicas: 2` each takes 2 threads per worker,
+    // so together they never queue a request inside a worker.
+    let workers: Vec<(Proc, SocketAddr)> =
+        (0..2).map(|_| spawn_worker(["--threads", "4"])).collect();
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.1).collect();
+    let yaml = config(&addrs, "", "    proxy_replicas: 2", "");
+    let ushers = [Usher::start_ready(&yaml), Usher::start_ready(&yaml)];
+    for u in &ushers {
+        for b in u.status()["upstreams"]["app"]["backends"]
+            .as_array()
+            .unwrap()
+        {
+            assert_eq!(b["capacity"], 2, "half of the worker's 4 threads: {b}");
+        }
+    }
+    let watched = addrs.clone();
+    let queued_inside = Sampler::start(move || {
+        watched
+            .iter()
+            .map(|a| healthz(*a)["queued"].as_u64().unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    });
+    let client = Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (c, u) = (client.clone(), ushers[i % 2].url("/sleep?ms=150"));
+        tasks.push(tokio::spawn(async move { c.get(&u).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        queued_inside.finish(),
+        0,
+        "no request waited inside a worker"
+    );
+    for a in &addrs {
+        let h = healthz(*a);
+        assert!(h["peak_busy"].as_u64().unwrap() <= 4, "{h}");
+    }
+}
