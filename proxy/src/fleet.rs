@@ -14,7 +14,7 @@
 //! with `cargo run`, and worker and proxy are always the same version.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -305,8 +305,20 @@ struct Supervisor {
 
 impl Supervisor {
     fn spawn(&self) -> std::io::Result<Child> {
-        Command::new(&self.program)
-            .args(&self.args)
+        let mut cmd = Command::new(&self.program);
+        if self.program == Path::new("/proc/self/exe") {
+            // Show up in `ps` as `usher worker ...`, not `/proc/self/exe worker ...`.
+            let name = std::env::current_exe()
+                .map(|p| {
+                    p.display()
+                        .to_string()
+                        .trim_end_matches(" (deleted)")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| "usher".into());
+            cmd.arg0(name);
+        }
+        cmd.args(&self.args)
             .envs(self.env.iter().cloned())
             .env(PARENT_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
