@@ -520,6 +520,10 @@ async fn forwarding_headers_and_request_ids() {
     );
     let r = blocking::get(&usher.url("/status/204")).unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(
+        r.header("x-usher-load").is_none(),
+        "the worker's load report stays between worker and Usher"
+    );
     let id = r.header("x-request-id").expect("a generated request id");
     assert_eq!(id.len(), 32);
     // No route for this method/path mix is still answered by the upstream:
