@@ -88,7 +88,9 @@ impl Pool {
 }
 
 fn run(shared: &Shared, handler: &dyn Handler, _alive: mpsc::Sender<()>) {
-    while let Some(Job { req, reply }) = shared.queue.pop() {
+    let mut returning = false;
+    while let Some(Job { req, reply }) = shared.queue.pop(returning) {
+        returning = false;
         if reply.is_closed() {
             // The client went away while the request waited; nobody would read it.
             continue;
@@ -105,6 +107,10 @@ fn run(shared: &Shared, handler: &dyn Handler, _alive: mpsc::Sender<()>) {
         // Release the thread before answering, so the load the front reports along
         // with this response already counts this thread as free.
         drop(busy);
+        // Likewise count as free for admission before the answer goes out: the
+        // proxy may send the next request the moment it has this answer.
+        shared.queue.finishing();
+        returning = true;
         let _ = reply.send(resp);
     }
 }

@@ -3,7 +3,10 @@
 //! Admission rule: a request is admitted when
 //! `waiting < capacity + idle_threads`, where `waiting` is the number of requests
 //! already in the queue and `idle_threads` the number of threads blocked waiting for
-//! work. So `capacity` counts requests that must *wait* for a thread: a burst that
+//! work, or done with their request and on their way back for the next one (a
+//! thread announces that with [`BoundedQueue::finishing`] *before* it sends its
+//! answer, so a proxy that sends the next request as soon as it has the answer
+//! never finds the thread "busy"). So `capacity` counts requests that must *wait* for a thread: a burst that
 //! arrives before idle threads wake up is not rejected, and `capacity = 0` means
 //! "only take a request when a thread is free".
 //!
@@ -28,6 +31,8 @@ pub(crate) enum PushError<T> {
 struct State<T> {
     items: VecDeque<T>,
     idle: usize,
+    /// Threads between [`BoundedQueue::finishing`] and their next `pop`.
+    returning: usize,
     closed: bool,
 }
 
@@ -46,6 +51,7 @@ impl<T> BoundedQueue<T> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 idle: 0,
+                returning: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -66,7 +72,7 @@ impl<T> BoundedQueue<T> {
         if s.closed {
             return Err(PushError::Closed(item));
         }
-        if s.items.len() >= self.capacity + s.idle {
+        if s.items.len() >= self.capacity + s.idle + s.returning {
             return Err(PushError::Full(item));
         }
         s.items.push_back(item);
@@ -76,10 +82,20 @@ impl<T> BoundedQueue<T> {
         Ok(())
     }
 
+    /// A thread is done with its item and will call `pop(true)` next: from now
+    /// on it counts as free for admission.
+    pub(crate) fn finishing(&self) {
+        self.lock().returning += 1;
+    }
+
     /// Takes the oldest item, blocking while the queue is empty. Returns `None` once
-    /// the queue is closed and drained.
-    pub(crate) fn pop(&self) -> Option<T> {
+    /// the queue is closed and drained. `returning` says the caller announced
+    /// itself with [`BoundedQueue::finishing`].
+    pub(crate) fn pop(&self, returning: bool) -> Option<T> {
         let mut s = self.lock();
+        if returning {
+            s.returning -= 1;
+        }
         loop {
             if let Some(item) = s.items.pop_front() {
                 self.depth.store(s.items.len(), Ordering::SeqCst);
@@ -119,7 +135,7 @@ mod tests {
         assert_eq!(q.push(2), Ok(()));
         assert_eq!(q.push(3), Err(PushError::Full(3)));
         assert_eq!(q.depth(), 2);
-        assert_eq!(q.pop(), Some(1));
+        assert_eq!(q.pop(false), Some(1));
         assert_eq!(q.depth(), 1);
         assert_eq!(q.push(4), Ok(()));
     }
@@ -130,7 +146,7 @@ mod tests {
         assert_eq!(q.push(1), Err(PushError::Full(1)));
         let taker = {
             let q = q.clone();
-            std::thread::spawn(move || q.pop())
+            std::thread::spawn(move || q.pop(false))
         };
         // Retry until the thread is parked in pop() and so counts as idle.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -145,13 +161,24 @@ mod tests {
     }
 
     #[test]
+    fn a_finishing_thread_counts_as_free() {
+        let q = BoundedQueue::new(0);
+        assert_eq!(q.push(1), Err(PushError::Full(1)));
+        q.finishing();
+        assert_eq!(q.push(2), Ok(()));
+        assert_eq!(q.push(3), Err(PushError::Full(3)));
+        assert_eq!(q.pop(true), Some(2));
+        assert_eq!(q.push(4), Err(PushError::Full(4)));
+    }
+
+    #[test]
     fn close_drains_then_ends() {
         let q = BoundedQueue::new(4);
         q.push(1).unwrap();
         q.close();
         assert_eq!(q.push(2), Err(PushError::Closed(2)));
-        assert_eq!(q.pop(), Some(1));
-        assert_eq!(q.pop(), None);
+        assert_eq!(q.pop(false), Some(1));
+        assert_eq!(q.pop(false), None);
     }
 
     #[test]
@@ -160,7 +187,7 @@ mod tests {
         let threads: Vec<_> = (0..3)
             .map(|_| {
                 let q = q.clone();
-                std::thread::spawn(move || q.pop())
+                std::thread::spawn(move || q.pop(false))
             })
             .collect();
         q.close();
