@@ -48,6 +48,8 @@ pub struct Backend {
     slow_start_until_ms: AtomicU64,
     slow_start_ms: AtomicU64,
     epoch: Instant,
+    /// Its per-request metric handles (set once by `state.rs`).
+    metrics: std::sync::OnceLock<crate::metrics::BackendMetrics>,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +92,7 @@ impl Backend {
             slow_start_until_ms: AtomicU64::new(0),
             slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -319,6 +322,16 @@ impl Backend {
             let at = (self.epoch.elapsed() + d).as_millis() as u64;
             self.slow_start_until_ms.store(at + span, Ordering::Relaxed);
         }
+    }
+
+    /// Attaches the metric handles; the first call wins (a backend keeps its
+    /// labels for life).
+    pub fn attach_metrics(&self, m: impl FnOnce() -> crate::metrics::BackendMetrics) {
+        self.metrics.get_or_init(m);
+    }
+
+    pub fn metrics(&self) -> Option<&crate::metrics::BackendMetrics> {
+        self.metrics.get()
     }
 
     pub fn weight(&self) -> u32 {

@@ -162,12 +162,20 @@ pub async fn handle(
 
     let duration = started.elapsed();
     let m = &ctx.shared.metrics;
-    m.requests
-        .with_label_values(&[route_name, upstream_name, response.status().as_str()])
-        .inc();
-    m.request_duration
-        .with_label_values(&[route_name, upstream_name])
-        .observe(duration.as_secs_f64());
+    match route {
+        Some(r) => {
+            r.metrics.requests.inc(response.status().as_str());
+            r.metrics.duration.observe(duration.as_secs_f64());
+        }
+        None => {
+            m.requests
+                .with_label_values(&[route_name, upstream_name, response.status().as_str()])
+                .inc();
+            m.request_duration
+                .with_label_values(&[route_name, upstream_name])
+                .observe(duration.as_secs_f64());
+        }
+    }
     if let Some((method, path, version, user_agent)) = log_fields {
         ctx.shared.access_log.log(Entry {
             time: SystemTime::now() - duration,

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::config::{resolve_addr, Config, MaxInFlight};
 use crate::dispatch::{Dispatcher, QueueMetrics};
-use crate::metrics::Metrics;
+use crate::metrics::{BackendMetrics, Metrics, RouteMetrics};
 use crate::upstream::{build_client, RetryBudget, Upstream};
 
 pub struct Route {
     pub name: String,
+    pub metrics: RouteMetrics,
     host: HostMatch,
     prefix: String,
     pub upstream: Arc<Upstream>,
@@ -151,6 +152,7 @@ impl State {
                 .collect();
             for b in &backends {
                 b.set_share(ucfg.proxy_replicas);
+                b.attach_metrics(|| BackendMetrics::new(metrics, name, &b.key));
             }
             for (addr, b) in &old_backends {
                 if !wanted.iter().any(|w| w.0 == *addr) {
@@ -204,14 +206,18 @@ impl State {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
-                name: r.name.clone().unwrap_or_else(|| {
+            .map(|r| {
+                let name = r.name.clone().unwrap_or_else(|| {
                     let host = if r.host == "*" { "" } else { r.host.as_str() };
                     format!("{host}{}", r.path_prefix)
-                }),
-                host: HostMatch::parse(&r.host),
-                prefix: r.path_prefix.clone(),
-                upstream: upstreams[&r.upstream].clone(),
+                });
+                Route {
+                    metrics: RouteMetrics::new(metrics, &name, &r.upstream),
+                    name,
+                    host: HostMatch::parse(&r.host),
+                    prefix: r.path_prefix.clone(),
+                    upstream: upstreams[&r.upstream].clone(),
+                }
             })
             .collect();
         Ok(State {
@@ -365,6 +371,7 @@ pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>) {
             let b = Backend::new(*a, 1, fixed, up.cfg.default_capacity)
                 .with_slow_start(up.cfg.slow_start.0);
             b.set_share(up.cfg.proxy_replicas);
+            b.attach_metrics(|| BackendMetrics::new(&up.metrics, &up.name, &b.key));
             b.start_slow();
             up.metrics.init_backend(&up.name, &b.key);
             next.push(Arc::new(b));

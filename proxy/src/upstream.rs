@@ -315,10 +315,14 @@ impl Upstream {
         let took = started.elapsed().as_secs_f64();
         self.dispatcher.observe(class, took);
         self.count(&backend, status.as_str());
-        self.metrics
-            .backend_response
-            .with_label_values(&labels)
-            .observe(took);
+        match backend.metrics() {
+            Some(m) => m.response.observe(took),
+            None => self
+                .metrics
+                .backend_response
+                .with_label_values(&labels)
+                .observe(took),
+        }
         let body = ProxyBody::buffered(buffered, size, trailers);
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
     }
@@ -335,10 +339,14 @@ impl Upstream {
     }
 
     fn count(&self, backend: &Backend, code: &str) {
-        self.metrics
-            .backend_requests
-            .with_label_values(&[&self.name, &backend.key, code])
-            .inc();
+        match backend.metrics() {
+            Some(m) => m.requests.inc(code),
+            None => self
+                .metrics
+                .backend_requests
+                .with_label_values(&[&self.name, &backend.key, code])
+                .inc(),
+        }
     }
 
     /// Passive health: counts a gateway failure and maybe ejects. A refused
