@@ -57,9 +57,6 @@ impl Dur {
     pub const fn secs(s: u64) -> Self {
         Dur(Duration::from_secs(s))
     }
-    pub const fn millis(ms: u64) -> Self {
-        Dur(Duration::from_millis(ms))
-    }
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, `1.5s`. A bare number is refused: the

@@ -34,7 +34,6 @@ pub struct Shared {
 /// Per-connection context.
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
-    pub listener: String,
     pub peer: SocketAddr,
     pub tls: bool,
     /// `Strict-Transport-Security` for every response (TLS listeners).

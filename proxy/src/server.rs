@@ -127,7 +127,6 @@ pub async fn serve(
         let tls = settings.tls.clone();
         let ctx = Arc::new(ConnCtx {
             shared: shared.clone(),
-            listener: settings.name.clone(),
             peer,
             tls: tls.is_some(),
             hsts: lc

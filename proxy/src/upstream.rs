@@ -588,17 +588,3 @@ impl Body for ProxyBody {
         }
     }
 }
-
-/// Used by the body reader and error paths.
-pub fn collect_error(e: hyper::Error) -> Error {
-    Error::ClientBody(e)
-}
-
-/// Reads a response body whole (for health checks).
-pub async fn read_all(body: Incoming, limit: usize) -> Option<Bytes> {
-    let collected = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .ok()?;
-    Some(collected.to_bytes())
-}
