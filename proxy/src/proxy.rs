@@ -131,8 +131,6 @@ pub async fn handle(
             // A 101 keeps its Upgrade/Connection (`upgrade.rs` set them).
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 headers::strip_hop_by_hop(resp.headers_mut());
-                // The worker's load report is for Usher, not for the world.
-                resp.headers_mut().remove(&headers::X_USHER_LOAD);
                 if upgrade {
                     // The backend declined the upgrade. Whatever the client
                     // sent after its request was meant for the new protocol:

@@ -205,7 +205,7 @@ impl Upstream {
 
         let mut pending = self.client.request(req);
         let result = tokio::time::timeout_at(deadline, &mut pending).await;
-        let response = match result {
+        let mut response = match result {
             Err(_) => {
                 self.count(&backend, "timeout");
                 self.note_failure(&backend, false);
@@ -241,9 +241,12 @@ impl Upstream {
             Ok(Ok(r)) => r,
         };
 
+        // The worker's load report is for Usher: consume it here, so it
+        // never reaches the client.
         if let Some(threads) = response
-            .headers()
-            .get(&X_USHER_LOAD)
+            .headers_mut()
+            .remove(&X_USHER_LOAD)
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(parse_load_threads)
         {
