@@ -44,6 +44,12 @@ pub struct Backend {
     up: AtomicBool,
     draining: AtomicBool,
     ejection: Mutex<Ejection>,
+    /// End of the current ejection in µs since `epoch` (0: never ejected),
+    /// mirrored from `ejection` so the per-request "may it take requests?"
+    /// check takes no lock.
+    ejected_until_us: AtomicU64,
+    /// Consecutive gateway failures; a success resets it without a lock.
+    failure_run: AtomicU32,
     /// Slow start: capacity ramps from 1 to full between these instants (ms since `epoch`).
     slow_start_until_ms: AtomicU64,
     slow_start_ms: AtomicU64,
@@ -54,7 +60,6 @@ pub struct Backend {
 
 #[derive(Debug, Default)]
 struct Ejection {
-    consecutive_failures: u32,
     times_ejected: u32,
     until: Option<Instant>,
     /// The ejection was for refused connections: a passing active health
@@ -89,6 +94,8 @@ impl Backend {
             up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             ejection: Mutex::new(Ejection::default()),
+            ejected_until_us: AtomicU64::new(0),
+            failure_run: AtomicU32::new(0),
             slow_start_until_ms: AtomicU64::new(0),
             slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -219,9 +226,19 @@ impl Backend {
         self.draining.store(d, Ordering::Relaxed);
     }
 
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    fn set_ejected_until(&self, e: &mut Ejection, until: Instant) {
+        e.until = Some(until);
+        self.ejected_until_us
+            .store(self.micros(until).max(1), Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self, now: Instant) -> bool {
-        let e = self.ejection.lock().unwrap();
-        e.until.is_some_and(|t| now < t)
+        let until = self.ejected_until_us.load(Ordering::Relaxed);
+        until != 0 && self.micros(now) < until
     }
 
     /// May this backend take new requests?
@@ -243,7 +260,9 @@ impl Backend {
     }
 
     pub fn record_success(&self) {
-        self.ejection.lock().unwrap().consecutive_failures = 0;
+        if self.failure_run.load(Ordering::Relaxed) != 0 {
+            self.failure_run.store(0, Ordering::Relaxed);
+        }
     }
 
     /// An active health check passed: an ejection for refused connections
@@ -252,7 +271,7 @@ impl Backend {
     pub fn health_check_passed(&self, now: Instant) -> bool {
         let mut e = self.ejection.lock().unwrap();
         if e.unreachable && e.until.is_some_and(|t| now < t) {
-            e.until = Some(now);
+            self.set_ejected_until(&mut e, now);
             e.unreachable = false;
             return true;
         }
@@ -302,15 +321,15 @@ impl Backend {
         if e.until.is_some_and(|t| now.duration_since(t) > max) {
             e.times_ejected = 0;
         }
-        e.consecutive_failures += 1;
-        if e.consecutive_failures < threshold.max(1) || !may_eject {
+        let run = self.failure_run.fetch_add(1, Ordering::Relaxed) + 1;
+        if run < threshold.max(1) || !may_eject {
             return Verdict::Fine;
         }
         e.times_ejected += 1;
-        e.consecutive_failures = 0;
+        self.failure_run.store(0, Ordering::Relaxed);
         e.unreachable = unreachable;
         let d = base.saturating_mul(e.times_ejected).min(max);
-        e.until = Some(now + d);
+        self.set_ejected_until(&mut e, now + d);
         drop(e);
         self.start_slow_after(d);
         Verdict::Ejected(d)
