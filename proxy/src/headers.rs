@@ -63,8 +63,18 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
 }
 
 /// A new request id: 16 random bytes in hex.
-pub fn new_request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+pub fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+/// The request's id: the client's `X-Request-Id` if it sent a usable one,
+/// else a new one. Kept as a header value, since it is sent both ways.
+pub fn request_id(h: &HeaderMap) -> HeaderValue {
+    h.get(&X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(new_request_id)
 }
 
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
@@ -90,12 +100,10 @@ pub fn set_upstream_identity(
     peer_ip: &str,
     proto: &'static str,
     host: Option<&str>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) {
     set_forwarded(h, peer_ip, proto, host);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(X_REQUEST_ID.clone(), v);
-    }
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
     if !h.contains_key(header::HOST) {
         if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
             h.insert(header::HOST, v);

@@ -35,6 +35,8 @@ pub struct Shared {
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
+    /// `peer`'s IP as text, for `X-Forwarded-For` (made once per connection).
+    pub peer_ip: String,
     pub tls: bool,
     /// `Strict-Transport-Security` for every response (TLS listeners).
     pub hsts: Option<HeaderValue>,
@@ -48,13 +50,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let state = ctx.shared.state.load_full();
-    let request_id = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .map(str::to_string)
-        .unwrap_or_else(headers::new_request_id);
+    let request_id = headers::request_id(req.headers());
 
     let host = request_host(&req);
     let route = state.route(host.as_deref().unwrap_or(""), req.uri().path());
@@ -148,9 +144,9 @@ pub async fn handle(
             error_response(&failed.error)
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(X_REQUEST_ID.clone(), v);
-    }
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     if let Some(v) = &ctx.hsts {
         response
             .headers_mut()
@@ -187,7 +183,7 @@ pub async fn handle(
             backend: backend_key,
             duration,
             queue_wait,
-            request_id,
+            request_id: request_id.to_str().unwrap_or("-").to_string(),
             user_agent,
             error: error_text,
         });
@@ -210,7 +206,7 @@ async fn read_request(
     state: &State,
     ctx: &ConnCtx,
     host: Option<&str>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Result<(http::request::Parts, Bytes), Error> {
     headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
     let limit = state.config.limits.max_request_body.0;
@@ -249,7 +245,7 @@ async fn read_request(
     headers::strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     let proto = if ctx.tls { "https" } else { "http" };
-    headers::set_upstream_identity(h, &ctx.peer.ip().to_string(), proto, host, request_id);
+    headers::set_upstream_identity(h, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;
     Ok((head, buf.freeze()))
 }

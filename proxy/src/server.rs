@@ -128,6 +128,7 @@ pub async fn serve(
         let ctx = Arc::new(ConnCtx {
             shared: shared.clone(),
             peer,
+            peer_ip: peer.ip().to_string(),
             tls: tls.is_some(),
             hsts: lc
                 .as_ref()

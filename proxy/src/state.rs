@@ -48,11 +48,16 @@ impl HostMatch {
         }
     }
 
+    /// `host` in any case; the patterns are stored lowercase.
     fn matches(&self, host: &str) -> bool {
+        let host = host.as_bytes();
         match self {
             HostMatch::Any => true,
-            HostMatch::Exact(h) => h == host,
-            HostMatch::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+            HostMatch::Exact(h) => h.as_bytes().eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
         }
     }
 }
@@ -292,10 +297,9 @@ impl State {
             Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
             _ => host,
         };
-        let host = host.to_ascii_lowercase();
         let mut best: Option<(&Route, (u8, usize))> = None;
         for r in &self.routes {
-            if !r.host.matches(&host) || !path.starts_with(&r.prefix) {
+            if !r.host.matches(host) || !path.starts_with(&r.prefix) {
                 continue;
             }
             let rank = match r.host {

@@ -175,7 +175,7 @@ pub async fn forward(
     up: &Arc<Upstream>,
     ctx: &ConnCtx,
     host: Option<&str>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let fail = |error: Error, backend: Option<String>, queue_wait: Duration| Failed {
         error,
@@ -299,7 +299,7 @@ fn prepare_head(
     head: &mut http::request::Parts,
     ctx: &ConnCtx,
     host: Option<&str>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) {
     let h = &mut head.headers;
     let protocol = h.get(header::UPGRADE).cloned();
@@ -310,7 +310,7 @@ fn prepare_head(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let proto = if ctx.tls { "https" } else { "http" };
-    headers::set_upstream_identity(h, &ctx.peer.ip().to_string(), proto, host, request_id);
+    headers::set_upstream_identity(h, &ctx.peer_ip, proto, host, request_id);
     let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
     head.uri = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     head.version = Version::HTTP_11;
