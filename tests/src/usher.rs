@@ -143,6 +143,31 @@ impl Usher {
     }
 }
 
+/// A config with its listener on `LISTEN`, admin on `ADMIN`, and every
+/// request routed to upstream `app` over `addrs`; `backend_extra` is appended
+/// inside each backend's map (e.g. `, max_in_flight: 1`) and `rest` after the
+/// backend list (more keys of `app` indented by 4, then top-level sections).
+pub fn config_with_backends(addrs: &[SocketAddr], backend_extra: &str, rest: &str) -> String {
+    let backends: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("      - {{ address: \"{a}\"{backend_extra} }}"))
+        .collect();
+    format!(
+        r#"listeners:
+  - {{ name: public, address: "LISTEN" }}
+admin: {{ address: "ADMIN" }}
+routes:
+  - {{ host: "*", path_prefix: /, upstream: app }}
+upstreams:
+  app:
+    backends:
+{}
+{rest}
+"#,
+        backends.join("\n")
+    )
+}
+
 /// Sum of the samples of `name` (exact metric name) in Prometheus text
 /// whose labels include every `k="v"` of `labels`.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

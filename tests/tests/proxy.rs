@@ -9,16 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use usher_e2e::usher::{metric_value, Usher};
+use usher_e2e::usher::{config_with_backends, metric_value, Usher};
 use usher_e2e::{blocking, free_port, spawn_worker, wait_until, Client, Proc};
-
-fn backends_yaml(addrs: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = addrs
-        .iter()
-        .map(|a| format!("      - {{ address: \"{a}\"{extra} }}"))
-        .collect();
-    list.join("\n")
-}
 
 fn config(
     addrs: &[SocketAddr],
@@ -26,23 +18,8 @@ fn config(
     upstream_extra: &str,
     top_extra: &str,
 ) -> String {
-    format!(
-        r#"
-listeners:
-  - {{ name: public, address: "LISTEN" }}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ host: "*", path_prefix: /, upstream: app }}
-upstreams:
-  app:
-    backends:
-{}
-{upstream_extra}
-access_log: {{ format: json }}
-{top_extra}
-"#,
-        backends_yaml(addrs, backend_extra)
-    )
+    let rest = format!("{upstream_extra}\naccess_log: {{ format: json }}\n{top_extra}");
+    config_with_backends(addrs, backend_extra, &rest)
 }
 
 fn healthz(addr: SocketAddr) -> serde_json::Value {

@@ -45,25 +45,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A config with one upstream `app` over `addrs`. `LISTEN`/`ADMIN` are left
 /// for [`Usher::start`] (or [`concrete`]) to fill in.
 fn config(addrs: &[SocketAddr], upstream_extra: &str) -> String {
-    let backends: Vec<String> = addrs
-        .iter()
-        .map(|a| format!("      - {{ address: \"{a}\" }}"))
-        .collect();
-    format!(
-        r#"listeners:
-  - {{ name: public, address: "LISTEN" }}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ host: "*", path_prefix: /, upstream: app }}
-upstreams:
-  app:
-    backends:
-{}
-{upstream_extra}
-access_log: {{ format: off }}
-"#,
-        backends.join("\n")
-    )
+    let rest = format!("{upstream_extra}\naccess_log: {{ format: off }}");
+    usher_e2e::usher::config_with_backends(addrs, "", &rest)
 }
 
 /// The placeholders filled in as [`Usher::start`] does, for files written
@@ -119,19 +102,10 @@ fn reloads(usher: &Usher, result: &str) -> f64 {
     usher.metric("usher_config_reloads_total", &[("result", result)])
 }
 
-/// Polls `cond` every 20 ms (without blocking the runtime between polls) until
-/// it holds or `timeout` passes. Returns whether it held.
+/// Polls a plain (non-async) `cond` without blocking the runtime between
+/// polls, until it holds or `timeout` passes. Returns whether it held.
 async fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    usher_e2e::wait_until_async(timeout, || std::future::ready(cond())).await
 }
 
 fn healthz(addr: SocketAddr) -> serde_json::Value {
