@@ -30,6 +30,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `ip:port`, the label in metrics and the key that carries state across reloads.
     pub key: String,
+    /// `key` as a URI authority, for requests to this backend (parsed once).
+    pub authority: http::uri::Authority,
     weight: AtomicU32,
     /// `max_in_flight: N`; 0 means `auto`.
     fixed_capacity: AtomicU32,
@@ -84,6 +86,10 @@ impl Backend {
         Backend {
             addr,
             key: addr.to_string(),
+            authority: addr
+                .to_string()
+                .parse()
+                .expect("a socket address is a valid URI authority"),
             weight: AtomicU32::new(weight.max(1)),
             fixed_capacity: AtomicU32::new(fixed_capacity.unwrap_or(0)),
             default_capacity: AtomicU32::new(default_capacity.max(1)),

@@ -195,7 +195,7 @@ impl Upstream {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
-        let req = match self.outgoing(head, body, backend.addr) {
+        let req = match self.outgoing(head, body, &backend) {
             Ok(r) => r,
             Err(e) => return Attempt::NotSent(e),
         };
@@ -385,24 +385,30 @@ impl Upstream {
         &self,
         head: &http::request::Parts,
         body: Bytes,
-        addr: SocketAddr,
+        backend: &Backend,
     ) -> Result<Request<Full<Bytes>>, Error> {
-        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let scheme = if self.cfg.tls.is_some() {
-            "https"
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if self.cfg.tls.is_some() {
+            http::uri::Scheme::HTTPS
         } else {
-            "http"
-        };
-        let uri: Uri = format!("{scheme}://{addr}{pq}")
-            .parse()
-            .map_err(|_| Error::BadRequest("invalid request target"))?;
-        let mut req = Request::new(Full::new(body.clone()));
+            http::uri::Scheme::HTTP
+        });
+        uri.authority = Some(backend.authority.clone());
+        uri.path_and_query = Some(
+            head.uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = Uri::from_parts(uri).map_err(|_| Error::BadRequest("invalid request target"))?;
+        let len = body.len();
+        let mut req = Request::new(Full::new(body));
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = head.headers.clone();
-        if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
+        if len > 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
             req.headers_mut()
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         } else {
             req.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
