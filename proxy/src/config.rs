@@ -819,6 +819,13 @@ pub struct ClientTimeouts {
     /// Longest gap between two reads of a request body (408). Default 30s.
     #[serde(default = "default_30s")]
     pub client_body: Dur,
+    /// Deadline for the whole request body, counted from the moment its head
+    /// has arrived (408 when it passes); the head itself is bounded by
+    /// `client_header`. A client trickling one byte per `client_body` gap
+    /// can hold a connection no longer than this. Default 60s (nginx's
+    /// `client_body_timeout` default, there per read).
+    #[serde(default = "default_60s")]
+    pub client_request: Dur,
     /// Idle keep-alive connections are closed after this. Default 75s.
     #[serde(default = "default_75s")]
     pub client_keepalive: Dur,
@@ -830,6 +837,9 @@ pub struct ClientTimeouts {
 fn default_30s() -> Dur {
     Dur::secs(30)
 }
+fn default_60s() -> Dur {
+    Dur::secs(60)
+}
 fn default_75s() -> Dur {
     Dur::secs(75)
 }
@@ -839,6 +849,7 @@ impl Default for ClientTimeouts {
         ClientTimeouts {
             client_header: default_30s(),
             client_body: default_30s(),
+            client_request: default_60s(),
             client_keepalive: default_75s(),
             shutdown_grace: default_30s(),
         }

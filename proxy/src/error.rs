@@ -14,6 +14,8 @@ pub enum Error {
     BodyTooLarge { limit: u64 },
     #[error("client sent the request body too slowly (no data for {0:?})")]
     ClientTooSlow(Duration),
+    #[error("client did not send the whole request within {0:?}")]
+    RequestDeadline(Duration),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("method {0} is not supported by this proxy")]
@@ -53,7 +55,7 @@ impl Error {
         match self {
             Error::NoRoute { .. } => StatusCode::NOT_FOUND,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::ClientTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::ClientTooSlow(_) | Error::RequestDeadline(_) => StatusCode::REQUEST_TIMEOUT,
             Error::BadRequest(_) | Error::ClientBody(_) => StatusCode::BAD_REQUEST,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::QueueFull { .. }
@@ -85,6 +87,7 @@ impl Error {
             Error::BadRequest(_)
                 | Error::MethodNotAllowed(_)
                 | Error::ClientTooSlow(_)
+                | Error::RequestDeadline(_)
                 | Error::BodyTooLarge { .. }
                 | Error::ClientBody(_)
         )

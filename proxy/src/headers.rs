@@ -7,6 +7,7 @@
 //! buffered body), so the client's framing headers are dropped too.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -44,6 +45,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Checks request framing: `Content-Length` together with
 /// `Transfer-Encoding`, or any `Transfer-Encoding` but exactly `chunked`, is a
 /// request-smuggling vector and is refused.
+///
+/// On HTTP/1.1, hyper's parser has already settled CL+TE by the time a
+/// request gets here: it drops the `Content-Length`, frames the body by
+/// `chunked` and closes the connection after the answer (RFC 9112 §6.3
+/// allows exactly that), so a request smuggled behind the body is never
+/// read. h2 forbids `Transfer-Encoding` outright. This check is the rule for
+/// whatever reaches Usher with the headers intact.
 pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
     let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
     if te.is_empty() {
@@ -58,6 +66,136 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
     }
     if te.len() != 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
         return Err("unsupported Transfer-Encoding (only `chunked` is accepted)");
+    }
+    Ok(())
+}
+
+/// The authority a request names (RFC 9112 §3.2, RFC 9113 §8.3.1), for
+/// routing and for the `Host` sent upstream.
+///
+/// - HTTP/1.1 needs exactly one `Host`, with a valid value, even when the
+///   target is in absolute form; the absolute form's authority then wins.
+/// - HTTP/1.0 may omit `Host`.
+/// - h2's `:authority` and a `host` header, when both are there, must agree.
+///
+/// Anything else is a 400: a proxy that routes on one `Host` while the
+/// backend reads another is a cache-poisoning and ACL-bypass vector.
+pub fn request_authority<'a>(
+    version: Version,
+    uri: &'a Uri,
+    h: &'a HeaderMap,
+) -> Result<Option<&'a str>, &'static str> {
+    let mut all = h.get_all(header::HOST).iter();
+    let host = all.next();
+    if all.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let host = match host {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(s) if valid_authority(s) => Some(s),
+            _ => return Err("invalid Host header"),
+        },
+    };
+    let target = match uri.authority() {
+        None => None,
+        Some(a) if valid_authority(a.as_str()) => Some(a.as_str()),
+        Some(_) => return Err("invalid authority in the request target"),
+    };
+    if version >= Version::HTTP_2 {
+        return match (target, host) {
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(":authority and Host disagree"),
+            (Some(a), _) => Ok(Some(a)),
+            (None, h) => Ok(h),
+        };
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err("missing Host header");
+    }
+    Ok(target.or(host))
+}
+
+/// `host [":" port]` where host is an RFC 3986 reg-name (unreserved,
+/// sub-delims, pct-encoded; not empty) or a bracketed IPv6 literal, and port
+/// is at most five digits (possibly none, as RFC 3986 allows). No userinfo.
+pub fn valid_authority(s: &str) -> bool {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            p => match p.strip_prefix(':') {
+                Some(port) => ("[]", port),
+                None => return false,
+            },
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => (s, ""),
+        }
+    };
+    let port_ok = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    let host_ok = host == "[]" || (!host.is_empty() && valid_reg_name(host));
+    port_ok && host_ok
+}
+
+fn valid_reg_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+                if !(hex(i + 1) && hex(i + 2)) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            c if c.is_ascii_alphanumeric() => {}
+            b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Takes a backend's framing headers off its response, so that the framing
+/// the client sees is Usher's own, made from the body Usher really read
+/// (hyper writes `Content-Length` from the body's exact size, or chunks).
+///
+/// A response framed two ways (`Content-Length` and `Transfer-Encoding`), or
+/// with a transfer coding other than `chunked`, is refused: such a response is
+/// either a splitting attempt or a body Usher cannot frame, and relaying it
+/// lets the backend decide where the *next* response starts.
+///
+/// For `HEAD` and `304` the `Content-Length` describes the representation, not
+/// this message (which has no body), so it stays.
+pub fn take_response_framing(
+    method: &Method,
+    status: StatusCode,
+    h: &mut HeaderMap,
+) -> Result<(), &'static str> {
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        if h.contains_key(header::CONTENT_LENGTH) {
+            return Err("response has both Content-Length and Transfer-Encoding");
+        }
+        if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("response has a Transfer-Encoding other than `chunked`");
+        }
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    let describes_representation = *method == Method::HEAD || status == StatusCode::NOT_MODIFIED;
+    if !describes_representation {
+        h.remove(header::CONTENT_LENGTH);
     }
     Ok(())
 }
@@ -93,8 +231,8 @@ pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host
 }
 
 /// What Usher tells a backend about the request: `X-Forwarded-*`,
-/// `X-Request-Id`, and a `Host` (from h2's `:authority`) when the client sent
-/// none.
+/// `X-Request-Id`, and the `Host` it was routed by (see
+/// [`request_authority`]: an absolute-form target's or h2's `:authority`).
 pub fn set_upstream_identity(
     h: &mut HeaderMap,
     peer_ip: &str,
@@ -104,10 +242,8 @@ pub fn set_upstream_identity(
 ) {
     set_forwarded(h, peer_ip, proto, host);
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if !h.contains_key(header::HOST) {
-        if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-            h.insert(header::HOST, v);
-        }
+    if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert(header::HOST, v);
     }
 }
 
@@ -145,6 +281,93 @@ mod tests {
         h.append("content-length", "5".parse().unwrap());
         h.append("content-length", "6".parse().unwrap());
         assert!(check_framing(&h).is_err());
+    }
+
+    #[test]
+    fn authority_syntax() {
+        for ok in [
+            "main.test",
+            "MAIN.test:8080",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:80",
+            "a%41b",
+            "host:",
+        ] {
+            assert!(valid_authority(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "main.test/../x y",
+            "a b",
+            "main.test:80:80",
+            "user@main.test",
+            "main.test:abc",
+            "[::1",
+            "[zz]:1",
+            ":80",
+            "a%4",
+            "main.test:123456",
+        ] {
+            assert!(!valid_authority(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn authority_rules() {
+        let h = |pairs: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in pairs {
+                m.append(header::HOST, v.parse().unwrap());
+            }
+            m
+        };
+        let origin: Uri = "/x".parse().unwrap();
+        let absolute: Uri = "http://alt.test/abs".parse().unwrap();
+        let v11 = Version::HTTP_11;
+        assert_eq!(
+            request_authority(v11, &origin, &h(&["main.test"])),
+            Ok(Some("main.test"))
+        );
+        assert!(request_authority(v11, &origin, &h(&[])).is_err());
+        assert!(request_authority(v11, &origin, &h(&["a", "b"])).is_err());
+        assert_eq!(
+            request_authority(Version::HTTP_10, &origin, &h(&[])),
+            Ok(None)
+        );
+        assert_eq!(
+            request_authority(v11, &absolute, &h(&["main.test"])),
+            Ok(Some("alt.test"))
+        );
+        let h2 = Version::HTTP_2;
+        assert!(request_authority(h2, &absolute, &h(&["main.test"])).is_err());
+        assert_eq!(
+            request_authority(h2, &absolute, &h(&["ALT.test"])),
+            Ok(Some("alt.test"))
+        );
+        assert_eq!(
+            request_authority(h2, &absolute, &h(&[])),
+            Ok(Some("alt.test"))
+        );
+    }
+
+    #[test]
+    fn response_framing_is_usher_s() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", "5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        assert!(take_response_framing(&Method::GET, StatusCode::OK, &mut h).is_err());
+        h.remove("content-length");
+        assert!(take_response_framing(&Method::GET, StatusCode::OK, &mut h).is_ok());
+        assert!(h.is_empty());
+        h.insert("transfer-encoding", "gzip".parse().unwrap());
+        assert!(take_response_framing(&Method::GET, StatusCode::OK, &mut h).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("content-length", "5".parse().unwrap());
+        take_response_framing(&Method::HEAD, StatusCode::OK, &mut h).unwrap();
+        assert_eq!(h["content-length"], "5");
+        take_response_framing(&Method::GET, StatusCode::OK, &mut h).unwrap();
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::error::Error;
@@ -52,8 +52,15 @@ pub async fn handle(
     let state = ctx.shared.state.load_full();
     let request_id = headers::request_id(req.headers());
 
-    let host = request_host(&req);
-    let route = state.route(host.as_deref().unwrap_or(""), req.uri().path());
+    let (host, bad_host) = match headers::request_authority(req.version(), req.uri(), req.headers())
+    {
+        Ok(h) => (h.map(str::to_string), None),
+        Err(reason) => (None, Some(reason)),
+    };
+    let route = match bad_host {
+        Some(_) => None,
+        None => state.route(host.as_deref().unwrap_or(""), req.uri().path()),
+    };
     let (route_name, upstream_name) = match route {
         Some(r) => (r.name.as_str(), r.upstream.name.as_str()),
         None => ("-", "-"),
@@ -79,6 +86,11 @@ pub async fn handle(
 
     let upgrade = route.is_some() && crate::upgrade::is_upgrade(&req);
     let result = match route {
+        _ if bad_host.is_some() => Err(Failed {
+            error: Error::BadRequest(bad_host.unwrap_or("invalid Host")),
+            backend: None,
+            queue_wait: Duration::ZERO,
+        }),
         _ if ctx.redirect_https_port.is_some() => Ok(Forwarded {
             response: redirect_to_https(
                 host.as_deref(),
@@ -191,16 +203,16 @@ pub async fn handle(
     Ok(response)
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-}
-
-/// Checks framing, reads the whole body (bounded in size and in time between
-/// reads), and rewrites the head for the backend.
+/// Checks framing, reads the whole body (bounded in size, in time between
+/// reads, and in total time), and rewrites the head for the backend.
+///
+/// HTTP/1 request trailers are refused (400, and the connection closes): no
+/// backend needs them (the body is re-sent with a `Content-Length`), and a
+/// trailer section is where a lenient chunked parser hides the next request:
+/// `0\r\nX: 1\n\r\nGET /hidden ...` reads as one trailer to hyper (bare LF
+/// ends a line, `\r\n\r\n` ends the section), so `/hidden` would vanish
+/// inside this request while a front proxy sees it as a request of its own.
+/// h2 frames trailers itself; they are dropped.
 async fn read_request(
     req: Request<Incoming>,
     state: &State,
@@ -225,19 +237,32 @@ async fn read_request(
     }
     let (mut head, mut body) = req.into_parts();
     let gap = state.config.timeouts.client_body.0;
+    let total = state.config.timeouts.client_request.0;
+    let deadline = tokio::time::Instant::now() + total;
     let mut buf = BytesMut::new();
     loop {
-        let frame = match tokio::time::timeout(gap, body.frame()).await {
-            Err(_) => return Err(Error::ClientTooSlow(gap)),
+        if body.is_end_stream() {
+            break;
+        }
+        let next = tokio::time::Instant::now() + gap;
+        let frame = match tokio::time::timeout_at(next.min(deadline), body.frame()).await {
+            Err(_) if next < deadline => return Err(Error::ClientTooSlow(gap)),
+            Err(_) => return Err(Error::RequestDeadline(total)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(Error::ClientBody(e)),
             Ok(Some(Ok(f))) => f,
         };
-        if let Ok(data) = frame.into_data() {
-            if buf.len() as u64 + data.len() as u64 > limit {
-                return Err(Error::BodyTooLarge { limit });
+        match frame.into_data() {
+            Ok(data) => {
+                if buf.len() as u64 + data.len() as u64 > limit {
+                    return Err(Error::BodyTooLarge { limit });
+                }
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(&data);
+            Err(_) if head.version < http::Version::HTTP_2 => {
+                return Err(Error::BadRequest("request trailers are not accepted"));
+            }
+            Err(_) => {}
         }
     }
 

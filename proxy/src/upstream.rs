@@ -27,7 +27,7 @@ use crate::backend::{parse_load_threads, Backend, Verdict};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::{Dispatcher, Slot};
 use crate::error::Error;
-use crate::headers::X_USHER_LOAD;
+use crate::headers::{self, X_USHER_LOAD};
 use crate::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
 
@@ -255,6 +255,22 @@ impl Upstream {
             }
         }
         let status = response.status();
+        // A response Usher cannot frame for the client on its own terms is
+        // a broken backend, not an answer: 502, counted by passive health.
+        let refused = if status == StatusCode::SWITCHING_PROTOCOLS {
+            Err("101 Switching Protocols to a request that did not ask to upgrade")
+        } else {
+            headers::take_response_framing(&head.method, status, response.headers_mut())
+        };
+        if let Err(reason) = refused {
+            self.count(&backend, "error");
+            self.note_failure(&backend, false);
+            tracing::warn!(upstream = %self.name, backend = %backend.key, reason, "refused a malformed backend response");
+            return Attempt::Sent(Error::Upstream {
+                backend: backend.key.clone(),
+                reason: reason.to_string(),
+            });
+        }
         if matches!(
             status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
@@ -586,12 +602,16 @@ impl Body for ProxyBody {
         match &self.rest {
             None => SizeHint::with_exact(self.remaining),
             Some(r) => {
+                // What is still buffered plus what the backend has yet to
+                // send. Raised upper bound first: `SizeHint` asserts
+                // lower <= upper on every set.
                 let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
-                let mut h = r.size_hint();
-                h.set_lower(h.lower() + buffered);
-                if let Some(u) = h.upper() {
-                    h.set_upper(u + buffered);
+                let rest = r.size_hint();
+                let mut h = SizeHint::new();
+                if let Some(u) = rest.upper() {
+                    h.set_upper(u.saturating_add(buffered));
                 }
+                h.set_lower(rest.lower().saturating_add(buffered));
                 h
             }
         }
