@@ -422,6 +422,14 @@ impl Upstream {
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = head.headers.clone();
+        if self.cfg.protocol == UpstreamProtocol::Http2 {
+            // h2 names the authority in `:authority`, which hyper takes from
+            // the URI: the backend's address, since the pool dials by it. A
+            // `host` header beside it would disagree, which an h2 server
+            // must refuse (Usher does); the client's host travels in
+            // `X-Forwarded-Host`.
+            req.headers_mut().remove(http::header::HOST);
+        }
         if len > 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
             req.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
