@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Worker { args }) => {
-            usher::fleet::watch_parent();
+            usher::discovery::fleet::watch_parent();
             let argv = std::iter::once("usher-worker".to_string()).chain(args);
             usher_worker::cli::main_from(argv)
         }
@@ -100,7 +100,7 @@ fn run(source: Source, log_level: &str) -> ExitCode {
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
-            rt.block_on(usher::daemon::run(config, path))
+            rt.block_on(usher::app::run(config, path))
                 .map_err(anyhow::Error::from)
         });
     match result {

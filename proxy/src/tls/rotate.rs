@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::server_config;
 use super::sni::{Certs, SniResolver};
 use crate::config::{Config, TlsConfig};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// What a file looked like when last read: its modification time and size.
 type Stamp = Vec<(PathBuf, Option<(SystemTime, u64)>)>;

@@ -21,8 +21,8 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DnsConfig;
-use crate::metrics::Metrics;
-use crate::state::State;
+use crate::control::state::State;
+use crate::observe::metrics::Metrics;
 
 /// Last good resolution per upstream, shared across reloads.
 pub type Discovered = Arc<Mutex<HashMap<String, Vec<SocketAddr>>>>;
@@ -174,7 +174,7 @@ pub async fn run(
                             crate::config::MaxInFlight::Fixed(n) => Some(n),
                             crate::config::MaxInFlight::Auto => None,
                         };
-                        crate::state::apply_dynamic(up, &addrs, fixed);
+                        crate::control::state::apply_dynamic(up, &addrs, fixed);
                     }
                 }
             }

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Http2Config, ListenerConfig};
-use crate::proxy::{handle, ConnCtx, Shared};
+use crate::edge::{handle, ConnCtx, Shared};
 use crate::tls::TlsListener;
 
 pub struct ListenerSettings {

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
-use crate::metrics::Metrics;
-use crate::state::{FleetAddrs, State};
+use crate::control::state::{FleetAddrs, State};
+use crate::observe::metrics::Metrics;
 
 pub struct Reloader {
     pub path: Option<PathBuf>,
@@ -27,8 +27,9 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
     pub lock: std::sync::Mutex<()>,
-    pub fleets: Arc<tokio::sync::Mutex<std::collections::HashMap<String, crate::fleet::Fleet>>>,
-    pub access_log: crate::access_log::AccessLog,
+    pub fleets:
+        Arc<tokio::sync::Mutex<std::collections::HashMap<String, crate::discovery::fleet::Fleet>>>,
+    pub access_log: crate::observe::access_log::AccessLog,
     /// TLS listeners: their certificates are re-read on every reload.
     pub tls: Arc<crate::tls::TlsSet>,
 }
@@ -123,7 +124,7 @@ impl Reloader {
 
     /// Starts a rolling restart of one upstream's fleet in the background.
     fn spawn_roll(&self, name: String, cfg: crate::config::FleetConfig) {
-        let live = crate::fleet::LiveUpstream {
+        let live = crate::discovery::fleet::LiveUpstream {
             name: name.clone(),
             state: self.state.clone(),
             addrs: self.fleet.clone(),

@@ -46,11 +46,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::Backend;
+use crate::dispatch::backend::Backend;
 use crate::dispatch::Slot;
+use crate::edge::headers;
+use crate::edge::ConnCtx;
 use crate::error::Error;
-use crate::headers;
-use crate::proxy::ConnCtx;
 use crate::upstream::{error_chain, Failed, Forwarded, ProxyBody, Upstream};
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection:

@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::backend::Backend;
 use crate::config::Balance;
+use crate::dispatch::backend::Backend;
 use std::sync::Arc;
 
 /// Per-upstream balancer state (the round-robin cursor).

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
 use crate::config::{resolve_addr, Config, MaxInFlight};
+use crate::dispatch::backend::Backend;
 use crate::dispatch::{Dispatcher, QueueMetrics};
-use crate::metrics::{BackendMetrics, Metrics, RouteMetrics};
+use crate::observe::metrics::{BackendMetrics, Metrics, RouteMetrics};
 use crate::upstream::{build_client, RetryBudget, Upstream};
 
 pub struct Route {
@@ -69,7 +69,7 @@ pub struct State {
     pub config: Config,
     /// DNS discovery results, shared with the discovery tasks and carried
     /// across reloads.
-    pub discovered: crate::dns::Discovered,
+    pub discovered: crate::discovery::dns::Discovered,
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Cancels this state's background tasks (health checks) when replaced.
@@ -239,7 +239,7 @@ impl State {
     pub fn start(&self, handle: &Arc<arc_swap::ArcSwap<State>>, metrics: &Arc<Metrics>) {
         for up in self.upstreams.values() {
             if let Some(d) = &up.cfg.dns {
-                tokio::spawn(crate::dns::run(
+                tokio::spawn(crate::discovery::dns::run(
                     up.name.clone(),
                     d.clone(),
                     handle.clone(),

@@ -14,7 +14,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
+use crate::dispatch::backend::Backend;
 use crate::upstream::Upstream;
 
 /// Consecutive-result thresholds: `rise` successes bring a backend up, `fall`

@@ -20,10 +20,15 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::oneshot;
 
-use crate::backend::Backend;
-use crate::balance::Balancer;
+pub mod backend;
+pub mod balance;
+pub mod estimate;
+
+pub use backend::Backend;
+use balance::Balancer;
+use estimate::Estimates;
+
 use crate::config::Balance;
-use crate::estimate::Estimates;
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

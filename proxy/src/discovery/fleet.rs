@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::config::FleetConfig;
-use crate::state::{FleetAddrs, State};
+use crate::control::state::{FleetAddrs, State};
 
 /// Environment variable naming the parent Usher's pid, for worker processes.
 pub const PARENT_PID_ENV: &str = "USHER_PARENT_PID";
@@ -97,7 +97,7 @@ impl LiveUpstream {
             .unwrap()
             .insert(self.name.clone(), addrs.clone());
         if let Some(up) = self.state.load().upstreams.get(&self.name) {
-            crate::state::apply_dynamic(up, &addrs, self.fixed_capacity);
+            crate::control::state::apply_dynamic(up, &addrs, self.fixed_capacity);
         }
     }
 

@@ -17,15 +17,15 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log::AccessLog;
-use crate::admin::Admin;
 use crate::config::{resolve_addr, Config};
-use crate::fleet::Fleet;
-use crate::metrics::Metrics;
-use crate::proxy::Shared;
-use crate::reload::Reloader;
-use crate::server::{self, ListenerSettings};
-use crate::state::{FleetAddrs, State};
+use crate::control::admin::Admin;
+use crate::control::reload::Reloader;
+use crate::control::state::{FleetAddrs, State};
+use crate::discovery::fleet::Fleet;
+use crate::edge::listener::{self, ListenerSettings};
+use crate::edge::Shared;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -88,7 +88,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let mut fleet_addrs = FleetAddrs::new();
     for (name, u) in &config.upstreams {
         if let Some(f) = &u.fleet {
-            let addrs = crate::fleet::plan(f).map_err(StartError::Config)?;
+            let addrs = crate::discovery::fleet::plan(f).map_err(StartError::Config)?;
             let restarts = metrics.fleet_restarts.with_label_values(&[name]);
             let fleet = Fleet::start(
                 name,
@@ -130,7 +130,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             tls: tls.get(&l.name),
         };
         metrics.client_connections.with_label_values(&[&l.name]);
-        serving.spawn(server::serve(
+        serving.spawn(listener::serve(
             tcp,
             settings,
             shared.clone(),
@@ -144,7 +144,11 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     });
     let admin_stop = CancellationToken::new();
     if let Some(tcp) = admin_listener {
-        tokio::spawn(crate::admin::serve(tcp, admin.clone(), admin_stop.clone()));
+        tokio::spawn(crate::control::admin::serve(
+            tcp,
+            admin.clone(),
+            admin_stop.clone(),
+        ));
     }
 
     let reloader = Arc::new(Reloader {
@@ -157,7 +161,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         access_log,
         tls: tls.clone(),
     });
-    tokio::spawn(crate::reload::watch(reloader.clone(), stop.clone()));
+    tokio::spawn(crate::control::reload::watch(
+        reloader.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(crate::tls::rotate::watch(
         tls,
         metrics.clone(),

@@ -57,7 +57,7 @@ pub struct Backend {
     slow_start_ms: AtomicU64,
     epoch: Instant,
     /// Its per-request metric handles (set once by `state.rs`).
-    metrics: std::sync::OnceLock<crate::metrics::BackendMetrics>,
+    metrics: std::sync::OnceLock<crate::observe::metrics::BackendMetrics>,
 }
 
 #[derive(Debug, Default)]
@@ -351,11 +351,11 @@ impl Backend {
 
     /// Attaches the metric handles; the first call wins (a backend keeps its
     /// labels for life).
-    pub fn attach_metrics(&self, m: impl FnOnce() -> crate::metrics::BackendMetrics) {
+    pub fn attach_metrics(&self, m: impl FnOnce() -> crate::observe::metrics::BackendMetrics) {
         self.metrics.get_or_init(m);
     }
 
-    pub fn metrics(&self) -> Option<&crate::metrics::BackendMetrics> {
+    pub fn metrics(&self) -> Option<&crate::observe::metrics::BackendMetrics> {
         self.metrics.get()
     }
 

@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{text, Shared};
+use crate::edge::{text, Shared};
 use crate::upstream::ProxyBody;
 
 pub struct Admin {

@@ -15,11 +15,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::control::state::State;
+use crate::edge::headers::{self, X_REQUEST_ID};
 use crate::error::Error;
-use crate::headers::{self, X_REQUEST_ID};
-use crate::metrics::Metrics;
-use crate::state::State;
+use crate::observe::access_log::{AccessLog, Entry};
+use crate::observe::metrics::Metrics;
 use crate::upstream::{Failed, Forwarded, ProxyBody};
 
 /// What every request on one listener shares.
@@ -28,7 +28,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     /// Open upgraded connections, drained on shutdown (`upgrade.rs`).
-    pub tunnels: crate::upgrade::Tunnels,
+    pub tunnels: crate::edge::upgrade::Tunnels,
 }
 
 /// Per-connection context.
@@ -84,7 +84,7 @@ pub async fn handle(
     let queue_wait: Duration;
     let mut error_text: Option<String> = None;
 
-    let upgrade = route.is_some() && crate::upgrade::is_upgrade(&req);
+    let upgrade = route.is_some() && crate::edge::upgrade::is_upgrade(&req);
     let result = match route {
         _ if bad_host.is_some() => Err(Failed {
             error: Error::BadRequest(bad_host.unwrap_or("invalid Host")),
@@ -117,7 +117,8 @@ pub async fn handle(
         Some(route) => {
             let upstream = route.upstream.clone();
             if upgrade {
-                crate::upgrade::forward(req, &upstream, &ctx, host.as_deref(), &request_id).await
+                crate::edge::upgrade::forward(req, &upstream, &ctx, host.as_deref(), &request_id)
+                    .await
             } else {
                 match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
                     Err(error) => Err(Failed {

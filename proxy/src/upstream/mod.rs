@@ -23,12 +23,12 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::backend::{parse_load_threads, Backend, Verdict};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::dispatch::backend::{parse_load_threads, Backend, Verdict};
 use crate::dispatch::{Dispatcher, Slot};
+use crate::edge::headers::{self, X_USHER_LOAD};
 use crate::error::Error;
-use crate::headers::{self, X_USHER_LOAD};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
 
 pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;

@@ -15,7 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// The embedded default configuration (`config/usher.yaml`).
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/usher.yaml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/usher.yaml");
 /// The name used for the embedded default in error messages.
 pub const DEFAULT_CONFIG_NAME: &str = "<embedded config/usher.yaml>";
 
