@@ -139,7 +139,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         ));
     }
     let admin = Arc::new(Admin {
-        shared: shared.clone(),
+        state: state.clone(),
+        metrics: metrics.clone(),
         draining: Default::default(),
     });
     let admin_stop = CancellationToken::new();

@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::dispatch::Rejected;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no route for host `{host}` and path `{path}`")]
@@ -41,15 +39,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn from_rejection(r: Rejected, upstream: &str) -> Self {
-        let upstream = upstream.to_string();
-        match r {
-            Rejected::QueueFull => Error::QueueFull { upstream },
-            Rejected::QueueTimeout => Error::QueueTimeout { upstream },
-            Rejected::NoBackend => Error::NoBackend { upstream },
-        }
-    }
-
     /// The status code the client sees.
     pub fn status(&self) -> StatusCode {
         match self {

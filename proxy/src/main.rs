@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             let argv = std::iter::once("usher-worker".to_string()).chain(args);
             usher_worker::cli::main_from(argv)
         }
-        Some(Command::Check) => match source.load() {
+        Some(Command::Check) => match usher::control::load(&source) {
             Ok(_) => {
                 println!("usher: configuration {} is valid", source.name());
                 ExitCode::SUCCESS
@@ -81,7 +81,7 @@ fn run(source: Source, log_level: &str) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match source.load() {
+    let config = match usher::control::load(&source) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {

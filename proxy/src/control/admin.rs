@@ -22,22 +22,24 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::{text, Shared};
-use crate::upstream::ProxyBody;
+use crate::control::state::State;
+use crate::observe::metrics::Metrics;
+use crate::upstream::{text, ProxyBody};
 
 pub struct Admin {
-    pub shared: Arc<Shared>,
+    pub state: Arc<arc_swap::ArcSwap<State>>,
+    pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
 }
 
 impl Admin {
     fn route(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
         let path = req.uri().path();
-        let state = self.shared.state.load_full();
+        let state = self.state.load_full();
         match (req.method(), path) {
             (&Method::GET, "/metrics") => {
-                state.refresh_gauges(&self.shared.metrics);
-                let mut r = Response::new(ProxyBody::full(self.shared.metrics.render()));
+                state.refresh_gauges(&self.metrics);
+                let mut r = Response::new(ProxyBody::full(self.metrics.render()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -74,7 +76,7 @@ impl Admin {
     }
 
     fn status_json(&self) -> serde_json::Value {
-        let state = self.shared.state.load_full();
+        let state = self.state.load_full();
         let now = std::time::Instant::now();
         let mut ups = serde_json::Map::new();
         let mut names: Vec<_> = state.upstreams.keys().collect();
@@ -129,7 +131,7 @@ impl Admin {
             "undrain" => false,
             _ => return text(StatusCode::NOT_FOUND, "action must be drain or undrain\n"),
         };
-        let state = self.shared.state.load_full();
+        let state = self.state.load_full();
         let Some(up) = state.upstreams.get(u) else {
             return text(StatusCode::NOT_FOUND, format!("no upstream `{u}`\n"));
         };

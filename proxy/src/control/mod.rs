@@ -5,3 +5,23 @@
 pub mod admin;
 pub mod reload;
 pub mod state;
+
+use std::path::Path;
+
+use crate::config::{self, Config, ConfigError, Source};
+
+/// Loads and checks a configuration the way `usher check`, startup and
+/// reload all do: the schema, then the files it names (certificates).
+pub fn load(source: &Source) -> Result<Config, Vec<ConfigError>> {
+    source.load_checked(crate::tls::check_config)
+}
+
+/// [`load`] for a file path.
+pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    config::load_file_checked(path, crate::tls::check_config)
+}
+
+/// [`load`] for text; `file` names it in errors and anchors relative paths.
+pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
+    config::parse_checked(text, file, crate::tls::check_config)
+}

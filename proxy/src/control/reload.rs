@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::control::state::{FleetAddrs, State};
 use crate::observe::metrics::Metrics;
 
@@ -71,7 +71,7 @@ impl Reloader {
         let Some(path) = &self.path else {
             return Err("running on the embedded default config; nothing to reload".into());
         };
-        let new = config::load_file(path).map_err(|errs| {
+        let new = crate::control::load_file(path).map_err(|errs| {
             errs.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
@@ -126,12 +126,9 @@ impl Reloader {
     fn spawn_roll(&self, name: String, cfg: crate::config::FleetConfig) {
         let live = crate::discovery::fleet::LiveUpstream {
             name: name.clone(),
-            state: self.state.clone(),
+            live: self.state.clone(),
             addrs: self.fleet.clone(),
-            fixed_capacity: match cfg.max_in_flight {
-                crate::config::MaxInFlight::Fixed(n) => Some(n),
-                crate::config::MaxInFlight::Auto => None,
-            },
+            fixed_capacity: cfg.max_in_flight.fixed(),
         };
         let fleets = self.fleets.clone();
         tokio::spawn(async move {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{resolve_addr, Config, MaxInFlight};
+use crate::config::{resolve_addr, Config};
 use crate::dispatch::backend::Backend;
 use crate::dispatch::{Dispatcher, QueueMetrics};
 use crate::observe::metrics::{BackendMetrics, Metrics, RouteMetrics};
@@ -62,14 +62,14 @@ impl HostMatch {
     }
 }
 
-/// Backend addresses an upstream's fleet runs on (filled in by `fleet.rs`).
-pub type FleetAddrs = HashMap<String, Vec<SocketAddr>>;
+/// Backend addresses an upstream's fleet runs on (filled in by the fleet).
+pub type FleetAddrs = crate::discovery::Addresses;
 
 pub struct State {
     pub config: Config,
     /// DNS discovery results, shared with the discovery tasks and carried
     /// across reloads.
-    pub discovered: crate::discovery::dns::Discovered,
+    pub discovered: crate::discovery::SharedAddresses,
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Cancels this state's background tasks (health checks) when replaced.
@@ -103,20 +103,14 @@ impl State {
             for b in &ucfg.backends {
                 let addr =
                     resolve_addr(&b.address).map_err(|e| format!("upstreams.{name}: {e}"))?;
-                let fixed = match b.max_in_flight {
-                    MaxInFlight::Fixed(n) => Some(n),
-                    MaxInFlight::Auto => None,
-                };
+                let fixed = b.max_in_flight.fixed();
                 wanted.push((addr, b.weight, fixed));
             }
             let discovered = prev
                 .and_then(|p| p.discovered.lock().unwrap().get(name).cloned())
                 .unwrap_or_default();
             if let Some(d) = &ucfg.dns {
-                let fixed = match d.max_in_flight {
-                    MaxInFlight::Fixed(n) => Some(n),
-                    MaxInFlight::Auto => None,
-                };
+                let fixed = d.max_in_flight.fixed();
                 for a in &discovered {
                     if !wanted.iter().any(|w| w.0 == *a) {
                         wanted.push((*a, 1, fixed));
@@ -124,10 +118,7 @@ impl State {
                 }
             }
             if let (Some(f), Some(addrs)) = (&ucfg.fleet, fleet.get(name)) {
-                let fixed = match f.max_in_flight {
-                    MaxInFlight::Fixed(n) => Some(n),
-                    MaxInFlight::Auto => None,
-                };
+                let fixed = f.max_in_flight.fixed();
                 for a in addrs {
                     if !wanted.iter().any(|w| w.0 == *a) {
                         wanted.push((*a, 1, fixed));
@@ -351,6 +342,24 @@ impl State {
         self.upstreams
             .values()
             .any(|u| u.dispatcher.backends().iter().any(|b| b.is_available(now)))
+    }
+}
+
+/// Discovery publishes into the hot state through this.
+impl crate::discovery::Live for arc_swap::ArcSwap<State> {
+    fn publish(&self, upstream: &str, addrs: &[SocketAddr], fixed_capacity: Option<u32>) {
+        if let Some(up) = self.load().upstreams.get(upstream) {
+            apply_dynamic(up, addrs, fixed_capacity);
+        }
+    }
+
+    fn backend(&self, upstream: &str, addr: SocketAddr) -> Option<Arc<Backend>> {
+        let state = self.load();
+        let up = state.upstreams.get(upstream)?;
+        up.dispatcher
+            .backends()
+            .into_iter()
+            .find(|b| b.addr == addr)
     }
 }
 

@@ -11,21 +11,18 @@
 //! says). `resolver: ip:port` sends A queries over UDP to that server instead,
 //! which is what tests use to talk to a DNS server on a loopback port.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DnsConfig;
-use crate::control::state::State;
+use crate::discovery::{Live, SharedAddresses};
 use crate::observe::metrics::Metrics;
 
 /// Last good resolution per upstream, shared across reloads.
-pub type Discovered = Arc<Mutex<HashMap<String, Vec<SocketAddr>>>>;
 
 /// Resolves `name` to socket addresses on `port`, sorted and deduplicated.
 pub async fn resolve(
@@ -143,12 +140,12 @@ fn parse_answer(b: &[u8], id: u16) -> Result<Vec<Ipv4Addr>, &'static str> {
 }
 
 /// Re-resolves one upstream's name every `refresh` until `cancel` fires, and
-/// applies changes to the live state.
+/// publishes changes to `live`.
 pub async fn run(
     upstream: String,
     cfg: DnsConfig,
-    state: Arc<ArcSwap<State>>,
-    discovered: Discovered,
+    live: Arc<dyn Live>,
+    discovered: SharedAddresses,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -168,14 +165,7 @@ pub async fn run(
                 };
                 if changed {
                     tracing::info!(%upstream, name = %cfg.name, ?addrs, "DNS discovery: backend set changed");
-                    let s = state.load_full();
-                    if let Some(up) = s.upstreams.get(&upstream) {
-                        let fixed = match cfg.max_in_flight {
-                            crate::config::MaxInFlight::Fixed(n) => Some(n),
-                            crate::config::MaxInFlight::Auto => None,
-                        };
-                        crate::control::state::apply_dynamic(up, &addrs, fixed);
-                    }
+                    live.publish(&upstream, &addrs, cfg.max_in_flight.fixed());
                 }
             }
             Ok(_) => {

@@ -25,12 +25,10 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::{Arc, Mutex};
-
-use arc_swap::ArcSwap;
+use std::sync::Arc;
 
 use crate::config::FleetConfig;
-use crate::control::state::{FleetAddrs, State};
+use crate::discovery::{Live, SharedAddresses};
 
 /// Environment variable naming the parent Usher's pid, for worker processes.
 pub const PARENT_PID_ENV: &str = "USHER_PARENT_PID";
@@ -83,8 +81,8 @@ fn command_for(cfg: &FleetConfig, port: u16) -> Result<(PathBuf, Vec<String>), S
 /// addresses and drains retiring processes.
 pub struct LiveUpstream {
     pub name: String,
-    pub state: Arc<ArcSwap<State>>,
-    pub addrs: Arc<Mutex<FleetAddrs>>,
+    pub live: Arc<dyn Live>,
+    pub addrs: SharedAddresses,
     pub fixed_capacity: Option<u32>,
 }
 
@@ -96,24 +94,13 @@ impl LiveUpstream {
             .lock()
             .unwrap()
             .insert(self.name.clone(), addrs.clone());
-        if let Some(up) = self.state.load().upstreams.get(&self.name) {
-            crate::control::state::apply_dynamic(up, &addrs, self.fixed_capacity);
-        }
+        self.live.publish(&self.name, &addrs, self.fixed_capacity);
     }
 
     /// Stops new requests to `addr` and waits (up to `limit`) until it has
     /// none in flight.
     pub async fn drain(&self, addr: SocketAddr, limit: Duration) {
-        let state = self.state.load_full();
-        let Some(up) = state.upstreams.get(&self.name) else {
-            return;
-        };
-        let Some(b) = up
-            .dispatcher
-            .backends()
-            .into_iter()
-            .find(|b| b.addr == addr)
-        else {
+        let Some(b) = self.live.backend(&self.name, addr) else {
             return;
         };
         b.set_draining(true);

@@ -28,7 +28,7 @@ pub use backend::Backend;
 use balance::Balancer;
 use estimate::Estimates;
 
-use crate::config::Balance;
+use crate::config::{Balance, Discipline};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,19 @@ pub enum Rejected {
     QueueTimeout,
     /// No backend is up: answered at once rather than after the queue timeout.
     NoBackend,
+}
+
+impl Rejected {
+    /// The error a client is answered with.
+    pub fn into_error(self, upstream: &str) -> crate::error::Error {
+        use crate::error::Error;
+        let upstream = upstream.to_string();
+        match self {
+            Rejected::QueueFull => Error::QueueFull { upstream },
+            Rejected::QueueTimeout => Error::QueueTimeout { upstream },
+            Rejected::NoBackend => Error::NoBackend { upstream },
+        }
+    }
 }
 
 /// Queue metrics of one upstream.
@@ -66,22 +79,6 @@ struct Inner {
     estimates: Estimates,
     /// Ranks are seconds since this (tokio's clock, so paused-time tests see it).
     epoch: tokio::time::Instant,
-}
-
-/// The order in which waiting requests get free slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Discipline {
-    /// First come, first served.
-    Fifo,
-    /// Shortest expected service time first, with ageing: a request's place
-    /// is `enqueued_at + expected_service_time`, so a long request that has
-    /// waited as long as it is expected to run goes ahead of a newly arrived
-    /// short one. Nothing starves; short requests stop queueing behind long
-    /// ones. The default: in `bench/threaded.sh` at 98% load it cut the
-    /// short-request p99 from ~210 ms (FIFO) to ~86 ms.
-    #[default]
-    ShortestFirst,
 }
 
 struct Waiter {

@@ -20,7 +20,7 @@ use crate::edge::headers::{self, X_REQUEST_ID};
 use crate::error::Error;
 use crate::observe::access_log::{AccessLog, Entry};
 use crate::observe::metrics::Metrics;
-use crate::upstream::{Failed, Forwarded, ProxyBody};
+use crate::upstream::{text, Failed, Forwarded, ProxyBody};
 
 /// What every request on one listener shares.
 pub struct Shared {
@@ -329,16 +329,5 @@ pub fn error_response(e: &Error) -> Response<ProxyBody> {
     if e.closes_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
-}
-
-/// A plain-text response, for the admin listener and simple answers.
-pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     resp
 }

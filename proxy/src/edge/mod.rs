@@ -9,4 +9,5 @@ pub mod headers;
 pub mod listener;
 pub mod upgrade;
 
-pub use handler::{error_response, handle, text, ConnCtx, Shared};
+pub use crate::upstream::text;
+pub use handler::{error_response, handle, ConnCtx, Shared};

@@ -214,7 +214,7 @@ pub async fn forward(
                         _slot: Some(a.slot),
                     }
                 }
-                Err(r) => return Err(fail(Error::from_rejection(r, &up.name), last, queue_wait)),
+                Err(r) => return Err(fail(r.into_error(&up.name), last, queue_wait)),
             }
         } else {
             match pick(&up.dispatcher.backends(), &avoid, cfg.max_upgraded) {

@@ -42,40 +42,6 @@ pub fn server_config(resolver: Arc<sni::SniResolver>) -> Arc<ServerConfig> {
     Arc::new(cfg)
 }
 
-/// Makes relative certificate paths relative to the config file's directory.
-pub fn resolve_paths(c: &mut Config, dir: &Path) {
-    let fix = |p: &mut std::path::PathBuf| {
-        if p.is_relative() {
-            *p = dir.join(&*p);
-        }
-    };
-    for l in &mut c.listeners {
-        if let Some(t) = &mut l.tls {
-            for cc in t.certificates.iter_mut().chain(t.default.iter_mut()) {
-                fix(&mut cc.cert);
-                fix(&mut cc.key);
-            }
-        }
-    }
-    for u in c.upstreams.values_mut() {
-        if let Some(t) = &mut u.tls {
-            fix(&mut t.ca);
-            if let Some(cc) = &mut t.client_cert {
-                fix(&mut cc.cert);
-                fix(&mut cc.key);
-            }
-        }
-    }
-}
-
-/// A problem found by [`check_config`]: the key, a text to find its line by,
-/// and the message.
-pub struct Problem {
-    pub key: String,
-    pub needle: String,
-    pub message: String,
-}
-
 fn file_needle(p: &Path) -> String {
     p.file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -87,9 +53,9 @@ fn check_name(n: &str) -> bool {
     !host.is_empty() && !host.contains('*') && !host.contains(' ')
 }
 
-fn check_listener_tls(t: &TlsConfig, key: &str, out: &mut Vec<Problem>) {
+fn check_listener_tls(t: &TlsConfig, key: &str, out: &mut Vec<crate::config::Problem>) {
     let mut p = |k: String, needle: String, message: String| {
-        out.push(Problem {
+        out.push(crate::config::Problem {
             key: k,
             needle,
             message,
@@ -149,14 +115,14 @@ fn check_listener_tls(t: &TlsConfig, key: &str, out: &mut Vec<Problem>) {
 }
 
 /// Checks everything TLS in a configuration, reading the files it names.
-pub fn check_config(c: &Config) -> Vec<Problem> {
+pub fn check_config(c: &Config) -> Vec<crate::config::Problem> {
     let mut out = Vec::new();
     for (i, l) in c.listeners.iter().enumerate() {
         let key = format!("listeners[{i}]");
         if let Some(t) = &l.tls {
             check_listener_tls(t, &format!("{key}.tls"), &mut out);
             if l.redirect_to_https {
-                out.push(Problem {
+                out.push(crate::config::Problem {
                     key: format!("{key}.redirect_to_https"),
                     needle: "redirect_to_https".into(),
                     message: "a TLS listener cannot redirect to HTTPS (it is HTTPS)".into(),
@@ -164,7 +130,7 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
             }
         }
         if l.http2.max_concurrent_streams == 0 {
-            out.push(Problem {
+            out.push(crate::config::Problem {
                 key: format!("{key}.http2.max_concurrent_streams"),
                 needle: "max_concurrent_streams".into(),
                 message: "must be at least 1".into(),
@@ -172,7 +138,7 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
         }
         if l.http2.max_header_list_size.0 < 1024 || l.http2.max_header_list_size.0 > u32::MAX as u64
         {
-            out.push(Problem {
+            out.push(crate::config::Problem {
                 key: format!("{key}.http2.max_header_list_size"),
                 needle: "max_header_list_size".into(),
                 message: "must be between 1KiB and 4GiB".into(),
@@ -183,7 +149,7 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
         let Some(t) = &u.tls else { continue };
         let key = format!("upstreams.{name}.tls");
         if let Err(e) = cert::read_certs(&t.ca) {
-            out.push(Problem {
+            out.push(crate::config::Problem {
                 key: format!("{key}.ca"),
                 needle: file_needle(&t.ca),
                 message: e.to_string(),
@@ -191,7 +157,7 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
         }
         if let Some(cc) = &t.client_cert {
             if let Err(e) = cert::load(&cc.cert, &cc.key) {
-                out.push(Problem {
+                out.push(crate::config::Problem {
                     key: format!("{key}.client_cert"),
                     needle: file_needle(&e.file),
                     message: e.to_string(),
@@ -200,7 +166,7 @@ pub fn check_config(c: &Config) -> Vec<Problem> {
         }
         if let Some(n) = &t.server_name {
             if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
-                out.push(Problem {
+                out.push(crate::config::Problem {
                     key: format!("{key}.server_name"),
                     needle: n.clone(),
                     message: format!("`{n}` is not a DNS name or IP address"),
@@ -237,7 +203,7 @@ upstreams:
   app: { backends: [{ address: "127.0.0.1:9" }] }
 "#;
         let file = dir.join("u.yaml");
-        let errs = config::parse(yaml, &file.display().to_string()).unwrap_err();
+        let errs = crate::control::parse(yaml, &file.display().to_string()).unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(errs.len(), 2, "{text:?}");
         assert!(text[0].contains(":6: listeners[0].tls.hsts"), "{text:?}");
@@ -249,7 +215,7 @@ upstreams:
         let ok = yaml
             .replace("    redirect_to_https: true\n", "")
             .replace("\"nope\"", "\"max-age=60\"");
-        let c = config::parse(&ok, &file.display().to_string()).unwrap();
+        let c = crate::control::parse(&ok, &file.display().to_string()).unwrap();
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(t.certificates[0].cert, dir.join("a.crt"));
         assert_eq!(t.handshake_timeout.0, std::time::Duration::from_secs(10));

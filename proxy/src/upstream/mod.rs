@@ -11,25 +11,32 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::pin::Pin;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load_threads, Backend, Verdict};
 use crate::dispatch::{Dispatcher, Slot};
-use crate::edge::headers::{self, X_USHER_LOAD};
 use crate::error::Error;
 use crate::observe::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
+use framing::X_USHER_LOAD;
+
+pub mod body;
+pub mod framing;
+pub mod retry;
+
+pub use body::{text, ProxyBody};
+use retry::is_idempotent;
+pub use retry::RetryBudget;
 
 pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
 
@@ -75,13 +82,6 @@ pub struct Failed {
     pub queue_wait: Duration,
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 enum Attempt {
     Done(Box<Response<ProxyBody>>),
     /// Failed before the request reached the backend: safe to retry anywhere.
@@ -112,7 +112,7 @@ impl Upstream {
                 Ok(a) => a,
                 Err(r) => {
                     return Err(Failed {
-                        error: Error::from_rejection(r, &self.name),
+                        error: r.into_error(&self.name),
                         backend: last_backend,
                         queue_wait,
                     })
@@ -260,7 +260,7 @@ impl Upstream {
         let refused = if status == StatusCode::SWITCHING_PROTOCOLS {
             Err("101 Switching Protocols to a request that did not ask to upgrade")
         } else {
-            headers::take_response_framing(&head.method, status, response.headers_mut())
+            framing::take_response_framing(&head.method, status, response.headers_mut())
         };
         if let Err(reason) = refused {
             self.count(&backend, "error");
@@ -468,160 +468,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
-}
-
-/// Retry budget: retries may add at most `ratio` on top of first attempts,
-/// plus a small floor, so a failing fleet is not hammered by retries.
-#[derive(Debug)]
-pub struct RetryBudget {
-    state: std::sync::Mutex<(f64, Instant)>,
-    ratio: f64,
-    floor_per_sec: f64,
-}
-
-impl RetryBudget {
-    pub fn new(ratio: f64, floor_per_sec: f64) -> Self {
-        RetryBudget {
-            state: std::sync::Mutex::new((floor_per_sec, Instant::now())),
-            ratio,
-            floor_per_sec,
-        }
-    }
-
-    fn refill(&self, s: &mut (f64, Instant)) {
-        let now = Instant::now();
-        let dt = now.duration_since(s.1).as_secs_f64();
-        s.1 = now;
-        let cap = (self.floor_per_sec * 10.0).max(10.0) + 100.0 * self.ratio;
-        s.0 = (s.0 + dt * self.floor_per_sec).min(cap);
-    }
-
-    pub fn deposit(&self) {
-        let mut s = self.state.lock().unwrap();
-        self.refill(&mut s);
-        s.0 += self.ratio;
-    }
-
-    pub fn withdraw(&self) -> bool {
-        let mut s = self.state.lock().unwrap();
-        self.refill(&mut s);
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response body Usher sends to clients: either fully buffered, or a
-    /// relay that streams the rest from the backend and holds the slot until
-    /// the backend has sent it all.
-    pub struct ProxyBody {
-        buffered: VecDeque<Bytes>,
-        remaining: u64,
-        trailers: Option<http::HeaderMap>,
-        #[pin]
-        rest: Option<Incoming>,
-        slot: Option<Slot>,
-        timer: Option<(prometheus::Histogram, Instant)>,
-    }
-}
-
-impl ProxyBody {
-    pub fn full(b: impl Into<Bytes>) -> Self {
-        let b = b.into();
-        let len = b.len() as u64;
-        Self::buffered(VecDeque::from([b]), len, None)
-    }
-
-    pub fn empty() -> Self {
-        Self::buffered(VecDeque::new(), 0, None)
-    }
-
-    fn buffered(chunks: VecDeque<Bytes>, size: u64, trailers: Option<http::HeaderMap>) -> Self {
-        ProxyBody {
-            buffered: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
-            remaining: size,
-            trailers,
-            rest: None,
-            slot: None,
-            timer: None,
-        }
-    }
-
-    fn relay(
-        chunks: VecDeque<Bytes>,
-        rest: Incoming,
-        slot: Slot,
-        timer: Option<(prometheus::Histogram, Instant)>,
-    ) -> Self {
-        ProxyBody {
-            buffered: chunks,
-            remaining: 0,
-            trailers: None,
-            rest: Some(rest),
-            slot: Some(slot),
-            timer,
-        }
-    }
-
-    /// Bytes known up front (buffered bodies only).
-    pub fn known_len(&self) -> Option<u64> {
-        self.rest.is_none().then_some(self.remaining)
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        if let Some(chunk) = this.buffered.pop_front() {
-            *this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        if let Some(rest) = this.rest.as_mut().as_pin_mut() {
-            let polled = rest.poll_frame(cx);
-            if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                // The backend is done with this request: free its thread.
-                if let Some((h, t)) = this.timer.take() {
-                    h.observe(t.elapsed().as_secs_f64());
-                }
-                this.slot.take();
-            }
-            return polled;
-        }
-        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.buffered.is_empty()
-            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
-            && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.rest {
-            None => SizeHint::with_exact(self.remaining),
-            Some(r) => {
-                // What is still buffered plus what the backend has yet to
-                // send. Raised upper bound first: `SizeHint` asserts
-                // lower <= upper on every set.
-                let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
-                let rest = r.size_hint();
-                let mut h = SizeHint::new();
-                if let Some(u) = rest.upper() {
-                    h.set_upper(u.saturating_add(buffered));
-                }
-                h.set_lower(rest.lower().saturating_add(buffered));
-                h
-            }
-        }
-    }
 }

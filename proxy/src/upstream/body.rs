@@ -1,0 +1,141 @@
+//! The response body Usher sends to clients: buffered whole, or relayed
+//! from the backend while holding its slot.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::dispatch::Slot;
+
+pin_project_lite::pin_project! {
+    /// The response body Usher sends to clients: either fully buffered, or a
+    /// relay that streams the rest from the backend and holds the slot until
+    /// the backend has sent it all.
+    pub struct ProxyBody {
+        buffered: VecDeque<Bytes>,
+        remaining: u64,
+        trailers: Option<http::HeaderMap>,
+        #[pin]
+        rest: Option<Incoming>,
+        slot: Option<Slot>,
+        timer: Option<(prometheus::Histogram, Instant)>,
+    }
+}
+
+impl ProxyBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        let len = b.len() as u64;
+        Self::buffered(VecDeque::from([b]), len, None)
+    }
+
+    pub fn empty() -> Self {
+        Self::buffered(VecDeque::new(), 0, None)
+    }
+
+    pub(crate) fn buffered(
+        chunks: VecDeque<Bytes>,
+        size: u64,
+        trailers: Option<http::HeaderMap>,
+    ) -> Self {
+        ProxyBody {
+            buffered: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            remaining: size,
+            trailers,
+            rest: None,
+            slot: None,
+            timer: None,
+        }
+    }
+
+    pub(crate) fn relay(
+        chunks: VecDeque<Bytes>,
+        rest: Incoming,
+        slot: Slot,
+        timer: Option<(prometheus::Histogram, Instant)>,
+    ) -> Self {
+        ProxyBody {
+            buffered: chunks,
+            remaining: 0,
+            trailers: None,
+            rest: Some(rest),
+            slot: Some(slot),
+            timer,
+        }
+    }
+
+    /// Bytes known up front (buffered bodies only).
+    pub fn known_len(&self) -> Option<u64> {
+        self.rest.is_none().then_some(self.remaining)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        if let Some(chunk) = this.buffered.pop_front() {
+            *this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if let Some(rest) = this.rest.as_mut().as_pin_mut() {
+            let polled = rest.poll_frame(cx);
+            if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                // The backend is done with this request: free its thread.
+                if let Some((h, t)) = this.timer.take() {
+                    h.observe(t.elapsed().as_secs_f64());
+                }
+                this.slot.take();
+            }
+            return polled;
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_empty()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.rest {
+            None => SizeHint::with_exact(self.remaining),
+            Some(r) => {
+                // What is still buffered plus what the backend has yet to
+                // send. Raised upper bound first: `SizeHint` asserts
+                // lower <= upper on every set.
+                let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
+                let rest = r.size_hint();
+                let mut h = SizeHint::new();
+                if let Some(u) = rest.upper() {
+                    h.set_upper(u.saturating_add(buffered));
+                }
+                h.set_lower(rest.lower().saturating_add(buffered));
+                h
+            }
+        }
+    }
+}
+
+/// A plain-text response, for the admin listener and simple answers.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
