@@ -90,7 +90,7 @@ impl Admin {
                 .map(|b| {
                     serde_json::json!({
                         "address": b.key,
-                        "state": b.state(now),
+                        "state": b.health.state(now),
                         "in_flight": b.in_flight(),
                         "capacity": b.capacity(),
                         "weight": b.weight(),
@@ -141,7 +141,7 @@ impl Admin {
                 format!("no backend `{addr}` in upstream `{u}`\n"),
             );
         };
-        b.set_draining(drain);
+        b.health.set_draining(drain);
         up.dispatcher.kick();
         tracing::info!(upstream = %u, backend = %addr, drain, "backend drain changed by admin API");
         text(StatusCode::OK, format!("{action}ed {addr}\n"))

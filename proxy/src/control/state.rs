@@ -225,8 +225,9 @@ impl State {
         })
     }
 
-    /// Starts this state's background tasks: health checks, and a ticker
-    /// that re-examines queues when ejections expire or slow start ramps.
+    /// Starts this state's background tasks: discovery, health checks, and
+    /// each dispatcher's waker (queues re-examined when an ejection expires
+    /// or a slow start steps up).
     pub fn start(&self, handle: &Arc<arc_swap::ArcSwap<State>>, metrics: &Arc<Metrics>) {
         for up in self.upstreams.values() {
             if let Some(d) = &up.cfg.dns {
@@ -239,20 +240,19 @@ impl State {
                     self.tasks.clone(),
                 ));
             }
-            if up.cfg.health_check.is_some() {
-                tokio::spawn(crate::health::run(up.clone(), self.tasks.clone()));
+            if let Some(hc) = &up.cfg.health_check {
+                let (targets, kicked) = (up.clone(), up.clone());
+                let checker = crate::health::active::Checker {
+                    upstream: up.name.clone(),
+                    cfg: hc.clone(),
+                    client: up.client.clone(),
+                    metrics: up.metrics.clone(),
+                    targets: Box::new(move || targets.dispatcher.backends()),
+                    on_change: Box::new(move || kicked.dispatcher.kick()),
+                };
+                tokio::spawn(crate::health::active::run(checker, self.tasks.clone()));
             }
-            let (up, cancel) = (up.clone(), self.tasks.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(100));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tick.tick() => up.dispatcher.kick(),
-                    }
-                }
-            });
+            tokio::spawn(up.dispatcher.clone().run_waker(self.tasks.clone()));
         }
     }
 
@@ -270,7 +270,8 @@ impl State {
             for b in up.dispatcher.backends() {
                 let (up, path) = (up.clone(), path.clone());
                 set.spawn(async move {
-                    let r = crate::health::probe(&up, &b, &path, Duration::from_secs(1)).await;
+                    let r = crate::health::probe(&up.client, b.addr, &path, Duration::from_secs(1))
+                        .await;
                     if let Some(t) = r.threads {
                         b.report_threads(t);
                     }
@@ -327,7 +328,7 @@ impl State {
                 metrics
                     .backend_up
                     .with_label_values(&l)
-                    .set(i64::from(b.is_available(now)));
+                    .set(i64::from(b.health.is_available(now)));
                 metrics
                     .upgraded_connections
                     .with_label_values(&l)
@@ -339,9 +340,12 @@ impl State {
     /// True when some upstream has a backend able to take requests.
     pub fn any_backend_available(&self) -> bool {
         let now = std::time::Instant::now();
-        self.upstreams
-            .values()
-            .any(|u| u.dispatcher.backends().iter().any(|b| b.is_available(now)))
+        self.upstreams.values().any(|u| {
+            u.dispatcher
+                .backends()
+                .iter()
+                .any(|b| b.health.is_available(now))
+        })
     }
 }
 

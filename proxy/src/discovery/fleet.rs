@@ -103,7 +103,7 @@ impl LiveUpstream {
         let Some(b) = self.live.backend(&self.name, addr) else {
             return;
         };
-        b.set_draining(true);
+        b.health.set_draining(true);
         let deadline = Instant::now() + limit;
         while b.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -6,14 +6,15 @@
 //! `default_capacity`. The in-flight count itself is only changed by the
 //! dispatcher, under its lock (see `dispatch.rs`); here it is just stored.
 //!
-//! Health has two inputs that are kept apart: the active check's verdict
-//! (`up`), and passive ejection after consecutive gateway failures. A backend
-//! takes new requests only when it is up, not ejected and not draining.
+//! Its health (active verdict, ejection, draining) is [`Health`], owned by
+//! the `health` module; a backend takes new requests only when that says it
+//! is available.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::health::Health;
 
 /// Parses `X-Usher-Load: threads=4, busy=3, queued=0` and returns `threads`.
 pub fn parse_load_threads(v: &str) -> Option<u32> {
@@ -43,37 +44,14 @@ pub struct Backend {
     in_flight: AtomicU32,
     /// Open upgraded (WebSocket) connections; see `upgrade.rs`.
     upgraded: AtomicU32,
-    up: AtomicBool,
-    draining: AtomicBool,
-    ejection: Mutex<Ejection>,
-    /// End of the current ejection in µs since `epoch` (0: never ejected),
-    /// mirrored from `ejection` so the per-request "may it take requests?"
-    /// check takes no lock.
-    ejected_until_us: AtomicU64,
-    /// Consecutive gateway failures; a success resets it without a lock.
-    failure_run: AtomicU32,
+    /// Whether it may take requests (active checks, ejection, draining).
+    pub health: Health,
     /// Slow start: capacity ramps from 1 to full between these instants (ms since `epoch`).
     slow_start_until_ms: AtomicU64,
     slow_start_ms: AtomicU64,
     epoch: Instant,
     /// Its per-request metric handles (set once by `state.rs`).
     metrics: std::sync::OnceLock<crate::observe::metrics::BackendMetrics>,
-}
-
-#[derive(Debug, Default)]
-struct Ejection {
-    times_ejected: u32,
-    until: Option<Instant>,
-    /// The ejection was for refused connections: a passing active health
-    /// check (the backend answers again) ends it early.
-    unreachable: bool,
-}
-
-/// What passive health decided about one outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Fine,
-    Ejected(Duration),
 }
 
 impl Backend {
@@ -97,11 +75,7 @@ impl Backend {
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
-            up: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
-            ejection: Mutex::new(Ejection::default()),
-            ejected_until_us: AtomicU64::new(0),
-            failure_run: AtomicU32::new(0),
+            health: Health::default(),
             slow_start_until_ms: AtomicU64::new(0),
             slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -178,6 +152,19 @@ impl Backend {
         ramp.clamp(1, full)
     }
 
+    /// While a slow start ramps: when capacity takes its next step.
+    pub fn next_capacity_step(&self, now: Instant) -> Option<Instant> {
+        let until = self.slow_start_until_ms.load(Ordering::Relaxed);
+        let span = self.slow_start_ms.load(Ordering::Relaxed);
+        let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        if until == 0 || span == 0 || at >= until {
+            return None;
+        }
+        let steps = u64::from(self.full_capacity().max(2) - 1);
+        let step = (span / steps).max(10);
+        Some(now + Duration::from_millis(step.min(until - at)))
+    }
+
     /// Records the worker's own thread count. Returns true if capacity grew.
     pub fn report_threads(&self, threads: u32) -> bool {
         if threads == 0 || threads > 100_000 {
@@ -201,20 +188,6 @@ impl Backend {
         debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
 
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
-    /// Sets the active health verdict; returns true if it changed. A backend
-    /// that comes back up starts slow.
-    pub fn set_up(&self, up: bool) -> bool {
-        let changed = self.up.swap(up, Ordering::Relaxed) != up;
-        if changed && up {
-            self.start_slow();
-        }
-        changed
-    }
-
     pub fn start_slow(&self) {
         let span = self.slow_start_ms.load(Ordering::Relaxed);
         if span > 0 {
@@ -224,124 +197,8 @@ impl Backend {
         }
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    pub fn set_draining(&self, d: bool) {
-        self.draining.store(d, Ordering::Relaxed);
-    }
-
-    fn micros(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_micros() as u64
-    }
-
-    fn set_ejected_until(&self, e: &mut Ejection, until: Instant) {
-        e.until = Some(until);
-        self.ejected_until_us
-            .store(self.micros(until).max(1), Ordering::Relaxed);
-    }
-
-    pub fn is_ejected(&self, now: Instant) -> bool {
-        let until = self.ejected_until_us.load(Ordering::Relaxed);
-        until != 0 && self.micros(now) < until
-    }
-
-    /// May this backend take new requests?
-    pub fn is_available(&self, now: Instant) -> bool {
-        self.is_up() && !self.is_draining() && !self.is_ejected(now)
-    }
-
-    /// `up`, as exported in `usher_backend_up`: takes traffic now.
-    pub fn state(&self, now: Instant) -> &'static str {
-        if self.is_draining() {
-            "draining"
-        } else if !self.is_up() {
-            "down"
-        } else if self.is_ejected(now) {
-            "ejected"
-        } else {
-            "up"
-        }
-    }
-
-    pub fn record_success(&self) {
-        if self.failure_run.load(Ordering::Relaxed) != 0 {
-            self.failure_run.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// An active health check passed: an ejection for refused connections
-    /// ends now (the process is back); one for bad answers runs its course.
-    /// Returns true if the backend was readmitted.
-    pub fn health_check_passed(&self, now: Instant) -> bool {
-        let mut e = self.ejection.lock().unwrap();
-        if e.unreachable && e.until.is_some_and(|t| now < t) {
-            self.set_ejected_until(&mut e, now);
-            e.unreachable = false;
-            return true;
-        }
-        false
-    }
-
-    /// Counts a gateway failure. After `threshold` in a row the backend is
-    /// ejected for `base × times_ejected` (capped), if `may_eject` allows it.
-    pub fn record_failure(
-        &self,
-        threshold: u32,
-        base: Duration,
-        max: Duration,
-        may_eject: bool,
-        now: Instant,
-    ) -> Verdict {
-        self.record_failure_kind(threshold, base, max, may_eject, now, false)
-    }
-
-    /// [`Backend::record_failure`] for a refused connection: such an
-    /// ejection ends early when an active health check passes.
-    pub fn record_unreachable(
-        &self,
-        base: Duration,
-        max: Duration,
-        may_eject: bool,
-        now: Instant,
-    ) -> Verdict {
-        self.record_failure_kind(1, base, max, may_eject, now, true)
-    }
-
-    fn record_failure_kind(
-        &self,
-        threshold: u32,
-        base: Duration,
-        max: Duration,
-        may_eject: bool,
-        now: Instant,
-        unreachable: bool,
-    ) -> Verdict {
-        let mut e = self.ejection.lock().unwrap();
-        if e.until.is_some_and(|t| now < t) {
-            return Verdict::Fine;
-        }
-        // A backend that behaved for `max` since its last ejection starts
-        // over: the multiplier punishes flapping, not one bad day.
-        if e.until.is_some_and(|t| now.duration_since(t) > max) {
-            e.times_ejected = 0;
-        }
-        let run = self.failure_run.fetch_add(1, Ordering::Relaxed) + 1;
-        if run < threshold.max(1) || !may_eject {
-            return Verdict::Fine;
-        }
-        e.times_ejected += 1;
-        self.failure_run.store(0, Ordering::Relaxed);
-        e.unreachable = unreachable;
-        let d = base.saturating_mul(e.times_ejected).min(max);
-        self.set_ejected_until(&mut e, now + d);
-        drop(e);
-        self.start_slow_after(d);
-        Verdict::Ejected(d)
-    }
-
-    fn start_slow_after(&self, d: Duration) {
+    /// Slow start once an ejection of `d` is over.
+    pub fn start_slow_after(&self, d: Duration) {
         let span = self.slow_start_ms.load(Ordering::Relaxed);
         if span > 0 {
             let at = (self.epoch.elapsed() + d).as_millis() as u64;
@@ -374,6 +231,24 @@ impl Backend {
     }
 }
 
+impl crate::health::Target for Backend {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn report_threads(&self, threads: u32) -> bool {
+        Backend::report_threads(self, threads)
+    }
+    fn came_up(&self) {
+        self.start_slow();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,52 +277,6 @@ mod tests {
     }
 
     #[test]
-    fn ejection_grows_with_each_ejection_and_is_capped() {
-        let a = b();
-        let now = Instant::now();
-        let base = Duration::from_secs(5);
-        let max = Duration::from_secs(12);
-        for _ in 0..2 {
-            assert_eq!(a.record_failure(3, base, max, true, now), Verdict::Fine);
-        }
-        assert_eq!(
-            a.record_failure(3, base, max, true, now),
-            Verdict::Ejected(base)
-        );
-        assert!(a.is_ejected(now));
-        assert!(!a.is_available(now));
-        let later = now + Duration::from_secs(6);
-        assert!(!a.is_ejected(later));
-        for _ in 0..2 {
-            a.record_failure(3, base, max, true, later);
-        }
-        assert_eq!(
-            a.record_failure(3, base, max, true, later),
-            Verdict::Ejected(Duration::from_secs(10))
-        );
-        let later = later + Duration::from_secs(11);
-        for _ in 0..2 {
-            a.record_failure(3, base, max, true, later);
-        }
-        assert_eq!(
-            a.record_failure(3, base, max, true, later),
-            Verdict::Ejected(max)
-        );
-    }
-
-    #[test]
-    fn success_resets_the_failure_run_and_percent_cap_blocks_ejection() {
-        let a = b();
-        let now = Instant::now();
-        let d = Duration::from_secs(1);
-        a.record_failure(2, d, d, true, now);
-        a.record_success();
-        assert_eq!(a.record_failure(2, d, d, true, now), Verdict::Fine);
-        assert_eq!(a.record_failure(2, d, d, false, now), Verdict::Fine);
-        assert!(!a.is_ejected(now));
-    }
-
-    #[test]
     fn replicas_share_the_threads() {
         let a = b();
         a.report_threads(8);
@@ -462,8 +291,8 @@ mod tests {
     #[test]
     fn slow_start_ramps_from_one() {
         let a = b().with_slow_start(Duration::from_secs(60));
-        a.set_up(false);
-        a.set_up(true);
+        assert_eq!(a.capacity(), 4);
+        a.start_slow();
         assert_eq!(a.capacity(), 1);
     }
 }

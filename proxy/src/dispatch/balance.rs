@@ -38,7 +38,7 @@ impl Balancer {
     ) -> Option<usize> {
         let free = |i: usize| {
             let b = &backends[i];
-            b.is_available(now) && b.in_flight() < b.capacity()
+            b.health.is_available(now) && b.in_flight() < b.capacity()
         };
         if let Some(i) =
             self.pick_where(backends, |i| free(i) && !avoid.contains(&backends[i].addr))
@@ -47,7 +47,7 @@ impl Balancer {
         }
         let others_up = backends
             .iter()
-            .any(|b| b.is_available(now) && !avoid.contains(&b.addr));
+            .any(|b| b.health.is_available(now) && !avoid.contains(&b.addr));
         if others_up {
             return None;
         }
@@ -172,7 +172,7 @@ mod tests {
         }
         assert_eq!(bal.pick(&bs, &avoid, now), None);
         // It is down: going back is all that is left.
-        bs[2].set_up(false);
+        bs[2].health.set_up(false);
         assert!(bal.pick(&bs, &avoid, now).is_some());
         let one = backends(&[(4, 1)]);
         assert_eq!(bal.pick(&one, &[one[0].addr], now), Some(0));
@@ -183,11 +183,11 @@ mod tests {
         let bs = backends(&[(4, 1), (4, 1)]);
         let mut bal = Balancer::new(Balance::RoundRobin);
         let now = Instant::now();
-        bs[0].set_up(false);
+        bs[0].health.set_up(false);
         for _ in 0..4 {
             assert_eq!(bal.pick(&bs, &[], now), Some(1));
         }
-        bs[1].set_draining(true);
+        bs[1].health.set_draining(true);
         assert_eq!(bal.pick(&bs, &[], now), None);
     }
 

@@ -66,6 +66,9 @@ pub struct QueueMetrics {
 pub struct Dispatcher {
     inner: Mutex<Inner>,
     metrics: QueueMetrics,
+    /// Wakes the upstream's waker task (see [`Dispatcher::run_waker`]) when
+    /// a capacity deadline may have moved.
+    changed: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -163,6 +166,7 @@ impl Dispatcher {
                 epoch: tokio::time::Instant::now(),
             }),
             metrics,
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -189,7 +193,7 @@ impl Dispatcher {
         let (rx, id, timeout) = {
             let mut inner = self.inner.lock().unwrap();
             let now = Instant::now();
-            if !inner.backends.iter().any(|b| b.is_available(now)) {
+            if !inner.backends.iter().any(|b| b.health.is_available(now)) {
                 return Err(Rejected::NoBackend);
             }
             // Waiters already queued go first: a newcomer only takes a slot
@@ -277,7 +281,7 @@ impl Dispatcher {
     /// Hands free slots to the head of the queue, in order.
     fn serve_queue(self: &Arc<Self>, inner: &mut Inner) {
         let now = Instant::now();
-        if !inner.queue.is_empty() && !inner.backends.iter().any(|b| b.is_available(now)) {
+        if !inner.queue.is_empty() && !inner.backends.iter().any(|b| b.health.is_available(now)) {
             // Nothing can serve them: tell them now instead of at the timeout.
             for w in inner.queue.drain(..) {
                 let _ = w.tx.send(Err(Rejected::NoBackend));
@@ -335,6 +339,54 @@ impl Dispatcher {
         if !inner.queue.is_empty() {
             self.serve_queue(&mut inner);
         }
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    /// A deadline at `_at` (an ejection's end) may let queued requests
+    /// through: the waker recomputes its next wake.
+    pub fn wake_at(&self, _at: Instant) {
+        self.changed.notify_one();
+    }
+
+    /// When capacity next changes on its own: an ejection ends, or a slow
+    /// start takes its next step.
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let ejected = b.health.ejected_until(now);
+                let ramp = b.next_capacity_step(now);
+                ejected.into_iter().chain(ramp).min()
+            })
+            .min()
+    }
+
+    /// Re-examines the queue exactly when capacity changes with time (an
+    /// ejection ends, a slow start steps up), instead of polling; returns
+    /// when `cancel` fires.
+    pub async fn run_waker(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            let next = self.next_wake(Instant::now());
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.changed.notified() => {}
+                _ = sleep => {
+                    let mut inner = self.inner.lock().unwrap();
+                    if !inner.queue.is_empty() {
+                        self.serve_queue(&mut inner);
+                    }
+                }
+            }
+        }
     }
 
     /// Replaces the backend set (reload, discovery). Backends that are gone
@@ -344,6 +396,8 @@ impl Dispatcher {
         let mut inner = self.inner.lock().unwrap();
         inner.backends = backends;
         self.serve_queue(&mut inner);
+        drop(inner);
+        self.changed.notify_one();
     }
 
     pub fn set_limits(&self, balance: Balance, max_depth: usize, timeout: Duration) {
@@ -468,7 +522,7 @@ mod tests {
         let d1 = d.clone();
         let waiting = tokio::spawn(async move { d1.acquire(&[], false).await });
         tokio::task::yield_now().await;
-        d.backends()[0].set_up(false);
+        d.backends()[0].health.set_up(false);
         d.kick();
         assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::NoBackend);
         assert_eq!(

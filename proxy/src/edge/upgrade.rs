@@ -151,7 +151,7 @@ fn pick(backends: &[Arc<Backend>], avoid: &[Arc<Backend>], max: u32) -> Result<U
     let now = Instant::now();
     let mut candidates: Vec<&Arc<Backend>> = backends
         .iter()
-        .filter(|b| b.is_available(now) && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
+        .filter(|b| b.health.is_available(now) && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
         .collect();
     if candidates.is_empty() {
         return Err(false);

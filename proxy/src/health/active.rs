@@ -1,8 +1,10 @@
 //! Active health checks.
 //!
-//! Split as rust-rpxy does it: [`Threshold`] is the pure rise/fall counter,
-//! [`probe`] is one HTTP GET, and [`run`] is the scheduler loop, which stops
-//! when its upstream is replaced (reload) or the process shuts down.
+//! Split as rust-rpxy does it: [`super::Threshold`] is the pure rise/fall
+//! counter, [`probe`] is one HTTP GET, and [`run`] is the scheduler loop,
+//! which stops when its upstream is replaced (reload) or the process shuts
+//! down. The loop sees backends only as [`Target`]s, so health sits below
+//! dispatch.
 //! A `usher-worker` answers `/healthz` with its thread count, which refreshes
 //! an `auto` capacity.
 
@@ -14,50 +16,35 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::backend::Backend;
-use crate::upstream::Upstream;
+use std::net::SocketAddr;
 
-/// Consecutive-result thresholds: `rise` successes bring a backend up, `fall`
-/// failures take it down. Results that agree with the current state reset the
-/// opposite run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Threshold {
-    rise: u32,
-    fall: u32,
-    run: u32,
-    up: bool,
+use crate::config::HealthCheckConfig;
+use crate::health::{Health, Threshold};
+use crate::observe::metrics::Metrics;
+use crate::tls::connector::HttpClient;
+
+/// What the checker needs of a backend.
+pub trait Target: Send + Sync + 'static {
+    fn addr(&self) -> SocketAddr;
+    /// The backend's name in logs and metrics.
+    fn key(&self) -> &str;
+    fn health(&self) -> &Health;
+    /// The worker reported its thread count; true if capacity grew.
+    fn report_threads(&self, threads: u32) -> bool;
+    /// The active check brought it back up (slow start begins).
+    fn came_up(&self);
 }
 
-impl Threshold {
-    pub fn new(rise: u32, fall: u32, up: bool) -> Self {
-        Threshold {
-            rise: rise.max(1),
-            fall: fall.max(1),
-            run: 0,
-            up,
-        }
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up
-    }
-
-    /// Records one result; returns the new state if it changed.
-    pub fn record(&mut self, ok: bool) -> Option<bool> {
-        if ok == self.up {
-            self.run = 0;
-            return None;
-        }
-        self.run += 1;
-        let needed = if ok { self.rise } else { self.fall };
-        if self.run >= needed {
-            self.up = ok;
-            self.run = 0;
-            Some(ok)
-        } else {
-            None
-        }
-    }
+/// One upstream's checker.
+pub struct Checker<T> {
+    pub upstream: String,
+    pub cfg: HealthCheckConfig,
+    pub client: HttpClient,
+    pub metrics: Arc<Metrics>,
+    /// The upstream's backends now (they change with discovery).
+    pub targets: Box<dyn Fn() -> Vec<Arc<T>> + Send + Sync>,
+    /// Called when a result may let queued requests through.
+    pub on_change: Box<dyn Fn() + Send + Sync>,
 }
 
 /// What one probe found.
@@ -68,8 +55,13 @@ pub struct ProbeResult {
 }
 
 /// One health check: GET `path`, healthy on 2xx/3xx within `timeout`.
-pub async fn probe(up: &Upstream, backend: &Backend, path: &str, timeout: Duration) -> ProbeResult {
-    let uri = format!("http://{}{}", backend.addr, path);
+pub async fn probe(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> ProbeResult {
+    let uri = format!("http://{addr}{path}");
     let req = Request::get(uri)
         .header(
             http::header::USER_AGENT,
@@ -83,7 +75,7 @@ pub async fn probe(up: &Upstream, backend: &Backend, path: &str, timeout: Durati
         };
     };
     let fut = async {
-        let resp = up.client.request(req).await.ok()?;
+        let resp = client.request(req).await.ok()?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
@@ -109,49 +101,54 @@ pub async fn probe(up: &Upstream, backend: &Backend, path: &str, timeout: Durati
     }
 }
 
-/// Checks every backend of `up` each `interval` (jittered by ±10%) until
-/// `cancel` fires.
-pub async fn run(up: Arc<Upstream>, cancel: CancellationToken) {
-    let Some(hc) = up.cfg.health_check.clone() else {
-        return;
-    };
+/// Checks every target each `interval` (jittered by ±10%) until `cancel`
+/// fires.
+pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
+    let hc = &c.cfg;
     let mut thresholds: std::collections::HashMap<String, Threshold> = Default::default();
     loop {
-        let backends = up.dispatcher.backends();
+        let targets = (c.targets)();
         let mut set = tokio::task::JoinSet::new();
-        for b in &backends {
-            let (up, b, path, timeout) = (up.clone(), b.clone(), hc.path.clone(), hc.timeout.0);
+        for t in &targets {
+            let (client, t, path, timeout) =
+                (c.client.clone(), t.clone(), hc.path.clone(), hc.timeout.0);
             set.spawn(async move {
-                let r = probe(&up, &b, &path, timeout).await;
-                (b, r)
+                let r = probe(&client, t.addr(), &path, timeout).await;
+                (t, r)
             });
         }
         let results: Vec<_> = set.join_all().await;
         let mut changed = false;
         for (b, r) in results {
+            let health = b.health();
             let t = thresholds
-                .entry(b.key.clone())
-                .or_insert_with(|| Threshold::new(hc.rise, hc.fall, b.is_up()));
+                .entry(b.key().to_string())
+                .or_insert_with(|| Threshold::new(hc.rise, hc.fall, health.is_up()));
             let label = if r.ok { "success" } else { "failure" };
-            up.metrics
+            c.metrics
                 .health_checks
-                .with_label_values(&[&up.name, &b.key, label])
+                .with_label_values(&[&c.upstream, b.key(), label])
                 .inc();
             if let Some(threads) = r.threads {
                 changed |= b.report_threads(threads);
             }
-            if r.ok && b.health_check_passed(std::time::Instant::now()) {
-                tracing::info!(upstream = %up.name, backend = %b.key, "health check passed: readmitting a backend ejected for refused connections");
+            if r.ok && health.check_passed(std::time::Instant::now()) {
+                tracing::info!(upstream = %c.upstream, backend = %b.key(), "health check passed: readmitting a backend ejected for refused connections");
                 changed = true;
             }
             if let Some(now_up) = t.record(r.ok) {
-                tracing::warn!(upstream = %up.name, backend = %b.key, up = now_up, "health check changed backend state");
-                changed |= b.set_up(now_up);
+                tracing::warn!(upstream = %c.upstream, backend = %b.key(), up = now_up, "health check changed backend state");
+                if health.set_up(now_up) {
+                    changed = true;
+                    if now_up {
+                        b.came_up();
+                    }
+                }
             }
         }
-        thresholds.retain(|k, _| backends.iter().any(|b| &b.key == k));
+        thresholds.retain(|k, _| targets.iter().any(|b| b.key() == k));
         if changed {
-            up.dispatcher.kick();
+            (c.on_change)();
         }
         let jitter = 0.9 + fastrand::f64() * 0.2;
         let wait = hc.interval.0.mul_f64(jitter);
@@ -159,27 +156,5 @@ pub async fn run(up: Arc<Upstream>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rise_and_fall_need_consecutive_results() {
-        let mut t = Threshold::new(2, 3, true);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(true), None); // resets the failure run
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), Some(false));
-        assert!(!t.is_up());
-        assert_eq!(t.record(true), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(true), None);
-        assert_eq!(t.record(true), Some(true));
-        assert!(t.is_up());
     }
 }

@@ -1,9 +1,166 @@
-//! Health: whether a backend may take requests.
+//! Health: **where a backend is marked unhealthy**, and whether it may take
+//! requests now.
 //!
 //! Two inputs, kept apart: the active check's rise/fall verdict
 //! ([`active`], with its pure [`Threshold`]), and passive outlier ejection
-//! after consecutive gateway failures.
+//! after consecutive gateway failures ([`outlier`], pure). [`Health`] is one
+//! backend's state: the request path asks it "available?" without a lock;
+//! failures take a short lock for the ejection bookkeeping.
 
 pub mod active;
+pub mod outlier;
+pub mod threshold;
 
-pub use active::{probe, run, ProbeResult, Threshold};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub use active::{probe, ProbeResult, Target};
+pub use outlier::{Policy, Verdict};
+pub use threshold::Threshold;
+
+use outlier::Outlier;
+
+/// One backend's health.
+#[derive(Debug)]
+pub struct Health {
+    /// The active check's verdict (up until a check says otherwise).
+    up: AtomicBool,
+    /// Taken out of rotation by the operator or a rolling restart.
+    draining: AtomicBool,
+    outlier: Mutex<Outlier>,
+    /// End of the current ejection in µs since `epoch` (0: never ejected),
+    /// mirrored from `outlier` for the lock-free check.
+    ejected_until_us: AtomicU64,
+    /// Consecutive gateway failures; a success resets it without a lock.
+    failure_run: AtomicU32,
+    epoch: Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            outlier: Mutex::new(Outlier::default()),
+            ejected_until_us: AtomicU64::new(0),
+            failure_run: AtomicU32::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Health {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Sets the active verdict; true if it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        self.up.swap(up, Ordering::Relaxed) != up
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, d: bool) {
+        self.draining.store(d, Ordering::Relaxed);
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until_us.load(Ordering::Relaxed);
+        until != 0 && self.micros(now) < until
+    }
+
+    /// When the current ejection ends, if one is on.
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.ejected_until_us.load(Ordering::Relaxed);
+        (until != 0 && self.micros(now) < until)
+            .then(|| self.epoch + std::time::Duration::from_micros(until))
+    }
+
+    /// May the backend take new requests?
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.is_up() && !self.is_draining() && !self.is_ejected(now)
+    }
+
+    /// The state as `/status` spells it.
+    pub fn state(&self, now: Instant) -> &'static str {
+        if self.is_draining() {
+            "draining"
+        } else if !self.is_up() {
+            "down"
+        } else if self.is_ejected(now) {
+            "ejected"
+        } else {
+            "up"
+        }
+    }
+
+    pub fn record_success(&self) {
+        if self.failure_run.load(Ordering::Relaxed) != 0 {
+            self.failure_run.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A gateway failure (`unreachable`: a refused connection).
+    pub fn record_failure(
+        &self,
+        unreachable: bool,
+        policy: &Policy,
+        may_eject: bool,
+        now: Instant,
+    ) -> Verdict {
+        let mut o = self.outlier.lock().unwrap();
+        if o.is_ejected(now) {
+            return Verdict::Fine;
+        }
+        let run = self.failure_run.fetch_add(1, Ordering::Relaxed) + 1;
+        let verdict = o.on_failure(run, unreachable, policy, may_eject, now);
+        if let Verdict::Ejected(_) = verdict {
+            self.failure_run.store(0, Ordering::Relaxed);
+            self.mirror(&o);
+        }
+        verdict
+    }
+
+    /// An active check passed; true if that ended an ejection.
+    pub fn check_passed(&self, now: Instant) -> bool {
+        let mut o = self.outlier.lock().unwrap();
+        let ended = o.on_check_passed(now);
+        if ended {
+            self.mirror(&o);
+        }
+        ended
+    }
+
+    fn mirror(&self, o: &Outlier) {
+        if let Some(t) = o.until() {
+            self.ejected_until_us
+                .store(self.micros(t).max(1), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Passive health for one failure of `target`, one of `all` (which includes
+/// it): applies the percent cap across the upstream, then the policy.
+pub fn note_failure<'a>(
+    all: impl Iterator<Item = &'a Health>,
+    target: &Health,
+    unreachable: bool,
+    policy: &Policy,
+    now: Instant,
+) -> Verdict {
+    let (mut total, mut ejected) = (0, 0);
+    for h in all {
+        total += 1;
+        ejected += usize::from(h.is_ejected(now));
+    }
+    let may = outlier::may_eject(ejected, total, policy.max_ejected_percent);
+    target.record_failure(unreachable, policy, may, now)
+}

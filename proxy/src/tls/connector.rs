@@ -23,8 +23,32 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
 use super::cert;
 use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+
+/// The keep-alive client of one upstream (also used by its health checks).
+pub type HttpClient = Client<UpstreamConnector, Full<Bytes>>;
+
+/// Builds the keep-alive client for one upstream: HTTP/1.1, or HTTP/2 only
+/// with `protocol: http2` (h2c, or h2 over TLS).
+pub fn build_client(cfg: &UpstreamConfig) -> HttpClient {
+    let connector = UpstreamConnector::new(cfg);
+    Client::builder(TokioExecutor::new())
+        .http2_only(cfg.protocol == UpstreamProtocol::Http2)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.pool.idle_timeout.0)
+        .pool_max_idle_per_host(cfg.pool.max_idle_per_backend)
+        // A request on a pooled connection that the backend closed before
+        // the request was written is re-sent on a new connection.
+        .retry_canceled_requests(true)
+        .build(connector)
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

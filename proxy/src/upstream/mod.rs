@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::dispatch::backend::{parse_load_threads, Backend, Verdict};
+use crate::dispatch::backend::{parse_load_threads, Backend};
 use crate::dispatch::{Dispatcher, Slot};
 use crate::error::Error;
+use crate::health::{self, Verdict};
 use crate::observe::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
 use framing::X_USHER_LOAD;
@@ -38,23 +37,7 @@ pub use body::{text, ProxyBody};
 use retry::is_idempotent;
 pub use retry::RetryBudget;
 
-pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
-
-/// Builds the keep-alive client for one upstream: HTTP/1.1, or HTTP/2 only
-/// with `protocol: http2` (h2c, or h2 over TLS).
-pub fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
-    let connector = UpstreamConnector::new(cfg);
-    Client::builder(TokioExecutor::new())
-        .http2_only(cfg.protocol == UpstreamProtocol::Http2)
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.pool.idle_timeout.0)
-        .pool_max_idle_per_host(cfg.pool.max_idle_per_backend)
-        // A request on a pooled connection that the backend closed before
-        // the request was written is re-sent on a new connection.
-        .retry_canceled_requests(true)
-        .build(connector)
-}
+pub use crate::tls::connector::{build_client, HttpClient as UpstreamClient};
 
 pub struct Upstream {
     pub name: String,
@@ -277,7 +260,7 @@ impl Upstream {
         ) {
             self.note_failure(&backend, false);
         } else {
-            backend.record_success();
+            backend.health.record_success();
         }
 
         let (parts, mut incoming) = response.into_parts();
@@ -372,23 +355,19 @@ impl Upstream {
     /// connection is decisive on its own; other failures need a run of
     /// `outlier.consecutive_failures`.
     fn note_failure(&self, backend: &Arc<Backend>, connect: bool) {
-        let o = &self.cfg.outlier;
         let now = Instant::now();
         let all = self.dispatcher.backends();
-        let ejected = all.iter().filter(|b| b.is_ejected(now)).count();
-        let may_eject = (ejected + 1) * 100 <= o.max_ejected_percent as usize * all.len();
-        let verdict = if connect {
-            backend.record_unreachable(o.base_ejection.0, o.max_ejection.0, may_eject, now)
-        } else {
-            backend.record_failure(
-                o.consecutive_failures,
-                o.base_ejection.0,
-                o.max_ejection.0,
-                may_eject,
-                now,
-            )
-        };
+        let policy = health::Policy::from(&self.cfg.outlier);
+        let verdict = health::note_failure(
+            all.iter().map(|b| &b.health),
+            &backend.health,
+            connect,
+            &policy,
+            now,
+        );
         if let Verdict::Ejected(d) = verdict {
+            backend.start_slow_after(d);
+            self.dispatcher.wake_at(now + d);
             tracing::warn!(upstream = %self.name, backend = %backend.key, ejected_for = ?d, "backend ejected after failures");
             self.metrics
                 .backend_ejections
