@@ -252,12 +252,18 @@ impl RawClient {
 
     /// The next response, body kept.
     pub fn response(&mut self, timeout: Duration) -> Result<RawResponse, NoResponse> {
-        self.read_response(timeout, true)
+        self.read_response(timeout, true, false)
+    }
+
+    /// The response to a `HEAD` request: a head, never a body, whatever its
+    /// framing headers say.
+    pub fn head_response(&mut self, timeout: Duration) -> Result<RawResponse, NoResponse> {
+        self.read_response(timeout, true, true)
     }
 
     /// The next response, body only digested (for large bodies).
     pub fn response_digest(&mut self, timeout: Duration) -> Result<RawResponse, NoResponse> {
-        self.read_response(timeout, false)
+        self.read_response(timeout, false, false)
     }
 
     /// The next response that is not `1xx`.
@@ -278,7 +284,12 @@ impl RawClient {
             .unwrap_or_else(|e| panic!("{what}: no complete response: {}", describe(&e)))
     }
 
-    fn read_response(&mut self, timeout: Duration, keep: bool) -> Result<RawResponse, NoResponse> {
+    fn read_response(
+        &mut self,
+        timeout: Duration,
+        keep: bool,
+        head_only: bool,
+    ) -> Result<RawResponse, NoResponse> {
         let deadline = Instant::now() + timeout;
         let head_end = loop {
             if let Some(p) = find(&self.buf, b"\r\n\r\n") {
@@ -323,7 +334,8 @@ impl RawClient {
         let length = resp
             .header("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let result = if (100..200).contains(&status) || status == 204 || status == 304 {
+        let result = if head_only || (100..200).contains(&status) || status == 204 || status == 304
+        {
             Ok(())
         } else if chunked {
             self.read_chunked(&mut resp, keep, deadline)
