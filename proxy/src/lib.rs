@@ -26,3 +26,6 @@ pub mod state;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+
+#[cfg(test)]
+mod prop_tests;
