@@ -34,3 +34,6 @@ pub mod health;
 pub mod observe;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod prop_tests;

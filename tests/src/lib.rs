@@ -570,3 +570,4 @@ pub mod blocking {
 }
 pub mod load;
 pub mod usher;
+pub mod raw;

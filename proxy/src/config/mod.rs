@@ -1224,7 +1224,8 @@ fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
                         .into(),
                 );
             }
-            if f.base_port != 0 && u32::from(f.base_port) + f.processes > 65536 {
+            // Summed in u64: `processes` is any u32 here (its range error is separate).
+            if f.base_port != 0 && u64::from(f.base_port) + u64::from(f.processes) > 65536 {
                 err(
                     k("fleet.base_port"),
                     &["base_port"],
