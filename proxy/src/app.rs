@@ -107,8 +107,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     }
 
     let access_log = AccessLog::new(config.access_log.format);
-    let state =
+    let (state, commit) =
         State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
+    commit.apply();
     state.probe_capacity().await;
     let state = Arc::new(ArcSwap::from_pointee(state));
     state.load().start(&state, &metrics);

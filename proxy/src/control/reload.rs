@@ -109,10 +109,14 @@ impl Reloader {
         }
         let fleet_addrs = self.fleet.lock().unwrap().clone();
         let tls = self.tls.prepare(&new)?;
-        let state = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
+        // Two phases: everything above builds without touching what is
+        // live, so any error leaves the running state as it was. From here
+        // on nothing fails: swap, then commit the changes to shared objects.
+        let (state, commit) = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
         self.access_log.set_format(state.config.access_log.format);
         let state = Arc::new(state);
         self.state.store(state.clone());
+        commit.apply();
         tls.commit();
         state.start(&self.state, &self.metrics);
         old.tasks.cancel();

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{resolve_addr, Config};
+use crate::config::{resolve_addr, Config, UpstreamConfig};
 use crate::dispatch::backend::Backend;
 use crate::dispatch::{Dispatcher, QueueMetrics};
 use crate::observe::metrics::{BackendMetrics, Metrics, RouteMetrics};
@@ -76,128 +76,47 @@ pub struct State {
     pub tasks: CancellationToken,
 }
 
+/// What a built state will change on live objects it shares with the
+/// running one (a kept dispatcher's limits and backend set, a kept
+/// backend's weight and capacity, metric series). Nothing of it happens in
+/// [`State::build`], so a build that fails halfway leaves the running state
+/// untouched; [`Commit::apply`] runs once the new state is swapped in.
+#[derive(Default)]
+#[must_use = "a built state's changes to live objects apply only on commit"]
+pub struct Commit(Vec<Box<dyn FnOnce() + Send>>);
+
+impl Commit {
+    fn then(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.0.push(Box::new(f));
+    }
+
+    /// Applies the changes, in the order they were planned.
+    pub fn apply(self) {
+        for f in self.0 {
+            f();
+        }
+    }
+}
+
+/// One backend the new config wants: address, weight, `max_in_flight`.
+type Wanted = (SocketAddr, u32, Option<u32>);
+
 impl State {
     /// Builds a state, carrying over from `prev` by upstream name and backend
-    /// address. Spawns nothing; call [`State::start`] once it is swapped in.
+    /// address, without touching anything live: the changes to objects it
+    /// shares with `prev` come back as a [`Commit`], to apply after the swap.
+    /// Spawns nothing; call [`State::start`] once it is swapped in.
     pub fn build(
         config: Config,
         prev: Option<&State>,
         fleet: &FleetAddrs,
         metrics: &Arc<Metrics>,
-    ) -> Result<State, String> {
+    ) -> Result<(State, Commit), String> {
+        let mut commit = Commit::default();
         let mut upstreams = HashMap::new();
         for (name, ucfg) in &config.upstreams {
-            metrics.init_upstream(name);
-            let old = prev.and_then(|p| p.upstreams.get(name));
-            let old_backends: HashMap<SocketAddr, Arc<Backend>> = old
-                .map(|u| {
-                    u.dispatcher
-                        .backends()
-                        .into_iter()
-                        .map(|b| (b.addr, b))
-                        .collect()
-                })
-                .unwrap_or_default();
-
-            let mut wanted: Vec<(SocketAddr, u32, Option<u32>)> = Vec::new();
-            for b in &ucfg.backends {
-                let addr =
-                    resolve_addr(&b.address).map_err(|e| format!("upstreams.{name}: {e}"))?;
-                let fixed = b.max_in_flight.fixed();
-                wanted.push((addr, b.weight, fixed));
-            }
-            let discovered = prev
-                .and_then(|p| p.discovered.lock().unwrap().get(name).cloned())
-                .unwrap_or_default();
-            if let Some(d) = &ucfg.dns {
-                let fixed = d.max_in_flight.fixed();
-                for a in &discovered {
-                    if !wanted.iter().any(|w| w.0 == *a) {
-                        wanted.push((*a, 1, fixed));
-                    }
-                }
-            }
-            if let (Some(f), Some(addrs)) = (&ucfg.fleet, fleet.get(name)) {
-                let fixed = f.max_in_flight.fixed();
-                for a in addrs {
-                    if !wanted.iter().any(|w| w.0 == *a) {
-                        wanted.push((*a, 1, fixed));
-                    }
-                }
-            }
-
-            let backends: Vec<Arc<Backend>> = wanted
-                .iter()
-                .map(|&(addr, weight, fixed)| match old_backends.get(&addr) {
-                    Some(b) => {
-                        b.reconfigure(weight, fixed, ucfg.default_capacity);
-                        b.set_slow_start(ucfg.slow_start.0);
-                        b.clone()
-                    }
-                    None => {
-                        let b = Backend::new(addr, weight, fixed, ucfg.default_capacity)
-                            .with_slow_start(ucfg.slow_start.0);
-                        if prev.is_some() {
-                            // Added while serving: ramp up gently.
-                            b.start_slow();
-                        }
-                        metrics.init_backend(name, &b.key);
-                        Arc::new(b)
-                    }
-                })
-                .collect();
-            for b in &backends {
-                b.set_share(ucfg.proxy_replicas);
-                b.attach_metrics(|| BackendMetrics::new(metrics, name, &b.key));
-            }
-            for (addr, b) in &old_backends {
-                if !wanted.iter().any(|w| w.0 == *addr) {
-                    metrics.forget_backend(name, &b.key);
-                }
-            }
-
-            let dispatcher = match old {
-                Some(u) => {
-                    u.dispatcher.set_limits(
-                        ucfg.balance,
-                        ucfg.queue.max_depth,
-                        ucfg.queue.timeout.0,
-                    );
-                    u.dispatcher.set_backends(backends);
-                    u.dispatcher.clone()
-                }
-                None => Dispatcher::new(
-                    backends,
-                    ucfg.balance,
-                    ucfg.queue.max_depth,
-                    ucfg.queue.timeout.0,
-                    QueueMetrics {
-                        depth: metrics.queue_depth.with_label_values(&[name]),
-                        wait: metrics.queue_wait.with_label_values(&[name]),
-                        rejected_full: metrics.queue_rejections.with_label_values(&[name, "full"]),
-                        rejected_timeout: metrics
-                            .queue_rejections
-                            .with_label_values(&[name, "timeout"]),
-                    },
-                ),
-            };
-            dispatcher.set_discipline(ucfg.queue.discipline);
-            let retry_budget = old
-                .map(|u| u.retry_budget.clone())
-                .unwrap_or_else(|| Arc::new(RetryBudget::new(0.2, 10.0)));
-            upstreams.insert(
-                name.clone(),
-                Arc::new(Upstream {
-                    name: name.clone(),
-                    cfg: ucfg.clone(),
-                    dispatcher,
-                    client: build_client(ucfg),
-                    connector: crate::tls::connector::UpstreamConnector::new(ucfg),
-                    metrics: metrics.clone(),
-                    max_response_buffer: config.limits.max_response_buffer.0,
-                    retry_budget,
-                }),
-            );
+            let up = build_upstream(name, ucfg, &config, prev, fleet, metrics, &mut commit)?;
+            upstreams.insert(name.clone(), up);
         }
         let routes = config
             .routes
@@ -216,13 +135,14 @@ impl State {
                 }
             })
             .collect();
-        Ok(State {
+        let state = State {
             config,
             discovered: prev.map(|p| p.discovered.clone()).unwrap_or_default(),
             routes,
             upstreams,
             tasks: CancellationToken::new(),
-        })
+        };
+        Ok((state, commit))
     }
 
     /// Starts this state's background tasks: discovery, health checks, and
@@ -349,6 +269,146 @@ impl State {
     }
 }
 
+/// The backends `ucfg` wants: static ones, then discovered and fleet
+/// addresses not already listed.
+fn wanted_backends(
+    name: &str,
+    ucfg: &UpstreamConfig,
+    prev: Option<&State>,
+    fleet: &FleetAddrs,
+) -> Result<Vec<Wanted>, String> {
+    let mut wanted: Vec<Wanted> = Vec::new();
+    for b in &ucfg.backends {
+        let addr = resolve_addr(&b.address).map_err(|e| format!("upstreams.{name}: {e}"))?;
+        wanted.push((addr, b.weight, b.max_in_flight.fixed()));
+    }
+    let mut add = |addrs: &[SocketAddr], fixed: Option<u32>| {
+        for a in addrs {
+            if !wanted.iter().any(|w| w.0 == *a) {
+                wanted.push((*a, 1, fixed));
+            }
+        }
+    };
+    if let Some(d) = &ucfg.dns {
+        let discovered = prev
+            .and_then(|p| p.discovered.lock().unwrap().get(name).cloned())
+            .unwrap_or_default();
+        add(&discovered, d.max_in_flight.fixed());
+    }
+    if let (Some(f), Some(addrs)) = (&ucfg.fleet, fleet.get(name)) {
+        add(addrs, f.max_in_flight.fixed());
+    }
+    Ok(wanted)
+}
+
+/// One upstream of a new state: the previous upstream's dispatcher, retry
+/// budget and backend objects where they exist (their reconfiguration goes
+/// into `commit`), new ones otherwise.
+fn build_upstream(
+    name: &str,
+    ucfg: &UpstreamConfig,
+    config: &Config,
+    prev: Option<&State>,
+    fleet: &FleetAddrs,
+    metrics: &Arc<Metrics>,
+    commit: &mut Commit,
+) -> Result<Arc<Upstream>, String> {
+    let old = prev.and_then(|p| p.upstreams.get(name));
+    let old_backends: HashMap<SocketAddr, Arc<Backend>> = old
+        .map(|u| {
+            u.dispatcher
+                .backends()
+                .into_iter()
+                .map(|b| (b.addr, b))
+                .collect()
+        })
+        .unwrap_or_default();
+    let wanted = wanted_backends(name, ucfg, prev, fleet)?;
+
+    let (m, n) = (metrics.clone(), name.to_string());
+    commit.then(move || m.init_upstream(&n));
+    let (default_capacity, slow_start, share) = (
+        ucfg.default_capacity,
+        ucfg.slow_start.0,
+        ucfg.proxy_replicas,
+    );
+    let mut backends: Vec<Arc<Backend>> = Vec::with_capacity(wanted.len());
+    for &(addr, weight, fixed) in &wanted {
+        if let Some(b) = old_backends.get(&addr) {
+            let kept = b.clone();
+            commit.then(move || {
+                kept.reconfigure(weight, fixed, default_capacity);
+                kept.set_slow_start(slow_start);
+                kept.set_share(share);
+            });
+            backends.push(b.clone());
+            continue;
+        }
+        let b = Backend::new(addr, weight, fixed, default_capacity).with_slow_start(slow_start);
+        b.set_share(share);
+        b.attach_metrics(|| BackendMetrics::new(metrics, name, &b.key));
+        if prev.is_some() {
+            // Added while serving: ramp up gently.
+            b.start_slow();
+        }
+        let (m, n, k) = (metrics.clone(), name.to_string(), b.key.clone());
+        commit.then(move || m.init_backend(&n, &k));
+        backends.push(Arc::new(b));
+    }
+    for (addr, b) in &old_backends {
+        if !wanted.iter().any(|w| w.0 == *addr) {
+            let (m, n, k) = (metrics.clone(), name.to_string(), b.key.clone());
+            commit.then(move || m.forget_backend(&n, &k));
+        }
+    }
+
+    let q = &ucfg.queue;
+    let dispatcher = match old {
+        Some(u) => {
+            let d = u.dispatcher.clone();
+            let (balance, depth, timeout, discipline) =
+                (ucfg.balance, q.max_depth, q.timeout.0, q.discipline);
+            commit.then(move || {
+                d.set_limits(balance, depth, timeout);
+                d.set_discipline(discipline);
+                d.set_backends(backends);
+            });
+            u.dispatcher.clone()
+        }
+        None => {
+            let d = Dispatcher::new(
+                backends,
+                ucfg.balance,
+                q.max_depth,
+                q.timeout.0,
+                QueueMetrics {
+                    depth: metrics.queue_depth.with_label_values(&[name]),
+                    wait: metrics.queue_wait.with_label_values(&[name]),
+                    rejected_full: metrics.queue_rejections.with_label_values(&[name, "full"]),
+                    rejected_timeout: metrics
+                        .queue_rejections
+                        .with_label_values(&[name, "timeout"]),
+                },
+            );
+            d.set_discipline(q.discipline);
+            d
+        }
+    };
+    let retry_budget = old
+        .map(|u| u.retry_budget.clone())
+        .unwrap_or_else(|| Arc::new(RetryBudget::new(0.2, 10.0)));
+    Ok(Arc::new(Upstream {
+        name: name.to_string(),
+        cfg: ucfg.clone(),
+        dispatcher,
+        client: build_client(ucfg),
+        connector: crate::tls::connector::UpstreamConnector::new(ucfg),
+        metrics: metrics.clone(),
+        max_response_buffer: config.limits.max_response_buffer.0,
+        retry_budget,
+    }))
+}
+
 /// Discovery publishes into the hot state through this.
 impl crate::discovery::Live for arc_swap::ArcSwap<State> {
     fn publish(&self, upstream: &str, addrs: &[SocketAddr], fixed_capacity: Option<u32>) {
@@ -408,7 +468,10 @@ mod tests {
 
     fn state(yaml: &str) -> State {
         let c = crate::config::parse(yaml, "t").unwrap();
-        State::build(c, None, &FleetAddrs::new(), &Arc::new(Metrics::new())).unwrap()
+        let (s, commit) =
+            State::build(c, None, &FleetAddrs::new(), &Arc::new(Metrics::new())).unwrap();
+        commit.apply();
+        s
     }
 
     const Y: &str = r#"
@@ -440,11 +503,13 @@ upstreams:
     async fn rebuild_keeps_backend_objects_by_address() {
         let metrics = Arc::new(Metrics::new());
         let c = crate::config::parse(Y, "t").unwrap();
-        let s1 = State::build(c, None, &FleetAddrs::new(), &metrics).unwrap();
+        let (s1, commit) = State::build(c, None, &FleetAddrs::new(), &metrics).unwrap();
+        commit.apply();
         let b3 = s1.upstreams["b"].dispatcher.backends()[0].clone();
         b3.inc();
         let c2 = crate::config::parse(&Y.replace("127.0.0.1:4", "127.0.0.1:5"), "t").unwrap();
-        let s2 = State::build(c2, Some(&s1), &FleetAddrs::new(), &metrics).unwrap();
+        let (s2, commit) = State::build(c2, Some(&s1), &FleetAddrs::new(), &metrics).unwrap();
+        commit.apply();
         let now = s2.upstreams["b"].dispatcher.backends();
         assert!(Arc::ptr_eq(&now[0], &b3));
         assert_eq!(now[0].in_flight(), 1);
@@ -453,5 +518,34 @@ upstreams:
             &s1.upstreams["b"].dispatcher,
             &s2.upstreams["b"].dispatcher
         ));
+    }
+
+    #[tokio::test]
+    async fn a_build_that_fails_on_a_later_upstream_changes_nothing_live() {
+        let metrics = Arc::new(Metrics::new());
+        let c = crate::config::parse(Y, "t").unwrap();
+        let (s1, commit) = State::build(c, None, &FleetAddrs::new(), &metrics).unwrap();
+        commit.apply();
+        let a = s1.upstreams["a"].dispatcher.backends()[0].clone();
+        assert_eq!(a.capacity(), 4);
+        // `a` (built first) gets a fixed capacity and a new backend; `b`
+        // (built after it) has an address that cannot resolve.
+        let yaml = Y.replace(
+            r#"a: { backends: [{ address: "127.0.0.1:2" }] }"#,
+            r#"a: { backends: [{ address: "127.0.0.1:2", max_in_flight: 1 }, { address: "127.0.0.1:9" }] }"#,
+        );
+        let mut c2 = crate::config::parse(&yaml, "t").unwrap();
+        c2.upstreams.get_mut("b").unwrap().backends[0].address = "no port".into();
+        assert!(State::build(c2.clone(), Some(&s1), &FleetAddrs::new(), &metrics).is_err());
+        assert_eq!(a.capacity(), 4, "capacity of a live backend changed");
+        assert_eq!(s1.upstreams["a"].dispatcher.backends().len(), 1);
+        // A build that succeeds changes them only on commit.
+        c2.upstreams.get_mut("b").unwrap().backends[0].address = "127.0.0.1:3".into();
+        let (_s2, commit) = State::build(c2, Some(&s1), &FleetAddrs::new(), &metrics).unwrap();
+        assert_eq!(a.capacity(), 4);
+        assert_eq!(s1.upstreams["a"].dispatcher.backends().len(), 1);
+        commit.apply();
+        assert_eq!(a.capacity(), 1);
+        assert_eq!(s1.upstreams["a"].dispatcher.backends().len(), 2);
     }
 }
