@@ -53,37 +53,95 @@ async fn bind(name: &str, address: &str) -> Result<TcpListener, StartError> {
         })
 }
 
-/// Runs Usher until it is told to stop. `path` is the config file, if any
-/// (reloads re-read it).
-pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
-    let metrics = Arc::new(Metrics::new());
-    let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
-    // nginx operators send USR1 to reopen logs; the default action would kill
-    // Usher. Logs go to stdout/stderr, so there is nothing to reopen: say so.
-    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(StartError::Signals)?;
-    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signals)?;
+/// The process's signals, installed before anything starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
 
-    // Certificates before anything else: a bad one is a config error.
-    let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
-    // Bind first, so a busy port fails fast before any process is started.
+/// What a signal asks for.
+enum Asked {
+    Stop,
+    Reload,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, StartError> {
+        let s = |k| signal(k).map_err(StartError::Signals);
+        Ok(Signals {
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+            hup: s(SignalKind::hangup())?,
+            // nginx operators send USR1 to reopen logs; the default action
+            // would kill Usher.
+            usr1: s(SignalKind::user_defined1())?,
+            usr2: s(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Waits for the next signal that asks for something.
+    async fn next(&mut self) -> Asked {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); return Asked::Stop; }
+                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); return Asked::Stop; }
+                _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading configuration"); return Asked::Reload; }
+                _ = self.usr1.recv() => tracing::info!("SIGUSR1 ignored: logs go to stdout/stderr; use SIGHUP to reload, SIGTERM to stop"),
+                _ = self.usr2.recv() => tracing::info!("SIGUSR2 ignored: use SIGHUP to reload, SIGTERM to stop"),
+            }
+        }
+    }
+
+    /// A second SIGTERM or SIGINT (during the drain).
+    async fn stop_again(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Binds every client listener and the admin listener. Bound first, so a
+/// busy port fails fast before any process is started.
+async fn bind_all(
+    config: &Config,
+) -> Result<
+    (
+        Vec<(crate::config::ListenerConfig, TcpListener)>,
+        Option<TcpListener>,
+    ),
+    StartError,
+> {
+    let local = |tcp: &TcpListener| {
+        tcp.local_addr()
+            .map_err(|e| StartError::Config(e.to_string()))
+    };
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let tcp = bind(&l.name, &l.address).await?;
-        tracing::info!(listener = %l.name, addr = %tcp.local_addr().map_err(|e| StartError::Config(e.to_string()))?, "listening");
+        tracing::info!(listener = %l.name, addr = %local(&tcp)?, "listening");
         listeners.push((l.clone(), tcp));
     }
-    let admin_listener = match &config.admin {
+    let admin = match &config.admin {
         Some(a) => {
             let tcp = bind("admin", &a.address).await?;
-            tracing::info!(addr = %tcp.local_addr().map_err(|e| StartError::Config(e.to_string()))?, "admin listening");
+            tracing::info!(addr = %local(&tcp)?, "admin listening");
             Some(tcp)
         }
         None => None,
     };
+    Ok((listeners, admin))
+}
 
-    let grace = config.timeouts.shutdown_grace.0;
+/// Starts every upstream's fleet and waits (bounded) until they accept.
+async fn start_fleets(
+    config: &Config,
+    metrics: &Metrics,
+    grace: Duration,
+) -> Result<(std::collections::HashMap<String, Fleet>, FleetAddrs), StartError> {
     let mut fleets = std::collections::HashMap::new();
     let mut fleet_addrs = FleetAddrs::new();
     for (name, u) in &config.upstreams {
@@ -105,7 +163,44 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     for f in fleets.values() {
         f.wait_ready(Duration::from_secs(15)).await;
     }
+    Ok((fleets, fleet_addrs))
+}
 
+/// Lets client connections finish within `grace`, then upgraded ones
+/// within what is left of it.
+async fn drain(mut serving: tokio::task::JoinSet<()>, shared: &Shared, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    while serving.join_next().await.is_some() {}
+    tracing::info!("all client connections drained");
+    // hyper's drain does not see upgraded connections: they are drained
+    // here, within the same grace.
+    let open = shared.tunnels.open();
+    if open > 0 {
+        tracing::info!(open, "waiting for upgraded connections to close");
+    }
+    match shared.tunnels.drain(deadline).await {
+        0 => {}
+        closed => tracing::warn!(
+            closed,
+            ?grace,
+            "grace period over: upgraded connections closed"
+        ),
+    }
+}
+
+/// Runs Usher until it is told to stop. `path` is the config file, if any
+/// (reloads re-read it). Shaped like linkerd2-proxy's main: build, spawn,
+/// wait for signals, drain with a deadline.
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let mut signals = Signals::install()?;
+
+    // Build: certificates first (a bad one is a config error), then the
+    // sockets, the fleet and the state.
+    let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
+    let (listeners, admin_listener) = bind_all(&config).await?;
+    let grace = config.timeouts.shutdown_grace.0;
+    let (fleets, fleet_addrs) = start_fleets(&config, &metrics, grace).await?;
     let access_log = AccessLog::new(config.access_log.format);
     let (state, commit) =
         State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
@@ -120,6 +215,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         tunnels: Default::default(),
     });
 
+    // Spawn: listeners, admin, the reload watcher, certificate rotation.
     let stop = CancellationToken::new();
     let mut serving = tokio::task::JoinSet::new();
     for (l, tcp) in listeners {
@@ -152,7 +248,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             admin_stop.clone(),
         ));
     }
-
     let reloader = Arc::new(Reloader {
         path,
         state: state.clone(),
@@ -173,49 +268,21 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         stop.clone(),
     ));
 
+    // Wait for signals. Every reload, from SIGHUP or the file watch, goes
+    // through `Reloader::reload`.
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "usher is serving");
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
-            _ = sigusr1.recv() => tracing::info!("SIGUSR1 ignored: logs go to stdout/stderr; use SIGHUP to reload, SIGTERM to stop"),
-            _ = sigusr2.recv() => tracing::info!("SIGUSR2 ignored: use SIGHUP to reload, SIGTERM to stop"),
-            _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading configuration");
-                let r = reloader.clone();
-                // Building a state is quick, but keep file I/O off the runtime.
-                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
-            }
-        }
+    while let Asked::Reload = signals.next().await {
+        let r = reloader.clone();
+        // Building a state is quick, but keep file I/O off the runtime.
+        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
     }
 
+    // Drain with a deadline; a second signal ends it at once.
     admin.draining.store(true, Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + grace;
     stop.cancel();
-    let drained = async {
-        while serving.join_next().await.is_some() {}
-        tracing::info!("all client connections drained");
-        // hyper's drain does not see upgraded connections: they are
-        // drained here, within the same grace.
-        let open = shared.tunnels.open();
-        if open > 0 {
-            tracing::info!(open, "waiting for upgraded connections to close");
-        }
-        match shared.tunnels.drain(deadline).await {
-            0 => {}
-            closed => {
-                tracing::warn!(
-                    closed,
-                    ?grace,
-                    "grace period over: upgraded connections closed"
-                )
-            }
-        }
-    };
     tokio::select! {
-        _ = drained => {}
-        _ = sigterm.recv() => tracing::warn!("second signal: stopping now"),
-        _ = sigint.recv() => tracing::warn!("second signal: stopping now"),
+        _ = drain(serving, &shared, grace) => {}
+        _ = signals.stop_again() => tracing::warn!("second signal: stopping now"),
     }
     state.load().tasks.cancel();
     let fleets = std::mem::take(&mut *reloader.fleets.lock().await);
