@@ -154,7 +154,14 @@ pub async fn handle(
             backend_key = failed.backend;
             queue_wait = failed.queue_wait;
             error_text = Some(failed.error.to_string());
-            error_response(&failed.error)
+            let mut resp = error_response(&failed.error);
+            if upgrade {
+                // As for a declined upgrade: what the client sent after its
+                // request was meant for the new protocol.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     response

@@ -105,7 +105,8 @@ pub fn request_authority<'a>(
         return match (target, host) {
             (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(":authority and Host disagree"),
             (Some(a), _) => Ok(Some(a)),
-            (None, h) => Ok(h),
+            (None, Some(h)) => Ok(Some(h)),
+            (None, None) => Err("neither :authority nor Host"),
         };
     }
     if host.is_none() && version == Version::HTTP_11 {
@@ -315,6 +316,11 @@ mod tests {
             request_authority(h2, &absolute, &h(&[])),
             Ok(Some("alt.test"))
         );
+        assert_eq!(
+            request_authority(h2, &origin, &h(&["main.test"])),
+            Ok(Some("main.test"))
+        );
+        assert!(request_authority(h2, &origin, &h(&[])).is_err());
     }
 
     #[test]

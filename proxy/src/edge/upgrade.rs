@@ -471,6 +471,7 @@ async fn exchange(
         // after a 101 instead of closing it.
         let _ = conn.with_upgrades().await;
     });
+    let method = head.method.clone();
     let req = Request::from_parts(head, Full::new(Bytes::new()));
     let mut resp = match tokio::time::timeout_at(deadline, sender.send_request(req)).await {
         Err(_) => {
@@ -490,7 +491,13 @@ async fn exchange(
     count(up, &backend, status.as_str());
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // An ordinary answer: read it whole, and let the connection go.
-        let (parts, body) = resp.into_parts();
+        // Framed by Usher like any response (see `upstream::framing`).
+        let (mut parts, body) = resp.into_parts();
+        crate::upstream::framing::take_response_framing(&method, status, &mut parts.headers)
+            .map_err(|reason| {
+                count(up, &backend, "error");
+                upstream_err(reason.to_string())
+            })?;
         let limit = usize::try_from(up.max_response_buffer).unwrap_or(usize::MAX);
         let body = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect())
             .await
