@@ -1177,7 +1177,7 @@ proptest! {
             .filter(|p| p.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
             .filter(|p| !p.trim().is_empty());
         let want = match prev {
-            Some(prev) => format!("{prev}, {peer}"),
+            Some(prev) => format!("{}, {peer}", prev.trim()),
             None => peer.clone(),
         };
         let xff: Vec<_> = h.get_all(&headers::X_FORWARDED_FOR).iter().collect();
@@ -1187,6 +1187,8 @@ proptest! {
         if let Some(host) = host.as_deref().filter(|s| HeaderValue::from_str(s).is_ok()) {
             let hosts: Vec<_> = h.get_all(&headers::X_FORWARDED_HOST).iter().collect();
             prop_assert_eq!(hosts, vec![host]);
+        } else {
+            prop_assert!(!h.contains_key(&headers::X_FORWARDED_HOST));
         }
         for (name, _) in &others {
             let want: Vec<_> = before.get_all(*name).iter().collect();

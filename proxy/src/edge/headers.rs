@@ -18,12 +18,13 @@ const KEEP_ALIVE: &str = "keep-alive";
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Tokens are read as bytes: a value with one non-ASCII byte must not hide
+    // the names beside it.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
     for n in named {
         h.remove(n);
@@ -183,18 +184,27 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
 }
 
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
+/// Every `X-Forwarded-For` line the client sent is kept, in order, as one
+/// list (a line that is not text is dropped). A client's `X-Forwarded-Host`
+/// never passes when Usher has no host of its own to put there.
 pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host: Option<&str>) {
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
-        _ => peer_ip.to_string(),
-    };
+    let mut xff = String::new();
+    for prev in h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+        let prev = prev.trim();
+        if !prev.is_empty() {
+            xff.push_str(prev);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(peer_ip);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        h.insert(X_FORWARDED_HOST.clone(), v);
-    }
+    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+        None => h.remove(&X_FORWARDED_HOST),
+    };
 }
 
 /// What Usher tells a backend about the request: `X-Forwarded-*`,
@@ -331,5 +341,12 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2, 3.3.3.3".parse().unwrap());
+        h.insert("x-forwarded-host", "spoofed".parse().unwrap());
+        set_forwarded(&mut h, "9.9.9.9", "http", None);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 9.9.9.9");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 }
