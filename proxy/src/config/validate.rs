@@ -1,0 +1,281 @@
+//! The checks serde cannot make: at least one listener and one route,
+//! addresses that resolve and do not collide, routes that name a defined
+//! upstream, and numbers whose type is wider than their meaning. Every
+//! problem is reported, not just the first, each with its key and the line
+//! it is on (a best-effort search of the text, see `locate.rs`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::locate::find_line;
+use super::schema::{
+    AdminConfig, BackendConfig, Config, DnsConfig, FleetConfig, HealthCheckConfig, ListenerConfig,
+    RouteConfig, UpstreamConfig,
+};
+use super::{resolve_addr, ConfigError};
+
+/// Every problem in `c`, in the order of the sections in the file.
+pub(super) fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
+    let mut r = Report {
+        text,
+        file,
+        errors: Vec::new(),
+    };
+    let listener_addrs = listeners(&c.listeners, &mut r);
+    if let Some(a) = &c.admin {
+        admin(a, &listener_addrs, &mut r);
+    }
+    routes(c, &mut r);
+    for (name, u) in &c.upstreams {
+        upstream(name, u, &mut r);
+    }
+    r.errors
+}
+
+/// The problems found so far, and the text to locate new ones in.
+struct Report<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Report<'_> {
+    /// Records a problem at `key`, on the first line that contains all of
+    /// `needles`.
+    fn err(&mut self, key: impl Into<String>, needles: &[&str], message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: find_line(self.text, needles),
+            column: None,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Checks the listeners and returns their addresses (port 0 left out: any
+/// number of listeners may ask for an ephemeral port).
+fn listeners(ls: &[ListenerConfig], r: &mut Report) -> HashSet<SocketAddr> {
+    if ls.is_empty() {
+        r.err(
+            "listeners",
+            &["listeners"],
+            "at least one listener is required",
+        );
+    }
+    let mut seen_addrs = HashSet::new();
+    let mut seen_names = HashSet::new();
+    for (i, l) in ls.iter().enumerate() {
+        let key = format!("listeners[{i}].address");
+        match resolve_addr(&l.address) {
+            Ok(a) => {
+                if a.port() != 0 && !seen_addrs.insert(a) {
+                    r.err(
+                        key,
+                        &[&l.address],
+                        format!("duplicate listener address {a}"),
+                    );
+                }
+            }
+            Err(m) => r.err(key, &[&l.address], m),
+        }
+        if !seen_names.insert(&l.name) {
+            r.err(
+                format!("listeners[{i}].name"),
+                &[&l.name],
+                format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        if l.max_connections == 0 {
+            r.err(
+                format!("listeners[{i}].max_connections"),
+                &["max_connections"],
+                "must be at least 1",
+            );
+        }
+    }
+    seen_addrs
+}
+
+fn admin(admin: &AdminConfig, listener_addrs: &HashSet<SocketAddr>, r: &mut Report) {
+    match resolve_addr(&admin.address) {
+        Ok(a) => {
+            if a.port() != 0 && listener_addrs.contains(&a) {
+                r.err(
+                    "admin.address",
+                    &[&admin.address],
+                    format!("admin address {a} is also a listener address"),
+                );
+            }
+        }
+        Err(m) => r.err("admin.address", &[&admin.address], m),
+    }
+}
+
+fn routes(c: &Config, r: &mut Report) {
+    if c.routes.is_empty() {
+        r.err("routes", &["routes"], "at least one route is required");
+    }
+    for (i, route) in c.routes.iter().enumerate() {
+        route_upstream_exists(c, i, route, r);
+        if !route.path_prefix.starts_with('/') {
+            r.err(
+                format!("routes[{i}].path_prefix"),
+                &[&route.path_prefix],
+                "must start with `/`",
+            );
+        }
+    }
+}
+
+fn route_upstream_exists(c: &Config, i: usize, route: &RouteConfig, r: &mut Report) {
+    if c.upstreams.contains_key(&route.upstream) {
+        return;
+    }
+    let known: Vec<_> = c.upstreams.keys().map(String::as_str).collect();
+    let known = if known.is_empty() {
+        "none".into()
+    } else {
+        known.join(", ")
+    };
+    r.err(
+        format!("routes[{i}].upstream"),
+        &["upstream", &route.upstream],
+        format!(
+            "route points to unknown upstream `{}` (defined: {known})",
+            route.upstream
+        ),
+    );
+}
+
+fn upstream(name: &str, u: &UpstreamConfig, r: &mut Report) {
+    let k = |s: &str| format!("upstreams.{name}.{s}");
+    if u.backends.is_empty() && u.fleet.is_none() && u.dns.is_none() {
+        r.err(
+            k("backends"),
+            &[&format!("{name}:")],
+            "an upstream needs `backends`, a `fleet` or `dns`",
+        );
+    }
+    backends(&u.backends, &k, r);
+    if let Some(d) = &u.dns {
+        dns(d, &k, r);
+    }
+    if let Some(f) = &u.fleet {
+        fleet(f, &k, r);
+    }
+    if u.proxy_replicas == 0 {
+        r.err(
+            k("proxy_replicas"),
+            &["proxy_replicas"],
+            "must be at least 1",
+        );
+    }
+    if u.default_capacity == 0 {
+        r.err(
+            k("default_capacity"),
+            &["default_capacity"],
+            "must be at least 1",
+        );
+    }
+    if u.queue.timeout.0.is_zero() {
+        r.err(k("queue.timeout"), &["timeout"], "must be above zero");
+    }
+    if let Some(h) = &u.health_check {
+        health_check(h, &k, r);
+    }
+    if u.outlier.max_ejected_percent > 100 {
+        r.err(
+            k("outlier.max_ejected_percent"),
+            &["max_ejected_percent"],
+            "must be 0..=100",
+        );
+    }
+}
+
+fn backends(bs: &[BackendConfig], k: &impl Fn(&str) -> String, r: &mut Report) {
+    let mut seen = HashSet::new();
+    for (i, b) in bs.iter().enumerate() {
+        match resolve_addr(&b.address) {
+            Ok(a) => {
+                if !seen.insert(a) {
+                    r.err(
+                        k(&format!("backends[{i}].address")),
+                        &[&b.address],
+                        format!("duplicate backend {a}"),
+                    );
+                }
+            }
+            Err(m) => r.err(k(&format!("backends[{i}].address")), &[&b.address], m),
+        }
+        if b.weight == 0 {
+            r.err(
+                k(&format!("backends[{i}].weight")),
+                &["weight"],
+                "weight must be at least 1",
+            );
+        }
+    }
+}
+
+fn dns(d: &DnsConfig, k: &impl Fn(&str) -> String, r: &mut Report) {
+    if d.name.is_empty() || d.port == 0 {
+        r.err(k("dns"), &["dns"], "dns needs a name and a non-zero port");
+    }
+    if d.refresh.0 < Duration::from_millis(100) {
+        r.err(k("dns.refresh"), &["refresh"], "must be at least 100ms");
+    }
+}
+
+fn fleet(f: &FleetConfig, k: &impl Fn(&str) -> String, r: &mut Report) {
+    if f.command.is_empty() {
+        r.err(
+            k("fleet.command"),
+            &["command"],
+            "the fleet command is empty",
+        );
+    }
+    if f.processes == 0 || f.processes > 1024 {
+        r.err(
+            k("fleet.processes"),
+            &["processes"],
+            "processes must be between 1 and 1024",
+        );
+    }
+    if !f.command.iter().any(|a| a.contains("{port}")) {
+        r.err(
+            k("fleet.command"),
+            &["command"],
+            "the fleet command must contain `{port}` so each process gets its own port",
+        );
+    }
+    // Summed in u64: `processes` is any u32 here (its range error is separate).
+    if f.base_port != 0 && u64::from(f.base_port) + u64::from(f.processes) > 65536 {
+        r.err(
+            k("fleet.base_port"),
+            &["base_port"],
+            "base_port + processes exceeds 65535",
+        );
+    }
+}
+
+fn health_check(h: &HealthCheckConfig, k: &impl Fn(&str) -> String, r: &mut Report) {
+    if h.rise == 0 || h.fall == 0 {
+        r.err(
+            k("health_check"),
+            &["rise"],
+            "rise and fall must be at least 1",
+        );
+    }
+    if !h.path.starts_with('/') {
+        r.err(k("health_check.path"), &[&h.path], "must start with `/`");
+    }
+    if h.interval.0 < Duration::from_millis(10) {
+        r.err(
+            k("health_check.interval"),
+            &["interval"],
+            "must be at least 10ms",
+        );
+    }
+}
