@@ -13,6 +13,31 @@ use crate::config::Balance;
 use crate::dispatch::backend::Backend;
 use std::sync::Arc;
 
+/// What a backend's load is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// Requests in flight, against its capacity (threads).
+    Requests,
+    /// Open upgraded connections, against `upgrades.max_upgraded`.
+    Upgraded { max: u32 },
+}
+
+impl Load {
+    fn of(self, b: &Backend) -> u32 {
+        match self {
+            Load::Requests => b.in_flight(),
+            Load::Upgraded { .. } => b.upgraded(),
+        }
+    }
+
+    fn has_room(self, b: &Backend) -> bool {
+        match self {
+            Load::Requests => b.in_flight() < b.capacity(),
+            Load::Upgraded { max } => b.upgraded() < max,
+        }
+    }
+}
+
 /// Per-upstream balancer state (the round-robin cursor).
 #[derive(Debug)]
 pub struct Balancer {
@@ -36,13 +61,24 @@ impl Balancer {
         avoid: &[SocketAddr],
         now: Instant,
     ) -> Option<usize> {
+        self.pick_for(Load::Requests, backends, avoid, now)
+    }
+
+    /// [`Balancer::pick`], with load counted as `load` says.
+    pub fn pick_for(
+        &mut self,
+        load: Load,
+        backends: &[Arc<Backend>],
+        avoid: &[SocketAddr],
+        now: Instant,
+    ) -> Option<usize> {
         let free = |i: usize| {
             let b = &backends[i];
-            b.health.is_available(now) && b.in_flight() < b.capacity()
+            b.health.is_available(now) && load.has_room(b)
         };
-        if let Some(i) =
-            self.pick_where(backends, |i| free(i) && !avoid.contains(&backends[i].addr))
-        {
+        if let Some(i) = self.pick_where(load, backends, |i| {
+            free(i) && !avoid.contains(&backends[i].addr)
+        }) {
             return Some(i);
         }
         let others_up = backends
@@ -51,11 +87,12 @@ impl Balancer {
         if others_up {
             return None;
         }
-        self.pick_where(backends, free)
+        self.pick_where(load, backends, free)
     }
 
     fn pick_where(
         &mut self,
+        load: Load,
         backends: &[Arc<Backend>],
         ok: impl Fn(usize) -> bool,
     ) -> Option<usize> {
@@ -90,8 +127,8 @@ impl Balancer {
                         continue;
                     };
                     let (x, y) = (&backends[i], &backends[b]);
-                    let lhs = u64::from(x.in_flight()) * u64::from(y.weight());
-                    let rhs = u64::from(y.in_flight()) * u64::from(x.weight());
+                    let lhs = u64::from(load.of(x)) * u64::from(y.weight());
+                    let rhs = u64::from(load.of(y)) * u64::from(x.weight());
                     if lhs < rhs {
                         best = Some(i);
                         ties = 1;

@@ -39,6 +39,8 @@ pub enum Rejected {
     QueueTimeout,
     /// No backend is up: answered at once rather than after the queue timeout.
     NoBackend,
+    /// Every available backend has `upgrades.max_upgraded` tunnels open.
+    UpgradeLimit,
 }
 
 impl Rejected {
@@ -50,6 +52,7 @@ impl Rejected {
             Rejected::QueueFull => Error::QueueFull { upstream },
             Rejected::QueueTimeout => Error::QueueTimeout { upstream },
             Rejected::NoBackend => Error::NoBackend { upstream },
+            Rejected::UpgradeLimit => Error::UpgradeLimit { upstream },
         }
     }
 }
@@ -90,6 +93,29 @@ struct Waiter {
     rank: f64,
     avoid: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<Slot, Rejected>>,
+}
+
+/// One counted upgraded connection on a backend (`upgraded`, for `/status`
+/// and the gauge); dropping it releases the count.
+pub struct Tunnel(Arc<Backend>);
+
+impl Tunnel {
+    /// Counts one more on `backend`. Under `upgrades.hold_slot` the request
+    /// slot held beside it is what bounds them.
+    pub fn open(backend: Arc<Backend>) -> Self {
+        backend.inc_upgraded();
+        Tunnel(backend)
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.0.dec_upgraded();
+    }
 }
 
 /// A reserved place on one backend. Dropping it releases the place.
@@ -253,6 +279,24 @@ impl Dispatcher {
             self.metrics.wait.observe(waited.as_secs_f64());
         }
         result.map(|slot| Admitted { slot, waited })
+    }
+
+    /// Admits an upgraded connection (a tunnel) without waiting: picked by
+    /// the same balancer as requests, with load counted in open tunnels
+    /// (at most `max` per backend) instead of requests in flight.
+    pub fn admit_upgrade(&self, avoid: &[SocketAddr], max: u32) -> Result<Tunnel, Rejected> {
+        let mut inner = self.inner.lock().unwrap();
+        let now = Instant::now();
+        if !inner.backends.iter().any(|b| b.health.is_available(now)) {
+            return Err(Rejected::NoBackend);
+        }
+        let inner = &mut *inner;
+        let load = balance::Load::Upgraded { max };
+        let i = inner
+            .balancer
+            .pick_for(load, &inner.backends, avoid, now)
+            .ok_or(Rejected::UpgradeLimit)?;
+        Ok(Tunnel::open(inner.backends[i].clone()))
     }
 
     /// Reserves a slot under the lock.
@@ -588,5 +632,25 @@ mod tests {
             *order.lock().unwrap(),
             vec!["/long", "/short", "/short", "/long", "/long"]
         );
+    }
+
+    #[test]
+    fn upgrades_go_to_the_least_upgraded_backend_under_the_limit() {
+        let d = dispatcher(&[4, 4], 8, 100);
+        let t1 = d.admit_upgrade(&[], 1).unwrap();
+        let t2 = d.admit_upgrade(&[], 1).unwrap();
+        assert!(!Arc::ptr_eq(t1.backend(), t2.backend()));
+        assert_eq!(d.admit_upgrade(&[], 1).err(), Some(Rejected::UpgradeLimit));
+        drop(t1);
+        let t3 = d.admit_upgrade(&[], 1).unwrap();
+        assert_eq!(t3.backend().upgraded(), 1);
+        // Tunnels take no request slot.
+        assert!(d.backends().iter().all(|b| b.in_flight() == 0));
+        drop((t2, t3));
+        assert!(d.backends().iter().all(|b| b.upgraded() == 0));
+        for b in d.backends() {
+            b.health.set_up(false);
+        }
+        assert_eq!(d.admit_upgrade(&[], 5).err(), Some(Rejected::NoBackend));
     }
 }

@@ -80,7 +80,7 @@ pub async fn handle(
                 .map(str::to_string),
         )
     });
-    let backend_key: Option<String>;
+    let backend: Option<Arc<crate::dispatch::Backend>>;
     let queue_wait: Duration;
     let mut error_text: Option<String> = None;
 
@@ -97,7 +97,7 @@ pub async fn handle(
                 req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 ctx.redirect_https_port.unwrap_or(443),
             ),
-            backend: "-".into(),
+            backend: None,
             queue_wait: Duration::ZERO,
         }),
         // Usher is a reverse proxy, not a forward one: no CONNECT tunnels.
@@ -134,7 +134,7 @@ pub async fn handle(
 
     let mut response = match result {
         Ok(fwd) => {
-            backend_key = Some(fwd.backend);
+            backend = fwd.backend;
             queue_wait = fwd.queue_wait;
             let mut resp = fwd.response;
             // A 101 keeps its Upgrade/Connection (`upgrade.rs` set them).
@@ -151,7 +151,7 @@ pub async fn handle(
             resp
         }
         Err(failed) => {
-            backend_key = failed.backend;
+            backend = failed.backend;
             queue_wait = failed.queue_wait;
             error_text = Some(failed.error.to_string());
             let mut resp = error_response(&failed.error);
@@ -200,7 +200,7 @@ pub async fn handle(
             bytes: response.body().known_len(),
             route: route_name.to_string(),
             upstream: upstream_name.to_string(),
-            backend: backend_key,
+            backend: backend.map(|b| b.key.clone()),
             duration,
             queue_wait,
             request_id: request_id.to_str().unwrap_or("-").to_string(),

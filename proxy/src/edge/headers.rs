@@ -189,7 +189,11 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
 /// never passes when Usher has no host of its own to put there.
 pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host: Option<&str>) {
     let mut xff = String::new();
-    for prev in h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+    for prev in h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
         let prev = prev.trim();
         if !prev.is_empty() {
             xff.push_str(prev);

@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -47,11 +47,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::dispatch::backend::Backend;
-use crate::dispatch::Slot;
+use crate::dispatch::{Slot, Tunnel};
 use crate::edge::headers;
 use crate::edge::ConnCtx;
 use crate::error::Error;
-use crate::upstream::{error_chain, Failed, Forwarded, ProxyBody, Upstream};
+use crate::upstream::{error_chain, Admission, Attempt, Failed, Forwarded, ProxyBody, Upstream};
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection:
 /// upgrade` with an `Upgrade` other than `h2c`).
@@ -113,63 +113,28 @@ impl Tunnels {
 }
 
 /// What keeps an upgraded connection admitted; dropping it releases. It is
-/// always counted on the backend (`upgraded`, for `/status` and the gauge);
-/// under `hold_slot` it also holds a request slot.
+/// always counted on the backend (a [`Tunnel`]); under `hold_slot` it also
+/// holds a request slot.
 struct Ticket {
-    upgraded: UpgradeGuard,
+    tunnel: Tunnel,
     _slot: Option<Slot>,
+    waited: Duration,
 }
 
-impl Ticket {
+impl Admission for Ticket {
     fn backend(&self) -> &Arc<Backend> {
-        &self.upgraded.0
+        self.tunnel.backend()
     }
-}
-
-/// One counted upgraded connection on a backend.
-struct UpgradeGuard(Arc<Backend>);
-
-impl UpgradeGuard {
-    /// Counts one more on `backend` with no limit: under `hold_slot` the
-    /// request slot is what bounds them.
-    fn unbounded(backend: Arc<Backend>) -> Self {
-        // Fails only at u32::MAX open tunnels, which a process cannot hold.
-        let _ = backend.try_inc_upgraded(u32::MAX);
-        UpgradeGuard(backend)
+    fn waited(&self) -> Duration {
+        self.waited
     }
-}
-
-impl Drop for UpgradeGuard {
-    fn drop(&mut self) {
-        self.0.dec_upgraded();
-    }
-}
-
-/// Picks the available backend with the fewest upgraded connections
-/// relative to its weight (random tie-break) that is under `max`.
-fn pick(backends: &[Arc<Backend>], avoid: &[Arc<Backend>], max: u32) -> Result<UpgradeGuard, bool> {
-    let now = Instant::now();
-    let mut candidates: Vec<&Arc<Backend>> = backends
-        .iter()
-        .filter(|b| b.health.is_available(now) && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
-        .collect();
-    if candidates.is_empty() {
-        return Err(false);
-    }
-    fastrand::shuffle(&mut candidates);
-    candidates.sort_by(|a, b| {
-        let la = u64::from(a.upgraded()) * u64::from(b.weight());
-        let lb = u64::from(b.upgraded()) * u64::from(a.weight());
-        la.cmp(&lb)
-    });
-    candidates
-        .into_iter()
-        .find(|b| b.try_inc_upgraded(max))
-        .map(|b| UpgradeGuard(b.clone()))
-        .ok_or(true)
 }
 
 /// Forwards an upgrade request and, on 101, tunnels the two connections.
+/// Admission, backend choice and retries are the ones every request gets
+/// ([`Upstream::with_retries`]): a refused connect is retried on another
+/// backend and counts for passive health; once the request is written, a
+/// failure is final (a tunnel cannot be replayed).
 pub async fn forward(
     mut req: Request<Incoming>,
     up: &Arc<Upstream>,
@@ -177,113 +142,109 @@ pub async fn forward(
     host: Option<&str>,
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
-    let fail = |error: Error, backend: Option<String>, queue_wait: Duration| Failed {
-        error,
-        backend,
-        queue_wait,
-    };
     let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
         || req
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
     if has_body {
-        return Err(fail(
-            Error::BadRequest("an upgrade request must not have a body"),
-            None,
-            Duration::ZERO,
-        ));
+        return Err(Failed {
+            error: Error::BadRequest("an upgrade request must not have a body"),
+            backend: None,
+            queue_wait: Duration::ZERO,
+        });
     }
     let client_side = hyper::upgrade::on(&mut req);
     let (mut head, _) = req.into_parts();
     prepare_head(&mut head, ctx, host, request_id);
+    let mut exchange = Upgrade {
+        up: up.clone(),
+        tunnels: ctx.shared.tunnels.clone(),
+        request: Some((head, client_side)),
+    };
+    up.with_retries(&http::Method::GET, &mut exchange)
+        .await
+        .map(|(response, backend, queue_wait)| Forwarded {
+            response,
+            backend: Some(backend),
+            queue_wait,
+        })
+}
 
-    let cfg = &up.cfg.upgrades;
-    let max_attempts = 1 + up.cfg.retries.attempts;
-    let mut avoid: Vec<Arc<Backend>> = Vec::new();
-    let mut queue_wait = Duration::ZERO;
-    let mut last: Option<String> = None;
-    for attempt in 1..=max_attempts {
-        let ticket = if cfg.hold_slot {
-            let avoid_addrs: Vec<_> = avoid.iter().map(|b| b.addr).collect();
-            match up.dispatcher.acquire(&avoid_addrs, attempt > 1).await {
-                Ok(a) => {
-                    queue_wait += a.waited;
-                    Ticket {
-                        upgraded: UpgradeGuard::unbounded(a.slot.backend().clone()),
-                        _slot: Some(a.slot),
-                    }
-                }
-                Err(r) => return Err(fail(r.into_error(&up.name), last, queue_wait)),
-            }
-        } else {
-            match pick(&up.dispatcher.backends(), &avoid, cfg.max_upgraded) {
-                Ok(g) => Ticket {
-                    upgraded: g,
-                    _slot: None,
-                },
-                Err(full) => {
-                    let upstream = up.name.clone();
-                    let error = if full {
-                        Error::UpgradeLimit { upstream }
-                    } else {
-                        Error::NoBackend { upstream }
-                    };
-                    return Err(fail(error, last, queue_wait));
-                }
-            }
-        };
+/// An upgrade request on its way: a ticket, a connection of its own, and on
+/// 101 a tunnel.
+struct Upgrade {
+    up: Arc<Upstream>,
+    tunnels: Tunnels,
+    /// Taken by the attempt that connects: only it sends the request.
+    request: Option<(http::request::Parts, hyper::upgrade::OnUpgrade)>,
+}
+
+impl crate::upstream::Exchange for Upgrade {
+    type Admission = Ticket;
+    type Output = Response<ProxyBody>;
+
+    async fn admit(
+        &mut self,
+        avoid: &[std::net::SocketAddr],
+        retry: bool,
+    ) -> Result<Ticket, Error> {
+        let (up, cfg) = (&self.up, &self.up.cfg.upgrades);
+        if cfg.hold_slot {
+            let a = up
+                .dispatcher
+                .acquire(avoid, retry)
+                .await
+                .map_err(|r| r.into_error(&up.name))?;
+            return Ok(Ticket {
+                tunnel: Tunnel::open(a.slot.backend().clone()),
+                _slot: Some(a.slot),
+                waited: a.waited,
+            });
+        }
+        let tunnel = up
+            .dispatcher
+            .admit_upgrade(avoid, cfg.max_upgraded)
+            .map_err(|r| r.into_error(&up.name))?;
+        Ok(Ticket {
+            tunnel,
+            _slot: None,
+            waited: Duration::ZERO,
+        })
+    }
+
+    async fn attempt(&mut self, ticket: Ticket) -> Attempt<Response<ProxyBody>> {
+        let up = &self.up;
         let backend = ticket.backend().clone();
-        last = Some(backend.key.clone());
         let connect = tokio::time::timeout(
             up.cfg.timeouts.connect.0,
             up.connector.connect_to(backend.addr),
         )
         .await;
-        let io = match connect {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => {
-                count(up, &backend, "connect_error");
-                tracing::debug!(upstream = %up.name, backend = %backend.key, error = %e, "upgrade: connect failed");
-                avoid.push(backend.clone());
-                if attempt == max_attempts {
-                    return Err(fail(
-                        Error::Connect {
-                            backend: backend.key.clone(),
-                            reason: e.to_string(),
-                        },
-                        last,
-                        queue_wait,
-                    ));
-                }
-                continue;
+        let reason = match connect {
+            Ok(Ok(io)) => {
+                let Some((head, client_side)) = self.request.take() else {
+                    return Attempt::Final(Error::Upstream {
+                        backend: backend.key.clone(),
+                        reason: "upgrade request already sent".into(),
+                    });
+                };
+                return match exchange(up, head, io, ticket, client_side, &self.tunnels).await {
+                    Ok(response) => Attempt::Done(response),
+                    Err(e) => Attempt::Final(e),
+                };
             }
-            Err(_) => {
-                count(up, &backend, "connect_error");
-                avoid.push(backend.clone());
-                if attempt == max_attempts {
-                    return Err(fail(
-                        Error::Connect {
-                            backend: backend.key.clone(),
-                            reason: "connect timed out".into(),
-                        },
-                        last,
-                        queue_wait,
-                    ));
-                }
-                continue;
-            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
         };
-        return exchange(up, head, io, ticket, client_side, &ctx.shared.tunnels)
-            .await
-            .map(|response| Forwarded {
-                response,
-                backend: backend.key.clone(),
-                queue_wait,
-            })
-            .map_err(|e| fail(e, last, queue_wait));
+        count(up, &backend, "connect_error");
+        up.note_failure(&backend, true);
+        tracing::debug!(upstream = %up.name, backend = %backend.key, %reason, "upgrade: connect failed");
+        Attempt::NotSent(Error::Connect {
+            backend: backend.key.clone(),
+            reason,
+        })
     }
-    unreachable!("the loop returns on its last attempt")
 }
 
 fn count(up: &Upstream, backend: &Backend, code: &str) {
@@ -582,34 +543,6 @@ mod tests {
             Version::HTTP_11,
             &[("connection", "upgrade")]
         )));
-    }
-
-    #[test]
-    fn picks_the_least_upgraded_backend_under_the_limit() {
-        let b = |port| {
-            Arc::new(Backend::new(
-                format!("127.0.0.1:{port}").parse().unwrap(),
-                1,
-                None,
-                4,
-            ))
-        };
-        let (a, c) = (b(1), b(2));
-        let all = vec![a.clone(), c.clone()];
-        let g1 = pick(&all, &[], 1).unwrap();
-        let g2 = pick(&all, &[], 1).unwrap();
-        assert!(!Arc::ptr_eq(&g1.0, &g2.0));
-        assert_eq!(pick(&all, &[], 1).err(), Some(true), "both are full");
-        drop(g1);
-        let g3 = pick(&all, &[], 1).unwrap();
-        assert_eq!(g3.0.upgraded(), 1);
-        assert_eq!(
-            pick(&all, &all, 5).err(),
-            Some(false),
-            "nothing left to try"
-        );
-        drop((g2, g3));
-        assert_eq!(a.upgraded() + c.upgraded(), 0);
     }
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};

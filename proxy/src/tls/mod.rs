@@ -179,7 +179,6 @@ pub fn check_config(c: &Config) -> Vec<crate::config::Problem> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config;
 
     #[test]
     fn relative_paths_follow_the_config_file_and_problems_name_key_and_line() {

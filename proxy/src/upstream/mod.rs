@@ -54,23 +54,106 @@ pub struct Upstream {
 /// A response on its way to the client, with what the access log needs.
 pub struct Forwarded {
     pub response: Response<ProxyBody>,
-    pub backend: String,
+    /// The backend that answered (none for answers Usher makes itself).
+    pub backend: Option<Arc<Backend>>,
     pub queue_wait: Duration,
 }
 
 /// Details of a failed forward, for the access log.
 pub struct Failed {
     pub error: Error,
-    pub backend: Option<String>,
+    /// The last backend tried, if any.
+    pub backend: Option<Arc<Backend>>,
     pub queue_wait: Duration,
 }
 
-enum Attempt {
-    Done(Box<Response<ProxyBody>>),
+/// One attempt's outcome, as the retry loop sees it.
+pub enum Attempt<T> {
+    Done(T),
     /// Failed before the request reached the backend: safe to retry anywhere.
     NotSent(Error),
-    /// Failed after the request may have reached the backend.
+    /// Failed after the request may have reached the backend: retried only
+    /// for idempotent methods.
     Sent(Error),
+    /// Never retried: a timed-out request is most likely still running on
+    /// the backend's thread (retrying would pile more work on a fleet that
+    /// is already too slow), and a tunnel cannot be replayed.
+    Final(Error),
+}
+
+/// What admission to a backend hands an attempt: a request slot, or an
+/// upgraded connection's ticket.
+pub trait Admission {
+    fn backend(&self) -> &Arc<Backend>;
+    /// Time spent queued for it.
+    fn waited(&self) -> Duration;
+}
+
+impl Admission for crate::dispatch::Admitted {
+    fn backend(&self) -> &Arc<Backend> {
+        self.slot.backend()
+    }
+    fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+/// One request's way to a backend, as the retry loop drives it: how it is
+/// admitted (a queued slot, a tunnel ticket) and what one attempt does.
+pub trait Exchange: Send {
+    type Admission: Admission + Send;
+    type Output: Send;
+    /// Waits for admission; `avoid` lists backends already tried, `retry`
+    /// says this is not the first attempt.
+    fn admit(
+        &mut self,
+        avoid: &[SocketAddr],
+        retry: bool,
+    ) -> impl std::future::Future<Output = Result<Self::Admission, Error>> + Send;
+    /// One attempt on the admitted backend.
+    fn attempt(
+        &mut self,
+        admitted: Self::Admission,
+    ) -> impl std::future::Future<Output = Attempt<Self::Output>> + Send;
+}
+
+/// A buffered request: a slot from the dispatcher, then [`Upstream::send`].
+struct Buffered {
+    up: Arc<Upstream>,
+    head: Arc<http::request::Parts>,
+    body: Bytes,
+}
+
+impl Exchange for Buffered {
+    type Admission = crate::dispatch::Admitted;
+    type Output = Box<Response<ProxyBody>>;
+
+    async fn admit(&mut self, avoid: &[SocketAddr], retry: bool) -> Result<Self::Admission, Error> {
+        let class = self.up.class_of(&self.head);
+        self.up
+            .dispatcher
+            .acquire_as(avoid, retry, class)
+            .await
+            .map_err(|r| r.into_error(&self.up.name))
+    }
+
+    async fn attempt(&mut self, admitted: Self::Admission) -> Attempt<Self::Output> {
+        let key = admitted.slot.backend().key.clone();
+        // Once a slot is granted, the exchange runs in its own task: if the
+        // client goes away, the request still finishes on the backend, and
+        // its slot stays taken until the backend's thread is really free.
+        // (While queued, a vanished client just leaves.)
+        let exchange = tokio::spawn({
+            let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
+            async move { up.send(&head, body, admitted.slot).await }
+        });
+        exchange.await.unwrap_or_else(|e| {
+            Attempt::Sent(Error::Upstream {
+                backend: key,
+                reason: format!("internal error in the exchange task: {e}"),
+            })
+        })
+    }
 }
 
 impl Upstream {
@@ -81,76 +164,67 @@ impl Upstream {
         head: http::request::Parts,
         body: Bytes,
     ) -> Result<Forwarded, Failed> {
-        let head = Arc::new(head);
+        let method = head.method.clone();
+        let mut exchange = Buffered {
+            up: self.clone(),
+            head: Arc::new(head),
+            body,
+        };
+        self.with_retries(&method, &mut exchange)
+            .await
+            .map(|(response, backend, queue_wait)| Forwarded {
+                response: *response,
+                backend: Some(backend),
+                queue_wait,
+            })
+    }
+
+    /// The one retry loop, for plain and upgraded requests alike: admit
+    /// (queue for a slot, or a tunnel ticket), attempt, and on failure try
+    /// another backend where it is safe — up to `retries.attempts` more
+    /// times, within the upstream's retry budget, never back to a backend
+    /// this request already failed on while another one is up.
+    pub async fn with_retries<E: Exchange>(
+        &self,
+        method: &http::Method,
+        exchange: &mut E,
+    ) -> Result<(E::Output, Arc<Backend>, Duration), Failed> {
         let mut avoid: Vec<SocketAddr> = Vec::new();
         let mut queue_wait = Duration::ZERO;
-        let mut last_backend = None;
+        let mut last: Option<Arc<Backend>> = None;
         let max_attempts = 1 + self.cfg.retries.attempts;
-        let mut attempt = 0;
         self.retry_budget.deposit();
-        let class = self.class_of(&head);
-        loop {
-            attempt += 1;
-            let admitted = match self.dispatcher.acquire_as(&avoid, attempt > 1, class).await {
+        for n in 1..=max_attempts {
+            let admitted = match exchange.admit(&avoid, n > 1).await {
                 Ok(a) => a,
-                Err(r) => {
+                Err(error) => {
                     return Err(Failed {
-                        error: r.into_error(&self.name),
-                        backend: last_backend,
+                        error,
+                        backend: last,
                         queue_wait,
                     })
                 }
             };
-            queue_wait += admitted.waited;
-            let backend = admitted.slot.backend().clone();
-            last_backend = Some(backend.key.clone());
-            // Once a slot is granted, the exchange runs in its own task: if
-            // the client goes away, the request still finishes on the
-            // backend, and its slot stays taken until the backend's thread
-            // is really free. (While queued, a vanished client just leaves.)
-            let exchange = tokio::spawn({
-                let (up, head, body) = (self.clone(), head.clone(), body.clone());
-                async move { up.send(&head, body, admitted.slot).await }
-            });
-            let outcome = exchange.await.unwrap_or_else(|e| {
-                Attempt::Sent(Error::Upstream {
-                    backend: backend.key.clone(),
-                    reason: format!("internal error in the exchange task: {e}"),
-                })
-            });
-            let (error, reason) = match outcome {
-                Attempt::Done(response) => {
-                    return Ok(Forwarded {
-                        response: *response,
-                        backend: backend.key.clone(),
-                        queue_wait,
-                    })
-                }
+            queue_wait += admitted.waited();
+            let backend = admitted.backend().clone();
+            last = Some(backend.clone());
+            let (error, reason) = match exchange.attempt(admitted).await {
+                Attempt::Done(value) => return Ok((value, backend, queue_wait)),
                 Attempt::NotSent(e) => (e, "connect"),
-                // A timed-out request is most likely still running on the
-                // backend's thread: retrying it would pile more work on a
-                // fleet that is already too slow (and double the wait).
-                Attempt::Sent(e @ Error::UpstreamTimeout { .. }) => {
+                Attempt::Sent(e) if is_idempotent(method) => (e, "error"),
+                Attempt::Sent(e) | Attempt::Final(e) => {
                     return Err(Failed {
                         error: e,
-                        backend: last_backend,
-                        queue_wait,
-                    })
-                }
-                Attempt::Sent(e) if is_idempotent(&head.method) => (e, "error"),
-                Attempt::Sent(e) => {
-                    return Err(Failed {
-                        error: e,
-                        backend: last_backend,
+                        backend: last,
                         queue_wait,
                     })
                 }
             };
             avoid.push(backend.addr);
-            if attempt >= max_attempts || !self.retry_budget.withdraw() {
+            if n == max_attempts || !self.retry_budget.withdraw() {
                 return Err(Failed {
                     error,
-                    backend: last_backend,
+                    backend: last,
                     queue_wait,
                 });
             }
@@ -160,6 +234,7 @@ impl Upstream {
                 .with_label_values(&[&self.name, reason])
                 .inc();
         }
+        unreachable!("the loop returns on its last attempt")
     }
 
     /// The request class for service-time estimates (`queue.classify`).
@@ -174,7 +249,12 @@ impl Upstream {
     }
 
     /// One attempt on the backend that `slot` reserves.
-    async fn send(&self, head: &http::request::Parts, body: Bytes, slot: Slot) -> Attempt {
+    async fn send(
+        &self,
+        head: &http::request::Parts,
+        body: Bytes,
+        slot: Slot,
+    ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
@@ -200,7 +280,7 @@ impl Upstream {
                         let _ = r.into_body().collect().await;
                     }
                 });
-                return Attempt::Sent(Error::UpstreamTimeout {
+                return Attempt::Final(Error::UpstreamTimeout {
                     backend: backend.key.clone(),
                     timeout,
                 });
@@ -274,7 +354,7 @@ impl Upstream {
                     linger(slot, timeout, async move {
                         let _ = incoming.collect().await;
                     });
-                    return Attempt::Sent(Error::UpstreamTimeout {
+                    return Attempt::Final(Error::UpstreamTimeout {
                         backend: backend.key.clone(),
                         timeout,
                     });
@@ -354,7 +434,7 @@ impl Upstream {
     /// Passive health: counts a gateway failure and maybe ejects. A refused
     /// connection is decisive on its own; other failures need a run of
     /// `outlier.consecutive_failures`.
-    fn note_failure(&self, backend: &Arc<Backend>, connect: bool) {
+    pub(crate) fn note_failure(&self, backend: &Arc<Backend>, connect: bool) {
         let now = Instant::now();
         let all = self.dispatcher.backends();
         let policy = health::Policy::from(&self.cfg.outlier);
