@@ -1,7 +1,8 @@
 //! DNS discovery against a real DNS server (Debian's dnsmasq) on a loopback
 //! port: scaling the name from 2 to 4 to 1 addresses is followed within
 //! `refresh`, with zero failed requests during the changes, and a dead DNS
-//! server keeps the last good set.
+//! server keeps the last good set. A name with more pods than fit in one
+//! UDP answer comes back whole (over TCP), IPv6 ones included.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -150,4 +151,53 @@ access_log: {{ format: off }}
         "no request failed during the changes: {failures:?}"
     );
     assert!(ok > 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_too_large_for_udp_comes_back_whole_with_its_ipv6_pods() {
+    let dir = TempDir::new("dns-large");
+    // 120 IPv4 pods are about 2 KB of answer: past dnsmasq's 1232-byte EDNS
+    // limit, so the UDP answer is truncated and only TCP has them all. One
+    // IPv6 pod comes from the AAAA query. Nothing listens on these addresses;
+    // the test is about the set, not traffic.
+    let mut ips: Vec<String> = (1..=120).map(|i| format!("127.0.1.{i}")).collect();
+    ips.push("::1".to_string());
+    let text: String = ips
+        .iter()
+        .map(|ip| format!("{ip} big.usher.test\n"))
+        .collect();
+    std::fs::write(dir.0.join("hosts"), text).unwrap();
+    let dns_port = free_port();
+    let dnsmasq = start_dnsmasq(&dir.0, dns_port);
+    assert!(
+        dnsmasq
+            .wait_for_output("started", Duration::from_secs(10))
+            .is_some(),
+        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
+        dnsmasq.output()
+    );
+
+    let port = free_port();
+    let usher = Usher::start_ready(&format!(
+        r#"
+listeners: [{{ name: public, address: "LISTEN" }}]
+admin: {{ address: "ADMIN" }}
+routes: [{{ path_prefix: /, upstream: app }}]
+upstreams:
+  app:
+    dns: {{ name: big.usher.test, port: {port}, refresh: 200ms, resolver: "127.0.0.1:{dns_port}" }}
+access_log: {{ format: off }}
+"#
+    ));
+    let mut want: Vec<String> = ips
+        .iter()
+        .map(|ip| SocketAddr::new(ip.parse().unwrap(), port).to_string())
+        .collect();
+    want.sort();
+    assert!(
+        wait_until(Duration::from_secs(10), || backend_addrs(&usher) == want),
+        "all 121 pods, got {}: {:?}",
+        backend_addrs(&usher).len(),
+        backend_addrs(&usher)
+    );
 }
