@@ -29,7 +29,7 @@ use crate::observe::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} ({name}): {source}")]
+    #[error("cannot listen on {addr} ({name})")]
     Bind {
         name: String,
         addr: SocketAddr,

@@ -102,7 +102,8 @@ impl Admin {
                 name.clone(),
                 serde_json::json!({
                     "queue": { "depth": u.dispatcher.queue_len(), "max_depth": u.cfg.queue.max_depth },
-                    "balance": format!("{:?}", u.cfg.balance),
+                    "balance": balance_name(u.cfg.balance),
+                    "discipline": discipline_name(u.cfg.queue.discipline),
                     "backends": backends,
                 }),
             );
@@ -175,5 +176,23 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
+    }
+}
+
+/// The config's spelling, for `/status`.
+fn balance_name(b: crate::config::Balance) -> &'static str {
+    use crate::config::Balance;
+    match b {
+        Balance::LeastOutstanding => "least_outstanding",
+        Balance::RoundRobin => "round_robin",
+        Balance::Random => "random",
+    }
+}
+
+fn discipline_name(d: crate::config::Discipline) -> &'static str {
+    use crate::config::Discipline;
+    match d {
+        Discipline::Fifo => "fifo",
+        Discipline::ShortestFirst => "shortest_first",
     }
 }

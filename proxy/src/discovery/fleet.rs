@@ -334,7 +334,7 @@ impl Supervisor {
                     if stop.is_cancelled() {
                         return;
                     }
-                    tracing::warn!(upstream = %self.upstream, addr = %self.addr, pid, status = ?status.ok(), "fleet process exited; restarting");
+                    tracing::warn!(upstream = %self.upstream, addr = %self.addr, pid, status = %exit_text(&status), "fleet process exited; restarting");
                     self.restarts.inc();
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = Duration::from_millis(100);
@@ -372,6 +372,23 @@ impl Supervisor {
                 let _ = child.kill().await;
             }
         }
+    }
+}
+
+/// How a process ended, as an operator reads it: `exit code 1`, `killed by
+/// SIGKILL`.
+pub fn exit_text(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Err(e) => format!("unknown ({e})"),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+                Ok(name) => format!("killed by {name}"),
+                Err(_) => format!("killed by signal {sig}"),
+            },
+            (None, None) => "ended".to_string(),
+        },
     }
 }
 
