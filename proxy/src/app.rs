@@ -235,10 +235,22 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             grace,
         ));
     }
+    let reloader = Arc::new(Reloader {
+        path,
+        last: Default::default(),
+        state: state.clone(),
+        metrics: metrics.clone(),
+        fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),
+        fleets: Arc::new(tokio::sync::Mutex::new(fleets)),
+        lock: Default::default(),
+        access_log,
+        tls: tls.clone(),
+    });
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
         draining: Default::default(),
+        reloader: reloader.clone(),
     });
     let admin_stop = CancellationToken::new();
     if let Some(tcp) = admin_listener {
@@ -248,16 +260,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             admin_stop.clone(),
         ));
     }
-    let reloader = Arc::new(Reloader {
-        path,
-        state: state.clone(),
-        metrics: metrics.clone(),
-        fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),
-        fleets: Arc::new(tokio::sync::Mutex::new(fleets)),
-        lock: Default::default(),
-        access_log,
-        tls: tls.clone(),
-    });
     tokio::spawn(crate::control::reload::watch(
         reloader.clone(),
         stop.clone(),

@@ -30,11 +30,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the configuration and exit (non-zero on errors), like `nginx -t`.
-    Check,
+    /// Validate a configuration and exit (non-zero on errors), like `nginx -t`.
+    /// With no file, checks `-c FILE` or the embedded default.
+    Check {
+        /// The file to check (same as `-c FILE`).
+        file: Option<PathBuf>,
+    },
+    /// Ask the running Usher (through its admin listener, read from the
+    /// config) to reload its configuration; prints the result and exits
+    /// non-zero when the new file is rejected, like `nginx -s reload`.
+    Reload {
+        /// The running Usher's config file (same as `-c FILE`).
+        file: Option<PathBuf>,
+    },
     /// Run the built-in threaded worker (what `fleet: command: [usher-worker, ...]` starts).
     #[command(hide = true, disable_help_flag = true)]
     Worker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a fleet command so that it dies with Usher (set by the fleet:
+    /// the parent-death signal, then exec).
+    #[command(hide = true, disable_help_flag = true)]
+    Spawn {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -42,8 +60,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let source = match &cli.config {
-        Some(p) => Source::File(p.clone()),
+    let source = |file: Option<PathBuf>| match file.or_else(|| cli.config.clone()) {
+        Some(p) => Source::File(p),
         None => Source::Embedded,
     };
     match cli.command {
@@ -52,24 +70,74 @@ fn main() -> ExitCode {
             let argv = std::iter::once("usher-worker".to_string()).chain(args);
             usher_worker::cli::main_from(argv)
         }
-        Some(Command::Check) => match usher::control::load(&source) {
-            Ok(_) => {
-                println!("usher: configuration {} is valid", source.name());
-                ExitCode::SUCCESS
+        Some(Command::Spawn { args }) => usher::discovery::fleet::exec_child(args),
+        Some(Command::Check { file }) => check(&source(file)),
+        Some(Command::Reload { file }) => reload(&source(file)),
+        None => run(source(None), &cli.log_level),
+    }
+}
+
+fn print_errors(source: &Source, errors: &[usher::config::ConfigError]) {
+    for e in errors {
+        eprintln!("usher: error: {e}");
+    }
+    eprintln!(
+        "usher: configuration {} has {} error(s)",
+        source.name(),
+        errors.len()
+    );
+}
+
+fn check(source: &Source) -> ExitCode {
+    match usher::control::load(source) {
+        Ok(_) => {
+            match source {
+                Source::Embedded => println!(
+                    "usher: no file given (`usher check FILE` or `-c FILE`); the embedded default configuration is valid"
+                ),
+                Source::File(_) => println!("usher: configuration {} is valid", source.name()),
             }
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("usher: error: {e}");
-                }
-                eprintln!(
-                    "usher: configuration {} has {} error(s)",
-                    source.name(),
-                    errors.len()
-                );
-                ExitCode::from(1)
-            }
-        },
-        None => run(source, &cli.log_level),
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(source, &errors);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `usher reload`: POST /reload to the admin listener named by the config.
+fn reload(source: &Source) -> ExitCode {
+    let config = match usher::control::load(source) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(source, &errors);
+            return ExitCode::from(1);
+        }
+    };
+    let Some(admin) = config.admin.as_ref() else {
+        eprintln!(
+            "usher: {} has no `admin:` listener, so there is nothing to send the reload to; use `kill -HUP <pid>`",
+            source.name()
+        );
+        return ExitCode::from(1);
+    };
+    match usher::control::admin::request_reload(&admin.address) {
+        Ok((true, text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok((false, text)) => {
+            eprint!("{text}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!(
+                "usher: cannot reach the admin listener at {}: {e}",
+                admin.address
+            );
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! | `GET /livez` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
 //! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, upgraded |
+//! | `POST /reload` | reload the config file: 200 and a summary of what changed, or 422 and the errors (`usher reload` calls it) |
 //! | `POST /upstreams/{u}/backends/{addr}/drain` | stop sending new requests to a backend |
 //! | `POST /upstreams/{u}/backends/{addr}/undrain` | resume it |
 //!
@@ -30,6 +31,7 @@ pub struct Admin {
     pub state: Arc<arc_swap::ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    pub reloader: Arc<crate::control::reload::Reloader>,
 }
 
 impl Admin {
@@ -71,6 +73,30 @@ impl Admin {
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /metrics, /livez, /readyz, /status\n",
+            ),
+        }
+    }
+
+    /// `POST /reload`: the same reload as SIGHUP, answered with its result.
+    async fn reload(&self) -> Response<ProxyBody> {
+        let reloader = self.reloader.clone();
+        // File I/O and the build stay off the runtime's threads.
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(summary)) => text(
+                StatusCode::OK,
+                format!("usher: configuration reloaded: {summary}\n"),
+            ),
+            Ok(Err(errors)) => {
+                let mut body: String = errors
+                    .lines()
+                    .map(|l| format!("usher: error: {l}\n"))
+                    .collect();
+                body.push_str("usher: reload rejected; the running configuration is unchanged\n");
+                text(StatusCode::UNPROCESSABLE_ENTITY, body)
+            }
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("usher: reload failed: {e}\n"),
             ),
         }
     }
@@ -172,11 +198,36 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.route(&req)) }
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/reload" {
+                        return Ok::<_, std::convert::Infallible>(admin.reload().await);
+                    }
+                    Ok(admin.route(&req))
+                }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// `usher reload`: sends `POST /reload` to the admin listener at `address`
+/// and returns whether it was accepted, with the answer's text.
+pub fn request_reload(address: &str) -> std::io::Result<(bool, String)> {
+    use std::io::{Read, Write};
+    let addr = crate::config::resolve_addr(address)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    write!(
+        s,
+        "POST /reload HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let ok = head.split_whitespace().nth(1) == Some("200");
+    Ok((ok, body.to_string()))
 }
 
 /// The config's spelling, for `/status`.

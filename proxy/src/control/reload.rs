@@ -23,6 +23,11 @@ use crate::observe::metrics::Metrics;
 
 pub struct Reloader {
     pub path: Option<PathBuf>,
+    /// The file's content at the last reload attempt, and its outcome: a
+    /// trigger that finds the same bytes (an edit is seen by the file watch
+    /// *and* followed by a SIGHUP) answers that outcome again instead of
+    /// reloading twice and counting one bad edit as two failures.
+    pub last: std::sync::Mutex<Option<(u64, Result<String, String>)>>,
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
@@ -47,11 +52,32 @@ fn listener_addrs(c: &Config) -> Vec<(String, String)> {
 }
 
 impl Reloader {
-    /// Reloads now. Returns the error text on failure.
-    pub fn reload(&self) -> Result<(), String> {
+    /// Reloads now, from whichever trigger (SIGHUP, the file watch,
+    /// `POST /reload`). Returns a one-line summary of what changed, or the
+    /// errors (one per line, `file:line:col: key: message`).
+    pub fn reload(&self) -> Result<String, String> {
         // SIGHUP and the file watch may fire together: one reload at a time,
         // so each builds on the state the previous one swapped in.
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let content = self
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|bytes| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            });
+        if let (Some(hash), Some((last, outcome))) = (content, &*self.last.lock().unwrap()) {
+            if hash == *last {
+                tracing::info!("configuration file unchanged since the last reload; nothing to do");
+                return match outcome {
+                    Ok(_) => Ok("unchanged since the last reload".to_string()),
+                    Err(e) => Err(e.clone()),
+                };
+            }
+        }
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics
@@ -59,15 +85,18 @@ impl Reloader {
             .with_label_values(&[label])
             .inc();
         match &result {
-            Ok(()) => tracing::info!("configuration reloaded"),
+            Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
             Err(e) => {
-                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration")
+                tracing::error!(error = %e.replace('\n', "; "), "configuration reload failed; keeping the running configuration")
             }
+        }
+        if let Some(hash) = content {
+            *self.last.lock().unwrap() = Some((hash, result.clone()));
         }
         result
     }
 
-    fn try_reload(&self) -> Result<(), String> {
+    fn try_reload(&self) -> Result<String, String> {
         let Some(path) = &self.path else {
             return Err("running on the embedded default config; nothing to reload".into());
         };
@@ -75,7 +104,7 @@ impl Reloader {
             errs.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
-                .join("; ")
+                .join("\n")
         })?;
         let old = self.state.load_full();
         if listener_addrs(&new) != listener_addrs(&old.config) {
@@ -112,6 +141,7 @@ impl Reloader {
         // Two phases: everything above builds without touching what is
         // live, so any error leaves the running state as it was. From here
         // on nothing fails: swap, then commit the changes to shared objects.
+        let summary = summarize(&old, &new);
         let (state, commit) = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
         self.access_log.set_format(state.config.access_log.format);
         let state = Arc::new(state);
@@ -123,7 +153,7 @@ impl Reloader {
         for (name, cfg) in rolls {
             self.spawn_roll(name, cfg);
         }
-        Ok(())
+        Ok(summary)
     }
 
     /// Starts a rolling restart of one upstream's fleet in the background.
@@ -156,6 +186,98 @@ impl Reloader {
             }
         });
     }
+}
+
+/// One line saying what a reload changes: upstreams added and removed, and
+/// per upstream the static backends added and removed and the limits that
+/// moved.
+pub fn summarize(old: &State, new: &Config) -> String {
+    let before = &old.config.upstreams;
+    let mut parts: Vec<String> = Vec::new();
+    for name in new.upstreams.keys().filter(|n| !before.contains_key(*n)) {
+        parts.push(format!("upstream {name} added"));
+    }
+    for name in before.keys().filter(|n| !new.upstreams.contains_key(*n)) {
+        parts.push(format!("upstream {name} removed"));
+    }
+    for (name, u) in &new.upstreams {
+        let Some(o) = before.get(name) else { continue };
+        let mut changes: Vec<String> = Vec::new();
+        let addrs = |c: &crate::config::UpstreamConfig| -> Vec<String> {
+            c.backends.iter().map(|b| b.address.clone()).collect()
+        };
+        let (was, now) = (addrs(o), addrs(u));
+        for a in now.iter().filter(|a| !was.contains(a)) {
+            changes.push(format!("+{a}"));
+        }
+        for a in was.iter().filter(|a| !now.contains(a)) {
+            changes.push(format!("-{a}"));
+        }
+        for b in &u.backends {
+            if let Some(ob) = o.backends.iter().find(|ob| ob.address == b.address) {
+                if ob.max_in_flight != b.max_in_flight {
+                    changes.push(format!(
+                        "{} max_in_flight {} → {}",
+                        b.address,
+                        show_cap(ob.max_in_flight),
+                        show_cap(b.max_in_flight)
+                    ));
+                }
+                if ob.weight != b.weight {
+                    changes.push(format!("{} weight {} → {}", b.address, ob.weight, b.weight));
+                }
+            }
+        }
+        if o.queue.max_depth != u.queue.max_depth {
+            changes.push(format!(
+                "queue.max_depth {} → {}",
+                o.queue.max_depth, u.queue.max_depth
+            ));
+        }
+        if o.queue.timeout != u.queue.timeout {
+            changes.push(format!(
+                "queue.timeout {:?} → {:?}",
+                o.queue.timeout.0, u.queue.timeout.0
+            ));
+        }
+        if o.timeouts.response != u.timeouts.response {
+            changes.push(format!(
+                "timeouts.response {:?} → {:?}",
+                o.timeouts.response.0, u.timeouts.response.0
+            ));
+        }
+        if o.default_capacity != u.default_capacity {
+            changes.push(format!(
+                "default_capacity {} → {}",
+                o.default_capacity, u.default_capacity
+            ));
+        }
+        if o.fleet.as_ref().map(|f| (&f.command, f.processes))
+            != u.fleet.as_ref().map(|f| (&f.command, f.processes))
+        {
+            changes.push("fleet changed (rolling restart)".to_string());
+        }
+        if !changes.is_empty() {
+            parts.push(format!("upstream {name}: {}", changes.join(", ")));
+        }
+    }
+    if old.config.routes.len() != new.routes.len() {
+        parts.push(format!(
+            "routes {} → {}",
+            old.config.routes.len(),
+            new.routes.len()
+        ));
+    }
+    if parts.is_empty() {
+        "no change to upstreams or backends".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn show_cap(m: crate::config::MaxInFlight) -> String {
+    m.fixed()
+        .map_or_else(|| "auto".to_string(), |n| n.to_string())
 }
 
 /// The config file's modification time, for the file watch.

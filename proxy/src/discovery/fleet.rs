@@ -62,19 +62,59 @@ fn command_for(cfg: &FleetConfig, port: u16) -> Result<(PathBuf, Vec<String>), S
         .collect();
     let program = args.remove(0);
     if program == "usher-worker" {
-        // /proc/self/exe still runs this very binary after it was replaced
-        // or deleted on disk (an upgrade in place), keeping worker and proxy
+        // Usher's own binary in its worker role, keeping worker and proxy
         // the same version.
-        let proc_exe = std::path::Path::new("/proc/self/exe");
-        let me = if proc_exe.exists() {
-            proc_exe.to_path_buf()
-        } else {
-            std::env::current_exe().map_err(|e| format!("cannot find Usher's own binary: {e}"))?
-        };
+        let me = own_binary()?;
         args.insert(0, "worker".to_string());
         return Ok((me, args));
     }
-    Ok((PathBuf::from(program), args))
+    // Any other command runs through `usher spawn`, which arms the
+    // parent-death signal and then execs it: the process dies with Usher even
+    // when Usher is SIGKILLed (the parent watch of `usher worker` does this
+    // for the built-in worker).
+    let me = own_binary()?;
+    let mut wrapped = vec!["spawn".to_string(), std::process::id().to_string(), program];
+    wrapped.extend(args);
+    Ok((me, wrapped))
+}
+
+/// Usher's own binary, for re-executing itself.
+fn own_binary() -> Result<PathBuf, String> {
+    // /proc/self/exe still runs this very binary after it was replaced or
+    // deleted on disk (an upgrade in place).
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe().map_err(|e| format!("cannot find Usher's own binary: {e}"))
+}
+
+/// `usher spawn PARENT_PID PROGRAM ARGS...`: asks the kernel to SIGKILL this
+/// process when its parent dies (`PR_SET_PDEATHSIG`, which survives `exec`),
+/// checks the parent is still the Usher that started it (it may have died
+/// before the signal was armed), then becomes `PROGRAM`.
+///
+/// The death signal follows the *thread* that forked; the fleet spawns from
+/// the runtime's worker threads, which live as long as Usher does.
+pub fn exec_child(args: Vec<String>) -> std::process::ExitCode {
+    use std::os::unix::process::CommandExt;
+    use std::process::ExitCode;
+    let mut args = args.into_iter();
+    let (Some(parent), Some(program)) = (args.next(), args.next()) else {
+        eprintln!("usher spawn: usage: usher spawn PARENT_PID PROGRAM [ARGS...]");
+        return ExitCode::from(2);
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("usher spawn: cannot arm the parent-death signal: {e}");
+        return ExitCode::from(1);
+    }
+    if nix::unistd::getppid().as_raw().to_string() != parent {
+        // Usher is already gone: do not start an orphan.
+        return ExitCode::from(1);
+    }
+    let err = std::process::Command::new(&program).args(args).exec();
+    eprintln!("usher spawn: cannot run `{program}`: {err}");
+    ExitCode::from(127)
 }
 
 /// The live upstream a fleet feeds: where a rolling restart publishes its
