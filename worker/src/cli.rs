@@ -10,7 +10,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
-use crate::{App, Error, Server};
+use crate::{units, App, Error, Server};
 
 /// `usher-worker`: a threaded HTTP worker with a demo and load-test app.
 #[derive(Debug, Clone, Parser)]
@@ -43,21 +43,21 @@ pub struct Args {
     pub gil: bool,
 
     /// Largest request body, e.g. 10MiB, 64KiB, 1024. Larger bodies get 413.
-    #[arg(long, value_name = "SIZE", default_value = "10MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "10MiB", value_parser = parse_max_body)]
     pub max_body: usize,
 
     /// On SIGTERM/SIGINT, how long to wait for queued and in-flight requests, e.g.
     /// 30s, 250ms, 2m.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
     pub grace: Duration,
 
     /// How long a client may take to send the request headers; also how long an idle
     /// keep-alive connection stays open. The connection is closed after it.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
     pub header_timeout: Duration,
 
     /// Longest pause allowed between two chunks of a request body. Longer gets 408.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
     pub body_timeout: Duration,
 }
 
@@ -155,69 +155,34 @@ fn parse_threads(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses a byte size: `1024`, `64KiB`, `10MiB`, `1GiB` (also `B`, and decimal
-/// `KB`/`MB`/`GB`). Units are case-insensitive.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let bad = || format!("expected a size like 1024, 64KiB or 10MiB, got {s:?}");
-    let n: usize = digits.parse().map_err(|_| bad())?;
-    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-/// Parses a duration: `250ms`, `5s`, `2m`, `1h`. A unit is required.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let bad = || format!("expected a duration like 250ms, 5s or 2m, got {s:?}");
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let secs = |mult: u64| {
-        n.checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {s:?} is too large"))
-    };
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        _ => Err(bad()),
-    }
+/// `--max-body`: a size as [`units::parse_size`] reads it, that fits in memory.
+fn parse_max_body(s: &str) -> Result<usize, String> {
+    let n = units::parse_size(s)?;
+    usize::try_from(n).map_err(|_| format!("size `{s}` is out of range"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The units are `units.rs`'s; here only that the flags use them.
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1024"), Ok(1024));
-        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
-        assert_eq!(parse_size("10MiB"), Ok(10 * 1024 * 1024));
-        assert_eq!(parse_size("2mb"), Ok(2_000_000));
-        for bad in ["", "MiB", "10 XB", "-1", "1.5MiB"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "5", "s", "1.5s", "5 s", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+    fn sizes_and_durations_use_the_shared_units() {
+        let a = Args::try_parse_from([
+            "usher-worker",
+            "--max-body",
+            "2mib",
+            "--grace",
+            "1.5s",
+            "--header-timeout",
+            "250 MS",
+        ])
+        .unwrap();
+        assert_eq!(a.max_body, 2 << 20);
+        assert_eq!(a.grace, Duration::from_millis(1500));
+        assert_eq!(a.header_timeout, Duration::from_millis(250));
+        for bad in [["--max-body", "1.5MiB"], ["--grace", "5"]] {
+            assert!(Args::try_parse_from(["usher-worker", bad[0], bad[1]]).is_err());
         }
     }
 

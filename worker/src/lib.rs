@@ -70,6 +70,7 @@ pub mod metrics;
 mod pool;
 mod queue;
 mod server;
+pub mod units;
 
 pub use app::App;
 pub use error::Error;

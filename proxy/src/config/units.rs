@@ -1,11 +1,15 @@
 //! Durations and sizes in the config: `Dur` (`250ms`, `5s`) and `Size`
-//! (`64KiB`, `10MiB`), and the parsers they read with.
+//! (`64KiB`, `10MiB`). Their text is read by `usher_worker::units`, so the
+//! config and the worker's command line take the same spellings; the config
+//! adds only a range (a duration of at most a year).
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+
+pub use usher_worker::units::parse_size;
 
 /// A duration written with a unit: `250ms`, `5s`, `2m`, `1h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,58 +21,19 @@ impl Dur {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, `1.5s`. A bare number is refused: the
-/// unit is what makes a config readable.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration `{s}` needs a unit (ms, s, m or h), e.g. `5s`"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (expected e.g. 250ms, 5s, 2m)"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` in `{s}` (use ms, s, m or h)"
-            ))
-        }
-    };
-    if !secs.is_finite() || secs > 365.0 * 86400.0 {
-        return Err(format!("duration `{s}` is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+/// The longest duration a config may give: a year. Longer is a typo, not a
+/// timeout anyone means.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
-/// Parses `10MiB`, `64KiB`, `1GiB`, `512B`, `10MB`, or a plain number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (expected e.g. 64KiB, 10MiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "KB" | "kB" => 1000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB or GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is out of range"))
+/// Parses a duration as the worker's command line does (`250ms`, `1.5s`,
+/// `2m`; see [`usher_worker::units`]), up to a year. A bare number is
+/// refused: the unit is what makes a config readable.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = usher_worker::units::parse_duration(s)?;
+    if d > MAX_DURATION {
+        return Err(format!("duration `{}` is out of range", s.trim()));
+    }
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for Dur {
