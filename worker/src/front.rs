@@ -18,12 +18,11 @@ use hyper::body::Body;
 use tokio::sync::oneshot;
 
 use crate::error::Rejection;
+use crate::load::X_USHER_LOAD;
 use crate::metrics::Metrics;
 use crate::pool::{Job, Shared};
 use crate::queue::PushError;
 
-/// The worker's current load: `threads=4, busy=1, queued=0`.
-pub const X_USHER_LOAD: HeaderName = HeaderName::from_static("x-usher-load");
 /// The worker that answered, by default its listen address.
 pub const X_USHER_WORKER: HeaderName = HeaderName::from_static("x-usher-worker");
 
@@ -111,7 +110,7 @@ impl Front {
     }
 
     fn finish(&self, mut resp: Response<Bytes>) -> Response<Full<Bytes>> {
-        let load = self.shared.snapshot().to_string();
+        let load = self.shared.snapshot().report().to_string();
         let h = resp.headers_mut();
         h.insert(
             X_USHER_LOAD,

@@ -3,11 +3,20 @@
 //! The front reads it to answer `/healthz`, `/metrics` and the `X-Usher-Load` header;
 //! the pool threads write it. Busy accounting is an RAII guard ([`BusyGuard`]), so a
 //! thread cannot forget to release its slot, not even when its handler panics.
+//!
+//! The header's format is defined here, once, by [`LoadReport`]: the worker writes
+//! it with `Display` and Usher reads it back with `FromStr`.
 
 use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use http::HeaderName;
 use serde::{Deserialize, Serialize};
+
+/// The worker's load report on every response: [`LoadReport`], e.g.
+/// `threads=4, busy=1, queued=0`.
+pub const X_USHER_LOAD: HeaderName = HeaderName::from_static("x-usher-load");
 
 /// Counters written by the pool threads. The queue depth lives in the queue itself.
 #[derive(Debug)]
@@ -71,8 +80,8 @@ impl Drop for BusyGuard<'_> {
 
 /// A point-in-time view of a worker's load.
 ///
-/// Serialises to the `/healthz` JSON, and [`Display`](fmt::Display)s as the
-/// `X-Usher-Load` header value `threads=4, busy=1, queued=0`.
+/// Serialises to the `/healthz` JSON, and [`Display`](fmt::Display)s as its
+/// [`LoadReport`], the `X-Usher-Load` header value `threads=4, busy=1, queued=0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadSnapshot {
     /// Size of the thread pool.
@@ -87,13 +96,89 @@ pub struct LoadSnapshot {
     pub peak_busy: usize,
 }
 
+impl LoadSnapshot {
+    /// The part of the snapshot that goes in the `X-Usher-Load` header.
+    pub fn report(&self) -> LoadReport {
+        LoadReport {
+            threads: self.threads,
+            busy: self.busy,
+            queued: self.queued,
+        }
+    }
+}
+
 impl fmt::Display for LoadSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.report().fmt(f)
+    }
+}
+
+/// The `X-Usher-Load` header value: `threads=4, busy=1, queued=0`.
+///
+/// Parsing is tolerant, for workers of other versions or other makers:
+/// `key=value` pairs in any order, space around either, unknown keys and
+/// items that are no `key=value` pair ignored. `threads` is required;
+/// `busy` and `queued` are 0 when missing. A known key with a value that is
+/// not a number is an error, and a key given twice takes its last value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Size of the thread pool: how many requests the worker runs at once.
+    pub threads: usize,
+    /// Threads running a handler right now.
+    pub busy: usize,
+    /// Requests waiting for a thread.
+    pub queued: usize,
+}
+
+impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "threads={}, busy={}, queued={}",
             self.threads, self.busy, self.queued
         )
+    }
+}
+
+/// Why an `X-Usher-Load` value could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadReportError {
+    /// The report has no `threads=N`.
+    #[error("no `threads` in the load report")]
+    NoThreads,
+    /// A known key's value is not a whole number.
+    #[error("`{key}` in the load report is not a number: `{value}`")]
+    NotANumber {
+        /// `threads`, `busy` or `queued`.
+        key: &'static str,
+        /// The value as sent.
+        value: String,
+    },
+}
+
+impl FromStr for LoadReport {
+    type Err = LoadReportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut threads, mut busy, mut queued) = (None, 0, 0);
+        for (key, value) in s.split(',').filter_map(|item| item.split_once('=')) {
+            let (key, value) = (key.trim(), value.trim());
+            let (key, slot) = match key {
+                "threads" => ("threads", threads.insert(0)),
+                "busy" => ("busy", &mut busy),
+                "queued" => ("queued", &mut queued),
+                _ => continue,
+            };
+            *slot = value.parse().map_err(|_| LoadReportError::NotANumber {
+                key,
+                value: value.to_string(),
+            })?;
+        }
+        Ok(LoadReport {
+            threads: threads.ok_or(LoadReportError::NoThreads)?,
+            busy,
+            queued,
+        })
     }
 }
 
@@ -118,6 +203,54 @@ mod tests {
     fn header_format() {
         let s = Load::new(4).snapshot(2);
         assert_eq!(s.to_string(), "threads=4, busy=0, queued=2");
+    }
+
+    fn report(s: &str) -> Result<LoadReport, LoadReportError> {
+        s.parse()
+    }
+
+    #[test]
+    fn the_header_reads_back() {
+        let r = LoadReport {
+            threads: 4,
+            busy: 3,
+            queued: 7,
+        };
+        assert_eq!(report(&r.to_string()), Ok(r));
+        assert_eq!(report("threads=4, busy=3, queued=7"), Ok(r));
+    }
+
+    #[test]
+    fn reading_is_tolerant_of_order_space_and_unknown_keys() {
+        let r = |threads, busy, queued| {
+            Ok(LoadReport {
+                threads,
+                busy,
+                queued,
+            })
+        };
+        assert_eq!(report("busy=3,threads=16"), r(16, 3, 0));
+        assert_eq!(report("  queued = 2 ,threads= 8 , busy =1 "), r(8, 1, 2));
+        assert_eq!(report("threads=4, cores=2, junk, busy=1,"), r(4, 1, 0));
+        assert_eq!(report("threads=1, threads=2"), r(2, 0, 0));
+    }
+
+    #[test]
+    fn threads_is_required_and_values_are_numbers() {
+        assert_eq!(report("busy=3"), Err(LoadReportError::NoThreads));
+        assert_eq!(report(""), Err(LoadReportError::NoThreads));
+        assert_eq!(report("thread=4"), Err(LoadReportError::NoThreads));
+        for bad in [
+            "threads=x",
+            "threads=",
+            "threads=-1",
+            "threads=4, busy=lots",
+        ] {
+            assert!(
+                matches!(report(bad), Err(LoadReportError::NotANumber { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -14,16 +14,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use usher_worker::LoadReport;
+
 use crate::health::Health;
 
-/// Parses `X-Usher-Load: threads=4, busy=3, queued=0` and returns `threads`.
+/// The `threads` of a worker's `X-Usher-Load` report. The format is the
+/// worker's, [`LoadReport`]; this only narrows it to a capacity.
 pub fn parse_load_threads(v: &str) -> Option<u32> {
-    v.split(',').find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        (k.trim() == "threads")
-            .then(|| v.trim().parse().ok())
-            .flatten()
-    })
+    let report: LoadReport = v.parse().ok()?;
+    u32::try_from(report.threads).ok()
 }
 
 #[derive(Debug)]
@@ -257,12 +256,12 @@ mod tests {
         Backend::new("127.0.0.1:1".parse().unwrap(), 1, None, 4)
     }
 
+    /// The format's own cases are tested in `worker/src/load.rs`.
     #[test]
-    fn parses_the_load_header() {
+    fn the_load_header_gives_a_capacity() {
         assert_eq!(parse_load_threads("threads=4, busy=3, queued=0"), Some(4));
-        assert_eq!(parse_load_threads("busy=3,threads=16"), Some(16));
         assert_eq!(parse_load_threads("busy=3"), None);
-        assert_eq!(parse_load_threads("threads=x"), None);
+        assert_eq!(parse_load_threads("threads=4294967296"), None);
     }
 
     #[test]

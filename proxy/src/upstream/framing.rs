@@ -2,12 +2,12 @@
 //! length is checked and taken off, and hyper frames the response to the
 //! client from the body Usher really read.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 
-/// The worker's load report (`threads=4, busy=3, queued=0`), consumed here
-/// and never passed to clients.
-pub static X_USHER_LOAD: HeaderName = HeaderName::from_static("x-usher-load");
+/// The worker's load report (`threads=4, busy=3, queued=0`, the worker's
+/// [`usher_worker::LoadReport`]), consumed here and never passed to clients.
+pub use usher_worker::X_USHER_LOAD;
 
 /// Takes a backend's framing headers off its response, so that the framing
 /// the client sees is Usher's own, made from the body Usher really read
