@@ -431,6 +431,15 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     /// Consecutive failures to become down. Default 3.
     pub fall: u32,
+    /// The probe's `Host`. Default: the backend's `ip:port`. Set it when the
+    /// app checks the host (Django's `ALLOWED_HOSTS` answers any other host
+    /// 400, so every probe would fail).
+    pub host: Option<String>,
+    /// Extra request headers for the probe. Default none.
+    pub headers: BTreeMap<String, String>,
+    /// Status codes that pass: codes and ranges, e.g. `[200, "200-299", 301]`.
+    /// Default 200-399.
+    pub expect: Vec<StatusRange>,
 }
 
 impl Default for HealthCheckConfig {
@@ -441,7 +450,66 @@ impl Default for HealthCheckConfig {
             timeout: Dur::secs(1),
             rise: 2,
             fall: 3,
+            host: None,
+            headers: BTreeMap::new(),
+            expect: vec![StatusRange(200, 399)],
         }
+    }
+}
+
+impl HealthCheckConfig {
+    /// Whether `status` passes `expect`.
+    pub fn accepts(&self, status: u16) -> bool {
+        self.expect.iter().any(|r| r.0 <= status && status <= r.1)
+    }
+
+    /// `expect` as the config spells it, for messages: `200-399`.
+    pub fn expect_text(&self) -> String {
+        let parts: Vec<String> = self
+            .expect
+            .iter()
+            .map(|r| {
+                if r.0 == r.1 {
+                    r.0.to_string()
+                } else {
+                    format!("{}-{}", r.0, r.1)
+                }
+            })
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// An inclusive range of status codes, written `200` or `"200-299"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange(pub u16, pub u16);
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Code(u64),
+            Text(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "expected a status code or a range like \"200-299\" (codes 100-599)",
+            )
+        };
+        let code = |n: u64| u16::try_from(n).ok().filter(|c| (100..=599).contains(c));
+        let (lo, hi) = match Raw::deserialize(d)? {
+            Raw::Code(n) => (code(n).ok_or_else(bad)?, code(n).ok_or_else(bad)?),
+            Raw::Text(t) => {
+                let (a, b) = t.split_once('-').unwrap_or((&t, &t));
+                let p = |s: &str| s.trim().parse::<u64>().ok().and_then(code);
+                (p(a).ok_or_else(bad)?, p(b).ok_or_else(bad)?)
+            }
+        };
+        if lo > hi {
+            return Err(bad());
+        }
+        Ok(StatusRange(lo, hi))
     }
 }
 

@@ -278,4 +278,37 @@ fn health_check(h: &HealthCheckConfig, k: &impl Fn(&str) -> String, r: &mut Repo
             "must be at least 10ms",
         );
     }
+    if let Some(host) = &h.host {
+        if !crate::edge::headers::valid_authority(host) {
+            r.err(
+                k("health_check.host"),
+                &[host],
+                "must be a host name or IP, with an optional port",
+            );
+        }
+    }
+    for (name, value) in &h.headers {
+        let ok = http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+            && http::HeaderValue::from_str(value).is_ok();
+        if !ok {
+            r.err(
+                k(&format!("health_check.headers.{name}")),
+                &[name],
+                "not a valid header name and value",
+            );
+        } else if name.eq_ignore_ascii_case("host") {
+            r.err(
+                k(&format!("health_check.headers.{name}")),
+                &[name],
+                "set the probe's Host with `health_check.host`",
+            );
+        }
+    }
+    if h.expect.is_empty() {
+        r.err(
+            k("health_check.expect"),
+            &["expect"],
+            "must list at least one status code or range",
+        );
+    }
 }

@@ -121,6 +121,13 @@ impl Admin {
                         "capacity": b.capacity(),
                         "weight": b.weight(),
                         "upgraded": b.upgraded(),
+                        "check": b.health.last_check().map(|(at, failure)| serde_json::json!({
+                            "at_unix_ms": at
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
+                            "ok": failure.is_none(),
+                            "reason": failure,
+                        })),
                     })
                 })
                 .collect();

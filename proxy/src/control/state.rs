@@ -182,15 +182,16 @@ impl State {
     pub async fn probe_capacity(&self) {
         let mut set = tokio::task::JoinSet::new();
         for up in self.upstreams.values() {
-            let path = up
-                .cfg
-                .health_check
-                .as_ref()
-                .map_or("/healthz".to_string(), |h| h.path.clone());
+            // The health check's own request (path, Host, headers) where
+            // there is one: an app that checks Host answers nothing else.
+            let spec = Arc::new(up.cfg.health_check.as_ref().map_or_else(
+                || crate::health::ProbeSpec::plain("/healthz"),
+                crate::health::ProbeSpec::new,
+            ));
             for b in up.dispatcher.backends() {
-                let (up, path) = (up.clone(), path.clone());
+                let (up, spec) = (up.clone(), spec.clone());
                 set.spawn(async move {
-                    let r = crate::health::probe(&up.client, b.addr, &path, Duration::from_secs(1))
+                    let r = crate::health::probe(&up.client, b.addr, &spec, Duration::from_secs(1))
                         .await;
                     if let Some(t) = r.threads {
                         b.report_threads(t);

@@ -48,56 +48,161 @@ pub struct Checker<T> {
 }
 
 /// What one probe found.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProbeResult {
     pub ok: bool,
+    /// The worker's thread count, from a `usher-worker`-style `/healthz`.
     pub threads: Option<u32>,
+    /// Why it failed.
+    pub failure: Option<Failure>,
 }
 
-/// One health check: GET `path`, healthy on 2xx/3xx within `timeout`.
+/// Why a probe failed: what an operator needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Answered with a code `expect` does not list.
+    Status { code: u16, expected: String },
+    /// No answer within the check's `timeout`.
+    Timeout,
+    /// Nothing listens at the address.
+    Refused,
+    /// Another connection or protocol error.
+    Error(String),
+    /// The answer's body could not be read.
+    Body(String),
+}
+
+impl Failure {
+    /// The `reason` label of `usher_health_check_failures_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Failure::Status { .. } => "status",
+            Failure::Timeout => "timeout",
+            Failure::Refused => "refused",
+            Failure::Error(_) => "error",
+            Failure::Body(_) => "body",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Status { code, expected } => {
+                write!(f, "answered {code}, expected {expected}")?;
+                if *code == 400 {
+                    // Django's ALLOWED_HOSTS (and others) answer 400 to a Host
+                    // they do not know.
+                    write!(f, " (an app that checks Host wants `health_check.host`)")?;
+                }
+                Ok(())
+            }
+            Failure::Timeout => write!(f, "no answer within the check's timeout"),
+            Failure::Refused => write!(f, "connection refused"),
+            Failure::Error(e) => write!(f, "{e}"),
+            Failure::Body(e) => write!(f, "reading the body: {e}"),
+        }
+    }
+}
+
+/// How to probe: the check's path, Host, headers and accepted codes.
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub path: String,
+    pub host: Option<String>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub cfg: HealthCheckConfig,
+}
+
+impl ProbeSpec {
+    pub fn new(cfg: &HealthCheckConfig) -> Self {
+        ProbeSpec {
+            path: cfg.path.clone(),
+            host: cfg.host.clone(),
+            headers: cfg
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
+                .collect(),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// The startup capacity probe: `path`, default Host, any 2xx/3xx.
+    pub fn plain(path: &str) -> Self {
+        ProbeSpec::new(&HealthCheckConfig {
+            path: path.to_string(),
+            ..HealthCheckConfig::default()
+        })
+    }
+}
+
+/// One health check: GET the path, healthy on a code `expect` accepts
+/// within `timeout`.
 pub async fn probe(
     client: &HttpClient,
     addr: SocketAddr,
-    path: &str,
+    spec: &ProbeSpec,
     timeout: Duration,
 ) -> ProbeResult {
-    let uri = format!("http://{addr}{path}");
-    let req = Request::get(uri)
-        .header(
-            http::header::USER_AGENT,
-            concat!("usher-health/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(Full::new(Bytes::new()));
-    let Ok(req) = req else {
-        return ProbeResult {
-            ok: false,
-            threads: None,
-        };
+    let fail = |f: Failure| ProbeResult {
+        ok: false,
+        threads: None,
+        failure: Some(f),
+    };
+    let uri = format!("http://{addr}{}", spec.path);
+    let mut req = Request::get(uri).header(
+        http::header::USER_AGENT,
+        concat!("usher-health/", env!("CARGO_PKG_VERSION")),
+    );
+    if let Some(host) = &spec.host {
+        req = req.header(http::header::HOST, host.as_str());
+    }
+    for (k, v) in &spec.headers {
+        req = req.header(k, v);
+    }
+    let req = match req.body(Full::new(Bytes::new())) {
+        Ok(r) => r,
+        Err(e) => return fail(Failure::Error(e.to_string())),
     };
     let fut = async {
-        let resp = client.request(req).await.ok()?;
+        let resp = client.request(req).await.map_err(|e| {
+            let text = crate::upstream::error_chain(&e);
+            if e.is_connect() && text.contains("refused") {
+                Failure::Refused
+            } else {
+                Failure::Error(text)
+            }
+        })?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
-            .ok()?
+            .map_err(|e| Failure::Body(e.to_string()))?
             .to_bytes();
-        Some((status, body))
+        Ok::<_, Failure>((status, body))
     };
     match tokio::time::timeout(timeout, fut).await {
-        Ok(Some((status, body))) => {
-            let ok = status.is_success() || status.is_redirection();
-            let threads = (ok && status == StatusCode::OK)
+        Err(_) => fail(Failure::Timeout),
+        Ok(Err(f)) => fail(f),
+        Ok(Ok((status, body))) => {
+            if !spec.cfg.accepts(status.as_u16()) {
+                return fail(Failure::Status {
+                    code: status.as_u16(),
+                    expected: spec.cfg.expect_text(),
+                });
+            }
+            let threads = (status == StatusCode::OK)
                 .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
                 .flatten()
                 .and_then(|v| v.get("threads")?.as_u64())
                 .and_then(|t| u32::try_from(t).ok());
-            ProbeResult { ok, threads }
+            ProbeResult {
+                ok: true,
+                threads,
+                failure: None,
+            }
         }
-        _ => ProbeResult {
-            ok: false,
-            threads: None,
-        },
     }
 }
 
@@ -105,15 +210,16 @@ pub async fn probe(
 /// fires.
 pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
     let hc = &c.cfg;
+    let spec = Arc::new(ProbeSpec::new(hc));
     let mut thresholds: std::collections::HashMap<String, Threshold> = Default::default();
     loop {
         let targets = (c.targets)();
         let mut set = tokio::task::JoinSet::new();
         for t in &targets {
-            let (client, t, path, timeout) =
-                (c.client.clone(), t.clone(), hc.path.clone(), hc.timeout.0);
+            let (client, t, spec, timeout) =
+                (c.client.clone(), t.clone(), spec.clone(), hc.timeout.0);
             set.spawn(async move {
-                let r = probe(&client, t.addr(), &path, timeout).await;
+                let r = probe(&client, t.addr(), &spec, timeout).await;
                 (t, r)
             });
         }
@@ -129,6 +235,13 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
                 .health_checks
                 .with_label_values(&[&c.upstream, b.key(), label])
                 .inc();
+            if let Some(f) = &r.failure {
+                c.metrics
+                    .health_check_failures
+                    .with_label_values(&[&c.upstream, b.key(), f.label()])
+                    .inc();
+            }
+            health.record_check(r.failure.as_ref().map(ToString::to_string));
             if let Some(threads) = r.threads {
                 changed |= b.report_threads(threads);
             }
@@ -137,7 +250,14 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
                 changed = true;
             }
             if let Some(now_up) = t.record(r.ok) {
-                tracing::warn!(upstream = %c.upstream, backend = %b.key(), up = now_up, "health check changed backend state");
+                match &r.failure {
+                    None => {
+                        tracing::info!(upstream = %c.upstream, backend = %b.key(), "health check passed: backend is up")
+                    }
+                    Some(f) => {
+                        tracing::warn!(upstream = %c.upstream, backend = %b.key(), reason = %f, path = %hc.path, "health check failed: backend is down")
+                    }
+                }
                 if health.set_up(now_up) {
                     changed = true;
                     if now_up {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-pub use active::{probe, ProbeResult, Target};
+pub use active::{probe, Failure, ProbeResult, ProbeSpec, Target};
 pub use outlier::{Policy, Verdict};
 pub use threshold::Threshold;
 
@@ -35,6 +35,8 @@ pub struct Health {
     /// Consecutive gateway failures; a success resets it without a lock.
     failure_run: AtomicU32,
     epoch: Instant,
+    /// The last active check: when, and why it failed (`None`: it passed).
+    last_check: Mutex<Option<(std::time::SystemTime, Option<String>)>>,
 }
 
 impl Default for Health {
@@ -46,6 +48,7 @@ impl Default for Health {
             ejected_until_us: AtomicU64::new(0),
             failure_run: AtomicU32::new(0),
             epoch: Instant::now(),
+            last_check: Mutex::new(None),
         }
     }
 }
@@ -100,6 +103,16 @@ impl Health {
         } else {
             "up"
         }
+    }
+
+    /// Records an active check's outcome (`failure`: why it failed).
+    pub fn record_check(&self, failure: Option<String>) {
+        *self.last_check.lock().unwrap() = Some((std::time::SystemTime::now(), failure));
+    }
+
+    /// The last active check, if any: when, and why it failed.
+    pub fn last_check(&self) -> Option<(std::time::SystemTime, Option<String>)> {
+        self.last_check.lock().unwrap().clone()
     }
 
     pub fn record_success(&self) {

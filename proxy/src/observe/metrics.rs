@@ -24,6 +24,8 @@ pub const BACKEND_REQUESTS: &str = "usher_backend_requests_total";
 pub const BACKEND_RESPONSE: &str = "usher_backend_response_seconds";
 pub const BACKEND_EJECTIONS: &str = "usher_backend_ejections_total";
 pub const HEALTH_CHECKS: &str = "usher_health_checks_total";
+/// Failed active checks, by reason (status, timeout, refused, error, body).
+pub const HEALTH_CHECK_FAILURES: &str = "usher_health_check_failures_total";
 pub const RETRIES: &str = "usher_retries_total";
 pub const CLIENT_CONNECTIONS: &str = "usher_client_connections";
 pub const CONFIG_RELOADS: &str = "usher_config_reloads_total";
@@ -78,6 +80,7 @@ pub struct Metrics {
     pub backend_response: HistogramVec,
     pub backend_ejections: IntCounterVec,
     pub health_checks: IntCounterVec,
+    pub health_check_failures: IntCounterVec,
     pub retries: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub config_reloads: IntCounterVec,
@@ -194,6 +197,12 @@ impl Metrics {
                 HEALTH_CHECKS,
                 "Active health checks, by result (success, failure).",
                 &["upstream", "backend", "result"],
+            ),
+            health_check_failures: counter(
+                &r,
+                HEALTH_CHECK_FAILURES,
+                "Failed active health checks, by reason: status (an unexpected code), timeout, refused, error, body.",
+                &["upstream", "backend", "reason"],
             ),
             retries: counter(
                 &r,
