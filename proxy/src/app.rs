@@ -66,6 +66,8 @@ struct Signals {
 enum Asked {
     Stop,
     Reload,
+    /// SIGUSR1: reopen the access log (logrotate).
+    Reopen,
 }
 
 impl Signals {
@@ -89,7 +91,7 @@ impl Signals {
                 _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); return Asked::Stop; }
                 _ = self.int.recv() => { tracing::info!("SIGINT: draining"); return Asked::Stop; }
                 _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading configuration"); return Asked::Reload; }
-                _ = self.usr1.recv() => tracing::info!("SIGUSR1 ignored: logs go to stdout/stderr; use SIGHUP to reload, SIGTERM to stop"),
+                _ = self.usr1.recv() => return Asked::Reopen,
                 _ = self.usr2.recv() => tracing::info!("SIGUSR2 ignored: use SIGHUP to reload, SIGTERM to stop"),
             }
         }
@@ -201,11 +203,21 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let (listeners, admin_listener) = bind_all(&config).await?;
     let grace = config.timeouts.shutdown_grace.0;
     let (fleets, fleet_addrs) = start_fleets(&config, &metrics, grace).await?;
-    let access_log = AccessLog::new(config.access_log.format);
+    let access_log = AccessLog::new(
+        config.access_log.format,
+        config.access_log.path.clone(),
+        metrics.access_log_dropped.clone(),
+    )
+    .map_err(StartError::Config)?;
     let (state, commit) =
         State::build(config.clone(), None, &fleet_addrs, &metrics).map_err(StartError::Config)?;
     commit.apply();
     state.probe_capacity().await;
+    let config_name = path.as_ref().map_or_else(
+        || crate::config::DEFAULT_CONFIG_NAME.to_string(),
+        |p| p.display().to_string(),
+    );
+    crate::control::summary::log_startup(&state, &config_name);
     let state = Arc::new(ArcSwap::from_pointee(state));
     state.load().start(&state, &metrics);
     let shared = Arc::new(Shared {
@@ -273,10 +285,20 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     // Wait for signals. Every reload, from SIGHUP or the file watch, goes
     // through `Reloader::reload`.
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "usher is serving");
-    while let Asked::Reload = signals.next().await {
-        let r = reloader.clone();
-        // Building a state is quick, but keep file I/O off the runtime.
-        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+    loop {
+        match signals.next().await {
+            Asked::Stop => break,
+            Asked::Reload => {
+                let r = reloader.clone();
+                // Building a state is quick, but keep file I/O off the runtime.
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+            Asked::Reopen => {
+                if !shared.access_log.reopen() {
+                    tracing::info!("SIGUSR1: the access log goes to stdout, nothing to reopen; use SIGHUP to reload, SIGTERM to stop");
+                }
+            }
+        }
     }
 
     // Drain with a deadline; a second signal ends it at once.

@@ -39,6 +39,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// What the client reads in the body. Gateway failures (502, 504) stay
+    /// generic: a client learns nothing of backend addresses or connect
+    /// errors (they go to the access log's `error` field and the error log).
+    /// The rest say what was wrong with the request or why it was refused.
+    pub fn client_text(&self) -> String {
+        match self {
+            Error::Connect { .. } | Error::Upstream { .. } => {
+                "upstream app unavailable".to_string()
+            }
+            Error::UpstreamTimeout { .. } => "upstream app did not answer in time".to_string(),
+            other => other.to_string(),
+        }
+    }
+
     /// The status code the client sees.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -128,6 +128,9 @@ pub fn resolve_paths(c: &mut Config, dir: &Path) {
             }
         }
     }
+    if let Some(p) = &mut c.access_log.path {
+        fix(p);
+    }
 }
 
 /// A problem found by a check outside the schema (`tls::check_config`

@@ -702,6 +702,9 @@ impl Default for ClientTimeouts {
 pub struct AccessLogConfig {
     /// `json` (the default), `combined` or `off`.
     pub format: LogFormat,
+    /// Append lines to this file instead of stdout (relative to the config
+    /// file's directory); SIGUSR1 reopens it after logrotate renamed it.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod reload;
 pub mod state;
+pub mod summary;
 
 use std::path::Path;
 

@@ -25,6 +25,17 @@ pub fn parse_load_threads(v: &str) -> Option<u32> {
     u32::try_from(report.threads).ok()
 }
 
+/// Where a backend's capacity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapacitySource {
+    /// `max_in_flight: N`.
+    MaxInFlight,
+    /// The worker's own report (`X-Usher-Load` or `/healthz` `threads`).
+    Reported,
+    /// `auto` with no report: the upstream's `default_capacity`.
+    Default,
+}
+
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
@@ -45,6 +56,8 @@ pub struct Backend {
     upgraded: AtomicU32,
     /// Whether it may take requests (active checks, ejection, draining).
     pub health: Health,
+    /// The default-capacity fallback has been logged.
+    warned_default: std::sync::atomic::AtomicBool,
     /// Slow start: capacity ramps from 1 to full between these instants (ms since `epoch`).
     slow_start_until_ms: AtomicU64,
     slow_start_ms: AtomicU64,
@@ -75,6 +88,7 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
             health: Health::default(),
+            warned_default: Default::default(),
             slow_start_until_ms: AtomicU64::new(0),
             slow_start_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -87,16 +101,12 @@ impl Backend {
         self.upgraded.load(Ordering::Relaxed)
     }
 
-    /// Counts one more upgraded connection if fewer than `max` are open.
-    pub fn try_inc_upgraded(&self, max: u32) -> bool {
-        self.upgraded
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+    /// Counts one more upgraded connection (see `dispatch::Tunnel`).
+    pub(crate) fn inc_upgraded(&self) {
+        self.upgraded.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn dec_upgraded(&self) {
+    pub(crate) fn dec_upgraded(&self) {
         self.upgraded.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -131,6 +141,24 @@ impl Backend {
         match self.reported_capacity.load(Ordering::Relaxed) {
             0 => self.default_capacity.load(Ordering::Relaxed),
             n => n,
+        }
+    }
+
+    /// True the first time it is called for a backend whose `auto` capacity
+    /// fell back to `default_capacity`: that is said once per backend.
+    pub fn first_default_fallback(&self) -> bool {
+        self.capacity_source() == CapacitySource::Default
+            && !self.warned_default.swap(true, Ordering::Relaxed)
+    }
+
+    /// Where the capacity comes from, as the startup summary says it.
+    pub fn capacity_source(&self) -> CapacitySource {
+        if self.fixed_capacity.load(Ordering::Relaxed) != 0 {
+            CapacitySource::MaxInFlight
+        } else if self.reported_capacity.load(Ordering::Relaxed) != 0 {
+            CapacitySource::Reported
+        } else {
+            CapacitySource::Default
         }
     }
 

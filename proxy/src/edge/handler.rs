@@ -154,6 +154,14 @@ pub async fn handle(
             backend = failed.backend;
             queue_wait = failed.queue_wait;
             error_text = Some(failed.error.to_string());
+            if failed.error.status().is_server_error() {
+                tracing::warn!(
+                    upstream = upstream_name,
+                    request_id = request_id.to_str().unwrap_or("-"),
+                    error = %failed.error,
+                    "request failed"
+                );
+            }
             let mut resp = error_response(&failed.error);
             if upgrade {
                 // As for a declined upgrade: what the client sent after its
@@ -321,7 +329,7 @@ pub fn error_response(e: &Error) -> Response<ProxyBody> {
         "{} {}: {}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
-        e
+        e.client_text()
     );
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = status;

@@ -1,14 +1,19 @@
-//! The access log: one line per request on stdout, JSON or combined format.
+//! The access log: one line per request, JSON or combined format, on stdout
+//! or appended to `access_log.path`.
 //!
 //! Lines are handed to a dedicated writer thread over a bounded channel, so a
-//! slow stdout never blocks the request path; if the channel is full, the line
-//! is dropped and counted rather than stalling traffic.
+//! slow disk never blocks the request path; if the channel is full, the line
+//! is dropped and counted (`usher_access_log_dropped_total`) rather than
+//! stalling traffic. SIGUSR1 reopens the file, logrotate's convention (as
+//! nginx does): rotate by renaming, then signal.
 
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Version;
@@ -35,9 +40,17 @@ pub struct Entry {
 
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<Msg>,
     format: Arc<AtomicU8>,
-    pub dropped: Arc<AtomicU64>,
+    dropped: prometheus::IntCounter,
+    /// Where lines go: `None` is stdout. Read by the writer on reopen.
+    path: Arc<Mutex<Option<PathBuf>>>,
+}
+
+enum Msg {
+    Line(String),
+    /// Reopen the file (SIGUSR1, or a new path on reload).
+    Reopen,
 }
 
 fn format_code(f: LogFormat) -> u8 {
@@ -48,29 +61,87 @@ fn format_code(f: LogFormat) -> u8 {
     }
 }
 
+fn open(path: &Option<PathBuf>) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+    })
+}
+
 impl AccessLog {
-    pub fn new(format: LogFormat) -> Self {
-        let (tx, rx) = sync_channel::<String>(16 * 1024);
+    /// Starts the writer. Fails when `path` cannot be opened for appending.
+    pub fn new(
+        format: LogFormat,
+        path: Option<PathBuf>,
+        dropped: prometheus::IntCounter,
+    ) -> Result<Self, String> {
+        let first = open(&path).map_err(|e| {
+            format!(
+                "access_log.path {}: cannot open for appending: {e}",
+                path.as_ref()
+                    .map_or("-".into(), |p| p.display().to_string())
+            )
+        })?;
+        let path = Arc::new(Mutex::new(path));
+        let (tx, rx) = sync_channel::<Msg>(16 * 1024);
+        let writer_path = path.clone();
         std::thread::Builder::new()
             .name("usher-access-log".into())
             .spawn(move || {
-                let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::new(stdout.lock());
-                while let Ok(line) = rx.recv() {
-                    let _ = out.write_all(line.as_bytes());
+                let mut out = std::io::BufWriter::new(first);
+                let handle = |msg: Msg, out: &mut std::io::BufWriter<Box<dyn Write + Send>>| match msg {
+                    Msg::Line(line) => {
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                    Msg::Reopen => {
+                        let _ = out.flush();
+                        let p = writer_path.lock().unwrap().clone();
+                        match open(&p) {
+                            Ok(w) => {
+                                *out = std::io::BufWriter::new(w);
+                                tracing::info!(path = ?p, "access log reopened");
+                            }
+                            Err(e) => {
+                                tracing::error!(path = ?p, error = %e, "cannot reopen the access log; still writing to the old file")
+                            }
+                        }
+                    }
+                };
+                while let Ok(msg) = rx.recv() {
+                    handle(msg, &mut out);
                     // Flush whenever the channel is drained, so lines appear
                     // promptly at low rates and in batches at high rates.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = out.write_all(line.as_bytes());
+                    while let Ok(msg) = rx.try_recv() {
+                        handle(msg, &mut out);
                     }
                     let _ = out.flush();
                 }
             })
-            .expect("spawn access log thread");
-        AccessLog {
+            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+        Ok(AccessLog {
             tx,
             format: Arc::new(AtomicU8::new(format_code(format))),
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
+            path,
+        })
+    }
+
+    /// Reopens the file (SIGUSR1). On stdout, there is nothing to reopen.
+    pub fn reopen(&self) -> bool {
+        if self.path.lock().unwrap().is_none() {
+            return false;
+        }
+        let _ = self.tx.send(Msg::Reopen);
+        true
+    }
+
+    /// Writes to `path` from now on (reload).
+    pub fn set_path(&self, path: Option<PathBuf>) {
+        let mut p = self.path.lock().unwrap();
+        if *p != path {
+            *p = path;
+            drop(p);
+            let _ = self.tx.send(Msg::Reopen);
         }
     }
 
@@ -90,8 +161,8 @@ impl AccessLog {
             2 => combined_line(&e),
             _ => return,
         };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
+            self.dropped.inc();
         }
     }
 }

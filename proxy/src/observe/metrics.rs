@@ -32,6 +32,8 @@ pub const CONFIG_RELOADS: &str = "usher_config_reloads_total";
 pub const BUILD_INFO: &str = "usher_build_info";
 pub const FLEET_RESTARTS: &str = "usher_fleet_restarts_total";
 pub const DNS_RESOLUTIONS: &str = "usher_dns_resolutions_total";
+/// Access-log lines dropped because the writer fell behind.
+pub const ACCESS_LOG_DROPPED: &str = "usher_access_log_dropped_total";
 /// Not in the `DESIGN.md` contract (an addition): open upgraded (WebSocket)
 /// connections per backend.
 pub const UPGRADED_CONNECTIONS: &str = "usher_upgraded_connections";
@@ -86,6 +88,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub fleet_restarts: IntCounterVec,
     pub dns_resolutions: IntCounterVec,
+    pub access_log_dropped: IntCounter,
     pub upgraded_connections: IntGaugeVec,
     pub build_info: IntGauge,
 }
@@ -234,6 +237,15 @@ impl Metrics {
                 "DNS discovery resolutions, by result (success, failure).",
                 &["upstream", "result"],
             ),
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    ACCESS_LOG_DROPPED,
+                    "Access-log lines dropped because the writer fell behind.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             upgraded_connections: gauge(
                 &r,
                 UPGRADED_CONNECTIONS,

@@ -316,6 +316,13 @@ impl Upstream {
             if backend.report_threads(threads) {
                 self.dispatcher.kick();
             }
+        } else if backend.first_default_fallback() {
+            tracing::warn!(
+                upstream = %self.name,
+                backend = %backend.key,
+                capacity = backend.full_capacity(),
+                "max_in_flight is auto but the backend reports no thread count (no X-Usher-Load header): using default_capacity; set max_in_flight to the app's threads (waitress --threads, gunicorn --workers × --threads)"
+            );
         }
         let status = response.status();
         // A response Usher cannot frame for the client on its own terms is

@@ -1,0 +1,54 @@
+//! The startup summary: what Usher is about to serve, in a few lines an
+//! operator can check against what they meant — the config file, the
+//! listeners, and each upstream with its backends and where each backend's
+//! capacity came from. (An `auto` capacity that falls back to
+//! `default_capacity` is also warned about once per backend, at its first
+//! response without a load report: see `upstream`.)
+
+use crate::config::Config;
+use crate::control::state::State;
+use crate::dispatch::backend::CapacitySource;
+
+/// Logs the summary (after the startup capacity probe, so reported
+/// capacities are in).
+pub fn log_startup(state: &State, config_name: &str) {
+    let c: &Config = &state.config;
+    tracing::info!(config = %config_name, "usher starting");
+    for l in &c.listeners {
+        let proto = if l.tls.is_some() { "https" } else { "http" };
+        tracing::info!(listener = %l.name, address = %l.address, %proto, "listener");
+    }
+    if let Some(a) = &c.admin {
+        tracing::info!(address = %a.address, "admin listener (/status, /metrics, /readyz, POST /reload)");
+    }
+    let mut names: Vec<&String> = state.upstreams.keys().collect();
+    names.sort();
+    for name in names {
+        let up = &state.upstreams[name];
+        let backends = up.dispatcher.backends();
+        let listed: Vec<String> = backends
+            .iter()
+            .map(|b| {
+                let source = match b.capacity_source() {
+                    CapacitySource::MaxInFlight => "max_in_flight",
+                    CapacitySource::Reported => "worker's report",
+                    CapacitySource::Default => "default_capacity",
+                };
+                format!("{} ×{} ({source})", b.key, b.full_capacity())
+            })
+            .collect();
+        let source = if up.cfg.fleet.is_some() {
+            "fleet"
+        } else if up.cfg.dns.is_some() {
+            "dns"
+        } else {
+            "static"
+        };
+        tracing::info!(
+            upstream = %name,
+            %source,
+            backends = %if listed.is_empty() { "none yet".to_string() } else { listed.join(", ") },
+            "upstream"
+        );
+    }
+}
