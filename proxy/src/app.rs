@@ -295,7 +295,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             }
             Asked::Reopen => {
                 if !shared.access_log.reopen() {
-                    tracing::info!("SIGUSR1: the access log goes to stdout, nothing to reopen; use SIGHUP to reload, SIGTERM to stop");
+                    tracing::info!("SIGUSR1 ignored: the access log goes to stdout, there is nothing to reopen; use SIGHUP to reload, SIGTERM to stop");
                 }
             }
         }
