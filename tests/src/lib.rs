@@ -11,7 +11,19 @@
 //! - starting a worker: [`spawn_worker`];
 //! - HTTP: an async [`Client`] (HTTP/1.1 or h2c) with the shorthands [`get`] and
 //!   [`request`], and a dependency-free [`blocking`] client usable anywhere, also
-//!   inside an async test.
+//!   inside an async test;
+//! - replacing a file that a server watches in one step: [`replace_file`].
+//!
+//! Its modules serve one kind of test each:
+//!
+//! - [`usher`]: run the real `usher` ([`usher::Usher`]), build its config
+//!   ([`usher::Config`]), read its log and metrics;
+//! - [`load`]: steady background load that counts failures;
+//! - [`raw`]: raw-socket clients and recording backends for the adversarial tests;
+//! - [`edge`]: test certificates, rustls clients and a recording backend that
+//!   speaks WebSocket, for the TLS, HTTP/2 and WebSocket tests;
+//! - [`deploy`]: reading `deploy/` (dashboards, rules, PromQL) and running a
+//!   real Prometheus against it.
 //!
 //! Every network call has a timeout ([`HTTP_TIMEOUT`]), so a broken server fails a
 //! test instead of hanging it. Everything binds `127.0.0.1`, on port 0 or a
@@ -24,7 +36,7 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,6 +120,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Replaces `path` with `text` in one step (write a sibling, rename it over),
+/// so a server polling the file never reads it half-written.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension(format!("tmp{}", fastrand::u32(..)));
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("rename {} into place: {e}", path.display()));
 }
 
 /// Waits until a TCP connect to `addr` succeeds. Returns whether it did in time.
@@ -440,8 +461,19 @@ pub mod blocking {
         request("GET", url, b"")
     }
 
+    /// `GET url`, giving up after `timeout` (to connect, and each read or write).
+    pub fn get_within(url: &str, timeout: Duration) -> Result<Resp> {
+        request_within("GET", url, b"", timeout)
+    }
+
     /// `method url` with `body` (sent with a `Content-Length`).
     pub fn request(method: &str, url: &str, body: &[u8]) -> Result<Resp> {
+        request_within(method, url, body, HTTP_TIMEOUT)
+    }
+
+    /// [`request`], giving up after `timeout` (to connect, and each read or
+    /// write) instead of [`HTTP_TIMEOUT`].
+    pub fn request_within(method: &str, url: &str, body: &[u8], timeout: Duration) -> Result<Resp> {
         let uri: Uri = url.parse().with_context(|| format!("bad url {url}"))?;
         let authority = uri.authority().context("url without host")?.clone();
         let port = authority.port_u16().unwrap_or(80);
@@ -450,10 +482,10 @@ pub mod blocking {
             .next()
             .with_context(|| format!("{authority} does not resolve"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        let mut stream = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(5)))
             .with_context(|| format!("connect {addr}"))?;
-        stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-        stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
              Content-Length: {}\r\n\r\n",
@@ -568,6 +600,8 @@ pub mod blocking {
         }
     }
 }
+pub mod deploy;
+pub mod edge;
 pub mod load;
-pub mod usher;
 pub mod raw;
+pub mod usher;

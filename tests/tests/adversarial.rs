@@ -18,7 +18,7 @@ use usher_e2e::raw::{
     describe, pattern, After, End, NoResponse, RawClient, RawResponse, RecordingBackend, Reply,
     SeenRequest, READ_TIMEOUT,
 };
-use usher_e2e::usher::Usher;
+use usher_e2e::usher::{backends, Config, Usher};
 use usher_e2e::wait_until;
 
 /// How long a refused connection may take to close after its answer.
@@ -27,27 +27,19 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 fn config(main: SocketAddr, alt: SocketAddr, upstream_extra: &str, top_extra: &str) -> String {
     let upstream = |addr: SocketAddr| {
         format!(
-            "    backends:\n      - {{ address: \"{addr}\", max_in_flight: 16 }}\n    \
-             retries: {{ attempts: 0 }}\n{upstream_extra}\n"
+            "{}\n    retries: {{ attempts: 0 }}\n{upstream_extra}",
+            backends(&[addr], ", max_in_flight: 16")
         )
     };
-    format!(
-        r#"listeners:
-  - {{ name: public, address: "LISTEN" }}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ host: main.test, path_prefix: /, upstream: main }}
-  - {{ host: alt.test, path_prefix: /, upstream: alt }}
-  - {{ host: "*", path_prefix: /, upstream: main }}
-upstreams:
-  main:
-{}  alt:
-{}access_log: {{ format: json }}
-{top_extra}
-"#,
-        upstream(main),
-        upstream(alt)
-    )
+    Config::new()
+        .route("main.test", "main")
+        .route("alt.test", "alt")
+        .route("*", "main")
+        .upstream("main", &upstream(main))
+        .upstream("alt", &upstream(alt))
+        .top("access_log: { format: json }")
+        .top(top_extra)
+        .yaml()
 }
 
 /// One Usher in front of the `main` and `alt` backends.

@@ -10,23 +10,22 @@
 //!
 //! `USHER_BLESS=1` rewrites the generated PrometheusRule from rules.yaml.
 
-#[path = "../deploy/harness.rs"]
-mod harness;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{
-    assert_queries_return_data, dashboard_panels, dashboard_paths, dashboard_queries, deploy_dir,
-    promql_refs, promtool, read_yaml, repo_root, require_tool, rules, rules_path, run_ok,
-    Prometheus, ScrapeJob, TempDir,
-};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
+use usher_e2e::deploy::{
+    self, assert_queries_return_data, dashboard_panels, dashboard_paths, dashboard_queries,
+    deploy_dir, promql_refs, promtool, read_yaml, repo_root, require_tool, rules, rules_path,
+    run_ok, Prometheus, ScrapeJob,
+};
+use usher_e2e::usher::{backends, concrete, Config, TempDir, Usher};
+use usher_e2e::{bin_path, blocking, free_port, replace_file, wait_until};
 
 /// The Kubernetes version the manifests are validated against
 /// (`kubernetes-validate -k`). Override with USHER_K8S_VERSION.
@@ -1246,7 +1245,7 @@ fn promql_lexer_finds_metrics_and_labels() {
     let grouping: Vec<&str> = r.grouping_labels.iter().map(String::as_str).collect();
     assert_eq!(grouping, ["instance", "le", "upstream"]);
     assert_eq!(
-        harness::substitute_grafana_vars(
+        deploy::substitute_grafana_vars(
             r#"rate(x{a=~"$upstream", b=~"${backend:regex}"}[$__rate_interval])"#
         ),
         r#"rate(x{a=~".*", b=~".*"}[1m])"#
@@ -1342,7 +1341,7 @@ fn dashboards_are_importable() {
                 );
                 assert_eq!(t["datasource"]["uid"], "${datasource}", "{file}: {title}");
                 let expr = t["expr"].as_str().expect("expr");
-                let bad = harness::grafana_vars_outside_regex_matchers(expr);
+                let bad = deploy::grafana_vars_outside_regex_matchers(expr);
                 assert!(
                     bad.is_empty(),
                     "{file}: {title}: variables outside =~\"...\": {bad:?}"
@@ -1663,26 +1662,18 @@ fn every_dashboard_and_rule_query_returns_data_from_contract_metrics() {
     prom.wait_for_targets_up(Duration::from_secs(30));
     assert_queries_return_data(
         &prom,
-        &harness::all_deploy_queries(),
+        &deploy::all_deploy_queries(),
         Duration::from_secs(60),
     );
     // A wrong name must come back empty (the check above is not vacuous).
     assert_eq!(prom.query("usher_no_such_metric").unwrap().len(), 0);
 }
 
-/// Where cargo puts the workspace's binaries.
-fn target_bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug").join(name)
-}
-
 /// The worker dashboard against the real `usher-worker` binary. Skips (with a
 /// note) while the binary is not built or serves no /metrics.
 #[test]
 fn worker_dashboard_queries_return_data_from_a_real_worker() {
-    let bin = target_bin("usher-worker");
+    let bin = bin_path("usher-worker");
     if !bin.is_file() {
         eprintln!(
             "SKIP: {} is not built (cargo build -p usher-worker)",
@@ -1690,7 +1681,7 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
         );
         return;
     }
-    let addr = format!("127.0.0.1:{}", harness::free_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(&bin)
         .args(["--listen", &addr, "--threads", "2"])
         .stdout(std::process::Stdio::null())
@@ -1710,9 +1701,13 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
         if let Ok(Some(_)) = child.try_wait() {
             break;
         }
-        if let Ok((200, body)) = harness::http_get(&addr, "/metrics", Duration::from_secs(1)) {
-            metrics = Some(body);
-            break;
+        if let Ok(r) =
+            blocking::get_within(&format!("http://{addr}/metrics"), Duration::from_secs(1))
+        {
+            if r.status == 200 {
+                metrics = Some(r.text());
+                break;
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1734,7 +1729,7 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
         "/status/503",
         "/status/200",
     ] {
-        let _ = harness::http_get(&addr, path, Duration::from_secs(5));
+        let _ = blocking::get_within(&format!("http://{addr}{path}"), Duration::from_secs(5));
     }
     let prom = Prometheus::start(&[ScrapeJob::new("usher-worker", [addr.clone()])]);
     prom.wait_for_targets_up(Duration::from_secs(30));
@@ -1746,80 +1741,53 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
 
 #[test]
 fn live_usher_feeds_every_dashboard_panel_and_rule() {
-    let usher = target_bin("usher");
-    let worker = target_bin("usher-worker");
-    assert!(
-        usher.is_file() && worker.is_file(),
-        "cargo build --workspace --bins first"
-    );
-
     // Usher with a fleet of 2 workers x 2 threads, plus a backend that accepts
     // health checks but drops every request (retries, ejections).
     let flaky = serve_flaky_backend();
-    let public = format!("127.0.0.1:{}", harness::free_port());
-    let admin = format!("127.0.0.1:{}", harness::free_port());
-    let base_port = harness::free_port();
-    let workers: Vec<String> = (0..2)
-        .map(|i| format!("127.0.0.1:{}", base_port + i))
-        .collect();
-    let config = format!(
-        r#"listeners:
-  - {{ name: public, address: "{public}" }}
-admin: {{ address: "{admin}" }}
-routes:
-  - {{ host: "*", path_prefix: /, upstream: app }}
-upstreams:
-  app:
-    fleet:
+    let upstream = format!(
+        r#"    fleet:
       command: ["{worker}", --threads, "2", --listen, "127.0.0.1:{{port}}"]
       processes: 2
-      base_port: {base_port}
-    backends:
-      - {{ address: "{flaky}" }}
+      base_port: 0
+{backends}
     queue: {{ max_depth: 2, timeout: 100ms }}
     health_check: {{ path: /healthz, interval: 200ms, timeout: 100ms, rise: 1, fall: 2 }}
     outlier: {{ consecutive_failures: 2, base_ejection: 1s }}
     retries: {{ attempts: 2 }}
-    timeouts: {{ connect: 200ms, response: 5s }}
-access_log: {{ format: "off" }}
-"#,
-        worker = worker.display()
+    timeouts: {{ connect: 200ms, response: 5s }}"#,
+        worker = bin_path("usher-worker").display(),
+        backends = backends(&[flaky], ""),
     );
-    let dir = TempDir::new("live");
-    let cfg = dir.path().join("usher.yaml");
-    std::fs::write(&cfg, &config).unwrap();
-    let child = Command::new(&usher)
-        .arg("-c")
-        .arg(&cfg)
-        .spawn()
-        .expect("start usher");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = self.0.wait();
-        }
-    }
-    let _usher = Kill(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(
-        harness::http_get(&admin, "/readyz", Duration::from_secs(1)),
-        Ok((200, _))
-    ) {
-        assert!(Instant::now() < deadline, "usher did not become ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let config = Config::new()
+        .route("*", "app")
+        .upstream("app", &upstream)
+        .top(r#"access_log: { format: "off" }"#)
+        .yaml();
+    let mut usher = Usher::start_ready(&config);
+    assert!(
+        wait_until(Duration::from_secs(20), || usher.fleet_processes().len()
+            >= 2),
+        "usher did not start its 2 fleet processes:\n{}",
+        usher.proc.output()
+    );
+    let workers: Vec<String> = usher
+        .fleet_processes()
+        .iter()
+        .take(2)
+        .map(|(addr, _)| addr.to_string())
+        .collect();
 
     let prom_check = std::thread::spawn({
-        let admin = admin.clone();
-        let workers = workers.clone();
-        move || harness::check_live_deploy_queries(&admin, &workers)
+        let admin = usher.admin.to_string();
+        move || deploy::check_live_deploy_queries(&admin, &workers)
     });
-    drive_traffic(&public, &cfg, &config);
+    drive_traffic(&usher, &concrete(&config), &prom_check);
     prom_check.join().expect("every query returned data");
+    usher.proc.term();
+    assert!(
+        usher.proc.wait_exit(Duration::from_secs(15)).is_some(),
+        "usher did not exit on SIGTERM"
+    );
 
     // The shipped Kubernetes configs must pass `usher check` (dns: discovery).
     for (render, docs) in renders() {
@@ -1827,7 +1795,7 @@ access_log: {{ format: "off" }}
         let file = dir.path().join("usher.yaml");
         let cm = find(&docs, "ConfigMap", "usher-config");
         std::fs::write(&file, cm["data"]["usher.yaml"].as_str().unwrap()).unwrap();
-        let out = Command::new(&usher)
+        let out = Command::new(bin_path("usher"))
             .arg("check")
             .arg("-c")
             .arg(&file)
@@ -1842,9 +1810,10 @@ access_log: {{ format: "off" }}
 }
 
 /// Traffic that makes every contract metric exist: successes, 5xx, a burst
-/// that overflows and times out the queue, and a bad then a good reload.
-fn drive_traffic(public: &str, cfg: &Path, good_config: &str) {
-    let get = |path: &str| harness::http_get(public, path, Duration::from_secs(10));
+/// that overflows and times out the queue, and a bad then a good reload; then
+/// steady traffic until `check` is done (or gave up).
+fn drive_traffic(usher: &Usher, good_config: &str, check: &std::thread::JoinHandle<()>) {
+    let get = |path: &str| blocking::get_within(&usher.url(path), Duration::from_secs(10));
     for _ in 0..20 {
         for path in ["/echo", "/sleep?ms=5", "/status/500", "/status/404"] {
             let _ = get(path);
@@ -1852,30 +1821,33 @@ fn drive_traffic(public: &str, cfg: &Path, good_config: &str) {
     }
     let burst: Vec<_> = (0..24)
         .map(|_| {
-            let public = public.to_string();
-            std::thread::spawn(move || {
-                harness::http_get(&public, "/sleep?ms=400", Duration::from_secs(10))
-            })
+            let url = usher.url("/sleep?ms=400");
+            std::thread::spawn(move || blocking::get_within(&url, Duration::from_secs(10)))
         })
         .collect();
     for b in burst {
         let _ = b.join();
     }
-    std::fs::write(cfg, "listeners: [\n").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(cfg, good_config).unwrap();
-    // Keep traffic flowing while the checks run.
-    let until = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < until {
+    let failed_reloads = || usher.metric("usher_config_reloads_total", &[("result", "failure")]);
+    replace_file(&usher.config_path, "listeners: [\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || failed_reloads() >= 1.0),
+        "usher did not count the broken config as a failed reload:\n{}",
+        usher.proc.output()
+    );
+    replace_file(&usher.config_path, good_config);
+    // Keep traffic flowing while the checks run (they give up after 90 s).
+    let until = Instant::now() + Duration::from_secs(120);
+    while !check.is_finished() && Instant::now() < until {
         let _ = get("/sleep?ms=20");
         let _ = get("/status/503");
     }
 }
 
 /// A backend that answers /healthz and resets every other request.
-fn serve_flaky_backend() -> String {
+fn serve_flaky_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

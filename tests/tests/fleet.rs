@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use usher_e2e::usher::{metric_value, pid_gone, Usher};
+use usher_e2e::usher::{log_field, metric_value, pid_gone, Config, Usher};
 use usher_e2e::{blocking, spawn_worker, url, wait_until, Client, Resp};
 
 /// The fleet config of these tests: 2 `usher-worker --threads 2` processes
@@ -57,7 +57,7 @@ impl std::ops::DerefMut for FleetUsher {
 
 impl Drop for FleetUsher {
     fn drop(&mut self) {
-        let pids: Vec<i32> = fleet_processes(&self.0).iter().map(|&(_, p)| p).collect();
+        let pids: Vec<i32> = self.0.fleet_processes().iter().map(|&(_, p)| p).collect();
         if self.0.proc.wait_exit(Duration::ZERO).is_none() {
             let _ = kill(Pid::from_raw(self.0.proc.pid() as i32), Signal::SIGTERM);
             self.0.proc.wait_exit(Duration::from_secs(15));
@@ -76,7 +76,7 @@ fn start_fleet() -> FleetUsher {
     let usher = FleetUsher(Usher::start(FLEET_YAML));
     usher.wait_ready();
     assert!(
-        wait_until(Duration::from_secs(20), || fleet_processes(&usher).len()
+        wait_until(Duration::from_secs(20), || usher.fleet_processes().len()
             >= 2),
         "usher did not log 2 `fleet process started` lines:\n{}",
         usher.proc.output()
@@ -87,28 +87,6 @@ fn start_fleet() -> FleetUsher {
         usher.status()
     );
     usher
-}
-
-/// Every `fleet process started` log line, in order, as (address, pid).
-fn fleet_processes(usher: &Usher) -> Vec<(SocketAddr, i32)> {
-    usher
-        .proc
-        .output()
-        .lines()
-        .filter(|l| l.contains("fleet process started"))
-        .map(|l| {
-            let field = |key: &str| {
-                l.split(key)
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .map(|v| v.trim_matches('"').to_string())
-                    .unwrap_or_else(|| panic!("no `{key}` in {l:?}"))
-            };
-            let addr = field(" addr=").parse().expect("fleet address");
-            let pid = field(" pid=").parse().expect("fleet pid");
-            (addr, pid)
-        })
-        .collect()
 }
 
 /// Whether `/status` lists `n` backends for `app`, all `up`.
@@ -134,7 +112,7 @@ type Outcomes = Arc<Mutex<Vec<(Instant, Result<(), String>)>>>;
 #[test]
 fn fleet_restarts_a_killed_worker_and_no_request_fails() {
     let usher = start_fleet();
-    let first = fleet_processes(&usher);
+    let first = usher.fleet_processes();
     let (victim_addr, victim) = first[0];
 
     // Background load: 4 clients, each at most 1500 requests and 60 s, one
@@ -184,7 +162,8 @@ fn fleet_restarts_a_killed_worker_and_no_request_fails() {
 
     // A new process is started on the same address.
     let replaced = wait_until(Duration::from_secs(20), || {
-        fleet_processes(&usher)
+        usher
+            .fleet_processes()
             .iter()
             .any(|&(a, p)| a == victim_addr && p != victim)
     });
@@ -193,7 +172,8 @@ fn fleet_restarts_a_killed_worker_and_no_request_fails() {
         "no new fleet process for {victim_addr} after kill -9 of pid {victim}:\n{}",
         usher.proc.output()
     );
-    let (_, new_pid) = *fleet_processes(&usher)
+    let (_, new_pid) = *usher
+        .fleet_processes()
         .iter()
         .rfind(|&&(a, _)| a == victim_addr)
         .expect("new process line");
@@ -288,7 +268,7 @@ fn sigterm_exits_zero_and_stops_every_fleet_process() {
         let r = blocking::get(&usher.url("/sleep?ms=1")).expect("GET through usher");
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
-    let pids: Vec<i32> = fleet_processes(&usher).iter().map(|&(_, p)| p).collect();
+    let pids: Vec<i32> = usher.fleet_processes().iter().map(|&(_, p)| p).collect();
     assert_eq!(pids.len(), 2, "{}", usher.proc.output());
 
     let sent = Instant::now();
@@ -324,7 +304,7 @@ fn sigterm_exits_zero_and_stops_every_fleet_process() {
 #[test]
 fn fleet_processes_exit_when_usher_is_killed() {
     let mut usher = start_fleet();
-    let pids: Vec<i32> = fleet_processes(&usher).iter().map(|&(_, p)| p).collect();
+    let pids: Vec<i32> = usher.fleet_processes().iter().map(|&(_, p)| p).collect();
     assert_eq!(pids.len(), 2, "{}", usher.proc.output());
 
     usher.proc.signal(Signal::SIGKILL);
@@ -384,12 +364,7 @@ fn fleet_processes_exit_when_usher_is_killed_with_its_log_reader() {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if line.contains("fleet process started") {
-                if let Some(pid) = line
-                    .split(" pid=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|p| p.parse::<i32>().ok())
-                {
+                if let Some(pid) = log_field(&line, "pid").and_then(|p| p.parse::<i32>().ok()) {
                     pids.push(pid);
                 }
             }
@@ -437,18 +412,12 @@ async fn sigterm_drains_queued_and_in_flight_requests() {
     const N: usize = 50;
     let (_w1, a1) = spawn_worker(["--threads", "2"]);
     let (_w2, a2) = spawn_worker(["--threads", "2"]);
-    let mut usher = Usher::start(&format!(
-        r#"listeners: [{{ name: public, address: LISTEN }}]
-admin: {{ address: ADMIN }}
-routes: [{{ upstream: app }}]
-upstreams:
-  app:
-    backends: [{{ address: "{a1}" }}, {{ address: "{a2}" }}]
-    queue: {{ max_depth: 100, timeout: 30s }}
-timeouts: {{ shutdown_grace: 30s }}
-access_log: {{ format: off }}
-"#
-    ));
+    let mut usher = Usher::start(
+        &Config::app(&[a1, a2], "", "    queue: { max_depth: 100, timeout: 30s }")
+            .top("timeouts: { shutdown_grace: 30s }")
+            .top("access_log: { format: off }")
+            .yaml(),
+    );
     usher.wait_ready();
 
     // 50 × 300 ms on 2 × 2 threads: about 13 rounds, 4 s.

@@ -4,12 +4,10 @@
 //! (431 or REFUSED_STREAM) and a far larger one gets GOAWAY. After each,
 //! Usher keeps serving other clients, over HTTP/1.1 and h2.
 
-mod edge;
-
 use std::time::Duration;
 
-use edge::{spawn_backend, Upgrades};
 use http::{Request, StatusCode};
+use usher_e2e::edge::{self, spawn_backend, Upgrades};
 use usher_e2e::usher::Usher;
 use usher_e2e::Client;
 

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use usher_e2e::usher::{metric_value, Usher};
+use usher_e2e::usher::{metric_value, Config, Usher};
 use usher_e2e::{blocking, url, wait_until, Client, Proc, Resp, START_TIMEOUT};
 
 /// The per-backend cap Usher enforces in every test here.
@@ -120,27 +120,17 @@ fn gunicorn(args: &[&str]) -> PyServer {
 
 /// Usher in front of `backends`, each capped at [`CAP`], with a deep, patient queue.
 fn usher_for(backends: &[&PyServer]) -> Usher {
-    let list: String = backends
-        .iter()
-        .map(|b| {
-            format!(
-                "      - {{ address: \"{}\", max_in_flight: {CAP} }}\n",
-                b.addr
-            )
-        })
-        .collect();
-    Usher::start_ready(&format!(
-        "listeners: [{{ name: public, address: LISTEN }}]
-admin: {{ address: ADMIN }}
-routes: [{{ upstream: app }}]
-upstreams:
-  app:
-    backends:
-{list}    queue: {{ max_depth: 1000, timeout: 30s }}
-    timeouts: {{ connect: 2s, response: 30s }}
-access_log: {{ format: off }}
-"
-    ))
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    Usher::start_ready(
+        &Config::app(
+            &addrs,
+            &format!(", max_in_flight: {CAP}"),
+            "    queue: { max_depth: 1000, timeout: 30s }\n    \
+             timeouts: { connect: 2s, response: 30s }",
+        )
+        .top("access_log: { format: off }")
+        .yaml(),
+    )
 }
 
 /// `/stats` of one backend, asked directly (not through Usher).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use usher_e2e::usher::{config_with_backends, metric_value, Usher};
+use usher_e2e::usher::{metric_value, Config, Usher};
 use usher_e2e::{blocking, free_port, spawn_worker, wait_until, Client, Proc};
 
 fn config(
@@ -18,8 +18,10 @@ fn config(
     upstream_extra: &str,
     top_extra: &str,
 ) -> String {
-    let rest = format!("{upstream_extra}\naccess_log: {{ format: json }}\n{top_extra}");
-    config_with_backends(addrs, backend_extra, &rest)
+    Config::app(addrs, backend_extra, upstream_extra)
+        .top("access_log: { format: json }")
+        .top(top_extra)
+        .yaml()
 }
 
 fn healthz(addr: SocketAddr) -> serde_json::Value {
@@ -329,7 +331,23 @@ async fn errors_map_to_clear_statuses() {
     let usher = Usher::start(&config(&[dead1, dead2], ", max_in_flight: 2", "", ""));
     let r = blocking::get(&usher.url("/x")).unwrap();
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert!(r.text().contains("cannot reach backend"), "{}", r.text());
+    // The client reads a generic reason; the backend address and the
+    // connect error are for the operator (access log, error log).
+    assert!(
+        r.text().contains("upstream app unavailable"),
+        "{}",
+        r.text()
+    );
+    for addr in [dead1, dead2] {
+        assert!(!r.text().contains(&addr.to_string()), "{}", r.text());
+    }
+    assert!(
+        usher
+            .proc
+            .wait_for_output("cannot reach backend", Duration::from_secs(5))
+            .is_some(),
+        "the detail is in Usher's log"
+    );
     assert!(usher.metric("usher_retries_total", &[("reason", "connect")]) >= 1.0);
     drop(usher);
 

@@ -25,7 +25,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +32,10 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use nix::sys::signal::Signal;
-use usher_e2e::usher::Usher;
-use usher_e2e::{bin_path, blocking, free_port, spawn_worker, wait_for_port, Client, Proc};
+use usher_e2e::usher::{concrete, Config, Usher};
+use usher_e2e::{
+    bin_path, blocking, free_port, replace_file, spawn_worker, wait_for_port, Client, Proc,
+};
 
 /// One test at a time (see the module doc).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -45,23 +46,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A config with one upstream `app` over `addrs`. `LISTEN`/`ADMIN` are left
 /// for [`Usher::start`] (or [`concrete`]) to fill in.
 fn config(addrs: &[SocketAddr], upstream_extra: &str) -> String {
-    let rest = format!("{upstream_extra}\naccess_log: {{ format: off }}");
-    usher_e2e::usher::config_with_backends(addrs, "", &rest)
-}
-
-/// The placeholders filled in as [`Usher::start`] does, for files written
-/// while Usher runs (a reload must not change the listener addresses).
-fn concrete(yaml: &str) -> String {
-    yaml.replace("LISTEN", "127.0.0.1:0")
-        .replace("ADMIN", "127.0.0.1:0")
-}
-
-/// Replaces `path` in one step (write a sibling, rename it over), so the file
-/// poll never sees a half-written file.
-fn replace_file(path: &Path, text: &str) {
-    let tmp = path.with_extension(format!("tmp{}", fastrand::u32(..)));
-    std::fs::write(&tmp, text).expect("write temp config");
-    std::fs::rename(&tmp, path).expect("rename config into place");
+    Config::app(addrs, "", upstream_extra)
+        .top("access_log: { format: off }")
+        .yaml()
 }
 
 // ---------------------------------------------------------------------------

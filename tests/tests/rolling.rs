@@ -5,27 +5,24 @@
 use std::time::Duration;
 
 use usher_e2e::load::SteadyLoad;
-use usher_e2e::usher::Usher;
-use usher_e2e::wait_until;
+use usher_e2e::usher::{concrete, Config, Usher};
+use usher_e2e::{replace_file, wait_until};
 
 fn config(threads: u32) -> String {
-    format!(
-        r#"
-listeners: [{{ name: public, address: "LISTEN" }}]
-admin: {{ address: "ADMIN" }}
-routes: [{{ path_prefix: /, upstream: app }}]
-upstreams:
-  app:
-    fleet:
+    let fleet = format!(
+        r#"    fleet:
       command: [usher-worker, --threads, "{threads}", --listen, "127.0.0.1:{{port}}"]
       processes: 2
       base_port: 0
     health_check: {{ path: /healthz, interval: 200ms, timeout: 500ms, rise: 1, fall: 2 }}
-    queue: {{ max_depth: 1000, timeout: 10s }}
-access_log: {{ format: off }}
-timeouts: {{ shutdown_grace: 10s }}
-"#
-    )
+    queue: {{ max_depth: 1000, timeout: 10s }}"#
+    );
+    Config::new()
+        .route("*", "app")
+        .upstream("app", &fleet)
+        .top("access_log: { format: off }")
+        .top("timeouts: { shutdown_grace: 10s }")
+        .yaml()
 }
 
 fn backends(usher: &Usher) -> Vec<(String, u64, String)> {
@@ -63,10 +60,7 @@ async fn a_changed_fleet_command_rolls_with_zero_failed_requests() {
 
     // New app version: three threads per process.
     // Same listener strings as at start (Usher::start writes 127.0.0.1:0).
-    let next = config(3)
-        .replace("LISTEN", "127.0.0.1:0")
-        .replace("ADMIN", "127.0.0.1:0");
-    std::fs::write(&usher.config_path, next).unwrap();
+    replace_file(&usher.config_path, &concrete(&config(3)));
     let rolled = wait_until(Duration::from_secs(60), || {
         let now = backends(&usher);
         now.len() == 2

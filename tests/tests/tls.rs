@@ -5,17 +5,15 @@
 //! `X-Forwarded-Proto: https`, the HTTP→HTTPS redirect, and `usher check`
 //! naming a bad certificate file.
 
-mod edge;
-
 use std::process::Command;
 use std::time::Duration;
 
-use edge::{
-    alpn, connector, get_over, listeners, peer_cert, spawn_backend, tls_connect, write_leaf, Ca,
+use http::StatusCode;
+use usher_e2e::edge::{
+    self, alpn, connector, get_over, peer_cert, spawn_backend, tls_connect, write_leaf, Ca,
     Upgrades,
 };
-use http::StatusCode;
-use usher_e2e::usher::{TempDir, Usher};
+use usher_e2e::usher::{backends, concrete, Config, TempDir, Usher};
 use usher_e2e::{bin_path, wait_until_async};
 
 fn tls_listener(
@@ -233,7 +231,7 @@ async fn rotated_files_serve_new_handshakes_and_a_broken_rotation_keeps_the_old(
     // A broken replacement (a key that does not match) is refused, reported
     // by file and reason, counted, and the certificate in use stays.
     let other = ca.leaf(&["a.test"]);
-    edge::atomic_write(&key, &other.key_pem);
+    usher_e2e::replace_file(&key, &other.key_pem);
     let reported = wait_until_async(Duration::from_secs(15), || async {
         u.metric("usher_config_reloads_total", &[("result", "failure")]) >= 1.0
     })
@@ -262,7 +260,7 @@ async fn rotated_files_serve_new_handshakes_and_a_broken_rotation_keeps_the_old(
     let yaml = yaml
         .replace(&cert.display().to_string(), &c3.display().to_string())
         .replace(&key.display().to_string(), &k3.display().to_string());
-    edge::atomic_write(&u.config_path, &yaml);
+    usher_e2e::replace_file(&u.config_path, &yaml);
     u.proc.signal(nix::sys::signal::Signal::SIGHUP);
     let reloaded = wait_until_async(Duration::from_secs(15), || async {
         let s = tls_connect(u.addr, Some("a.test"), &any).await.unwrap();
@@ -283,7 +281,7 @@ async fn plain_listener_redirects_to_https() {
         tls_listener("secure", &[pa], "")
     );
     let u = Usher::start_ready(&edge::config(&listeners_yaml, backend.addr, ""));
-    let addrs = listeners(&u);
+    let addrs = u.listeners();
     let plain = addrs["plain"];
     let tcp = tokio::net::TcpStream::connect(plain).await.unwrap();
     let r = get_over(tcp, false, "a.test:8080", "/path?q=1")
@@ -315,9 +313,7 @@ fn usher_check_names_the_bad_certificate_file_and_why() {
         let cfg = dir.0.join(format!("c{}.yaml", fastrand::u32(..)));
         std::fs::write(
             &cfg,
-            edge::config(&listener, "127.0.0.1:9".parse().unwrap(), "")
-                .replace("LISTEN", "127.0.0.1:0")
-                .replace("ADMIN", "127.0.0.1:0"),
+            concrete(&edge::config(&listener, "127.0.0.1:9".parse().unwrap(), "")),
         )
         .unwrap();
         let out = Command::new(bin_path("usher"))
@@ -403,39 +399,29 @@ async fn upstream_tls_with_ca_and_h2_and_h2c_backends() {
     std::fs::write(&ca_file, &ca.pem).unwrap();
     let (_worker, worker_addr) = usher_e2e::spawn_worker(["--threads", "2"]);
 
-    let inner = Usher::start_ready(&format!(
-        r#"
-listeners:
-{}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ upstream: app }}
-upstreams:
-  app:
-    protocol: http2
-    backends: [{{ address: "{worker_addr}" }}]
-access_log: {{ format: json }}
-"#,
-        tls_listener("inner", &[(cert, key)], "")
-    ));
+    let inner = Usher::start_ready(
+        &Config::new()
+            .listeners(&tls_listener("inner", &[(cert, key)], ""))
+            .route("*", "app")
+            .upstream(
+                "app",
+                &format!("    protocol: http2\n{}", backends(&[worker_addr], "")),
+            )
+            .top("access_log: { format: json }")
+            .yaml(),
+    );
     let outer_yaml = |server_name: &str| {
-        format!(
-            r#"
-listeners:
-  - {{ name: outer, address: "LISTEN" }}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ upstream: app }}
-upstreams:
-  app:
-    protocol: http2
-    tls: {{ ca: "{}", server_name: {server_name} }}
-    backends: [{{ address: "{}" }}]
-    retries: {{ attempts: 0 }}
-"#,
+        let upstream = format!(
+            "    protocol: http2\n    tls: {{ ca: \"{}\", server_name: {server_name} }}\n{}\n    \
+             retries: {{ attempts: 0 }}",
             ca_file.display(),
-            inner.addr
-        )
+            backends(&[inner.addr], "")
+        );
+        Config::new()
+            .listeners(r#"  - { name: outer, address: "LISTEN" }"#)
+            .route("*", "app")
+            .upstream("app", &upstream)
+            .yaml()
     };
     let outer = Usher::start_ready(&outer_yaml("inner.test"));
     let client = usher_e2e::Client::new();

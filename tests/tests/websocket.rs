@@ -8,18 +8,16 @@
 //! `upgrades.idle_timeout` while a busy one lives on; on SIGTERM open tunnels
 //! get `shutdown_grace` to finish, and Usher exits 0 on time either way.
 
-mod edge;
-
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use edge::{spawn_backend, Upgrades};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
+use usher_e2e::edge::{self, spawn_backend, Upgrades};
 use usher_e2e::usher::Usher;
 use usher_e2e::{blocking, wait_until};
 

@@ -1,14 +1,11 @@
 //! Helpers for the edge-protocol tests (TLS, HTTP/2, WebSocket): test
 //! certificates made with rcgen, rustls clients that report what they saw,
-//! Usher's listener addresses, and an in-test backend that records every
-//! request and can accept or decline WebSocket upgrades.
+//! and an in-test backend that records every request and can accept or
+//! decline WebSocket upgrades.
 //!
 //! The backend runs on a runtime of its own thread, so it keeps answering
 //! while a test blocks (e.g. in `Usher::start`).
 
-#![allow(dead_code)]
-
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,12 +19,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use usher_e2e::usher::Usher;
+
+use crate::replace_file;
+use crate::usher::Config;
 
 /// A test certificate authority.
 pub struct Ca {
@@ -42,6 +42,12 @@ pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
     pub der: Vec<u8>,
+}
+
+impl Default for Ca {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Ca {
@@ -75,19 +81,12 @@ impl Ca {
     }
 }
 
-/// Writes `text` to `path` as one atomic replacement (write aside, rename).
-pub fn atomic_write(path: &Path, text: &str) {
-    let tmp = path.with_extension(format!("tmp{}", fastrand::u32(..)));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// Writes a leaf's `NAME.crt` and `NAME.key` into `dir`.
 pub fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
     let c = dir.join(format!("{name}.crt"));
     let k = dir.join(format!("{name}.key"));
-    atomic_write(&c, &leaf.cert_pem);
-    atomic_write(&k, &leaf.key_pem);
+    replace_file(&c, &leaf.cert_pem);
+    replace_file(&k, &leaf.key_pem);
     (c, k)
 }
 
@@ -168,8 +167,6 @@ pub fn connector(ca: Option<&Ca>, alpn: &[&[u8]]) -> TlsConnector {
     TlsConnector::from(Arc::new(cfg))
 }
 
-use rustls::pki_types::pem::PemObject;
-
 /// Connects and handshakes; `sni: None` sends no SNI (an IP server name).
 pub async fn tls_connect(
     addr: SocketAddr,
@@ -243,20 +240,6 @@ where
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
-}
-
-/// Every client listener's address, by name, from Usher's log.
-pub fn listeners(u: &Usher) -> HashMap<String, SocketAddr> {
-    u.proc
-        .output()
-        .lines()
-        .filter(|l| l.contains("listening listener="))
-        .filter_map(|l| {
-            let name = l.split("listener=").nth(1)?.split_whitespace().next()?;
-            let addr = l.split("addr=").nth(1)?.split_whitespace().next()?;
-            Some((name.trim_matches('"').to_string(), addr.parse().ok()?))
-        })
-        .collect()
 }
 
 /// What the test backend does with an upgrade request.
@@ -401,22 +384,13 @@ async fn serve(
     )))))
 }
 
-/// The YAML of one upstream `app` with the backend at `addr`, plus the
-/// given listeners block and extra upstream keys.
+/// The config of the edge tests: `listeners` (the items of the list,
+/// indented by 2), every request to upstream `app` on the one backend at
+/// `backend` (one request at a time), `upstream_extra` as more keys of `app`
+/// (indented by 4), and no access log.
 pub fn config(listeners: &str, backend: SocketAddr, upstream_extra: &str) -> String {
-    format!(
-        r#"
-listeners:
-{listeners}
-admin: {{ address: "ADMIN" }}
-routes:
-  - {{ host: "*", path_prefix: /, upstream: app }}
-upstreams:
-  app:
-    backends:
-      - {{ address: "{backend}", max_in_flight: 1 }}
-{upstream_extra}
-access_log: {{ format: "off" }}
-"#
-    )
+    Config::app(&[backend], ", max_in_flight: 1", upstream_extra)
+        .listeners(listeners)
+        .top(r#"access_log: { format: "off" }"#)
+        .yaml()
 }

@@ -1,39 +1,36 @@
-//! Reusable pieces for testing `deploy/` against real tools: finding the tools,
-//! reading PromQL out of the Grafana dashboards and the Prometheus rules,
-//! pulling metric names out of PromQL, and running a real Prometheus on
-//! loopback that scrapes Usher and its workers.
+//! Testing `deploy/` against real tools: finding the tools, reading PromQL
+//! out of the Grafana dashboards and the Prometheus rules, pulling metric
+//! names out of PromQL, and running a real Prometheus on loopback that
+//! scrapes Usher and its workers.
 //!
-//! Any integration test can use it:
+//! Any end-to-end test can use it:
 //!
 //! ```ignore
-//! #[path = "../deploy/harness.rs"]
-//! mod harness;
+//! use usher_e2e::deploy;
 //!
-//! let prom = harness::Prometheus::start(&[
-//!     harness::ScrapeJob::new("usher", ["127.0.0.1:9901"]),
-//!     harness::ScrapeJob::new("usher-worker", ["127.0.0.1:9001", "127.0.0.1:9002"]),
+//! let prom = deploy::Prometheus::start(&[
+//!     deploy::ScrapeJob::new("usher", [usher_admin]),
+//!     deploy::ScrapeJob::new("usher-worker", [worker1, worker2]),
 //! ]);
 //! prom.wait_for_targets_up(Duration::from_secs(20));
-//! harness::assert_queries_return_data(&prom, &harness::all_deploy_queries(), Duration::from_secs(30));
+//! deploy::assert_queries_return_data(&prom, &deploy::all_deploy_queries(), Duration::from_secs(30));
 //! // or all of the above in one call:
-//! harness::check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()]);
+//! deploy::check_live_deploy_queries(&usher_admin, &[worker1, worker2]);
 //! ```
 //!
 //! Missing tools are failures, not skips: CI installs them (test.sh).
 
-#![allow(dead_code)] // each test binary uses a different subset
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
+
+use crate::usher::TempDir;
+use crate::{blocking, free_port, wait_until};
 
 // ------------------------------------------------------------------ paths, tools
 
@@ -95,81 +92,12 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "usher-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
+/// `GET http://{addr}{path_and_query}` within `timeout`.
+fn get(addr: &str, path_and_query: &str, timeout: Duration) -> anyhow::Result<crate::Resp> {
+    blocking::get_within(&format!("http://{addr}{path_and_query}"), timeout)
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port that was free a moment ago, for programs that cannot report the
-/// port they bound (Prometheus).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-// ------------------------------------------------------------------ HTTP client
-
-/// A minimal blocking HTTP/1.0 GET (the server closes the connection, so no
-/// chunked bodies). Returns the status code and the body.
-pub fn http_get(
-    addr: &str,
-    path_and_query: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let sock: SocketAddr = addr.parse().map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
-    })?;
-    let mut stream = TcpStream::connect_timeout(&sock, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("bad response: {head}"),
-            )
-        })?;
-    Ok((status, body.to_string()))
-}
-
+/// Percent-encodes everything but unreserved characters (for PromQL in a URL).
 pub fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
@@ -722,8 +650,8 @@ impl Prometheus {
     /// Runs an instant query; returns the result vector (or the error text).
     pub fn query(&self, expr: &str) -> Result<Vec<Json>, String> {
         let path = format!("/api/v1/query?query={}", url_encode(expr));
-        let (status, body) =
-            http_get(&self.addr, &path, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let resp = get(&self.addr, &path, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))?;
+        let (status, body) = (resp.status, resp.text());
         let json: Json =
             serde_json::from_str(&body).map_err(|e| format!("HTTP {status}: {e}: {body}"))?;
         if json["status"] != "success" {
@@ -746,12 +674,13 @@ impl Prometheus {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            if let Ok((200, body)) = http_get(
+            let targets = get(
                 &self.addr,
                 "/api/v1/targets?state=active",
                 Duration::from_secs(5),
-            ) {
-                let json: Json = serde_json::from_str(&body).unwrap_or_default();
+            );
+            if let Some(resp) = targets.ok().filter(|r| r.status == 200) {
+                let json: Json = serde_json::from_slice(&resp.body).unwrap_or_default();
                 let targets = json["data"]["activeTargets"]
                     .as_array()
                     .cloned()
@@ -779,18 +708,14 @@ impl Prometheus {
     }
 }
 
+/// Waits until Prometheus answers `/-/ready`; false if it exits first or
+/// `timeout` passes.
 fn wait_ready(child: &mut Child, addr: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if let Ok((200, _)) = http_get(addr, "/-/ready", Duration::from_secs(1)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    let mut exited = false;
+    wait_until(timeout, || {
+        exited = matches!(child.try_wait(), Ok(Some(_)));
+        exited || get(addr, "/-/ready", Duration::from_secs(1)).is_ok_and(|r| r.status == 200)
+    }) && !exited
 }
 
 impl Drop for Prometheus {
@@ -869,7 +794,7 @@ pub fn assert_queries_return_data(prom: &Prometheus, queries: &[Query], timeout:
 /// `check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()])`.
 /// Counters only exist after their first event, so drive traffic that causes
 /// 5xx, queue rejections, retries, ejections and a failed reload meanwhile
-/// (see `live_usher_feeds_every_dashboard_panel_and_rule` in tests/deploy.rs).
+/// (see `live_usher_feeds_every_dashboard_panel_and_rule` in tests/tests/deploy.rs).
 pub fn check_live_deploy_queries(usher_admin: &str, workers: &[String]) {
     let prom = Prometheus::start(&[
         ScrapeJob::new("usher", [usher_admin.to_string()]),
