@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 use usher_e2e::deploy::{
@@ -25,7 +26,7 @@ use usher_e2e::deploy::{
     run_ok, Prometheus, ScrapeJob,
 };
 use usher_e2e::usher::{backends, concrete, Config, TempDir, Usher};
-use usher_e2e::{bin_path, blocking, free_port, replace_file, wait_until};
+use usher_e2e::{bin_path, blocking, replace_file, spawn_worker, url, wait_until};
 
 /// The Kubernetes version the manifests are validated against
 /// (`kubernetes-validate -k`). Override with USHER_K8S_VERSION.
@@ -928,9 +929,9 @@ struct ContractMetric {
     labels: BTreeSet<String>,
 }
 
-/// The contract as of DESIGN.md; used when DESIGN.md is not beside the repo,
-/// and compared with it when it is.
-const FALLBACK_CONTRACT: &[(&str, &str, &[&str])] = &[
+/// The metrics contract of DESIGN.md, pinned here: when the table there
+/// changes, this list and deploy/ must change with it.
+const PINNED_CONTRACT: &[(&str, &str, &[&str])] = &[
     (
         "usher_requests_total",
         "counter",
@@ -999,8 +1000,16 @@ fn to_contract(list: &[(&str, &str, &[&str])]) -> Vec<ContractMetric> {
         .collect()
 }
 
-fn design_md() -> Option<String> {
-    std::fs::read_to_string(repo_root().join("../shared/DESIGN.md")).ok()
+/// DESIGN.md, which holds the metrics contract. Missing, it fails the test:
+/// the cross-checks below have nothing to check against.
+fn design_md() -> String {
+    let path = repo_root().join("../shared/DESIGN.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): the metrics contract lives there",
+            path.display()
+        )
+    })
 }
 
 /// Reads the "Metrics contract" table of DESIGN.md.
@@ -1045,23 +1054,16 @@ fn parse_contract(design: &str) -> (Vec<ContractMetric>, BTreeSet<String>) {
     (table, worker)
 }
 
-/// The contract: DESIGN.md's table (or the fallback) plus the worker metrics.
+/// The contract: DESIGN.md's table plus the worker metrics.
 fn contract() -> Vec<ContractMetric> {
-    let mut list = to_contract(FALLBACK_CONTRACT);
-    if let Some(design) = design_md() {
-        let (table, worker) = parse_contract(&design);
-        assert_eq!(
-            table, list,
-            "DESIGN.md's metrics contract changed: update deploy/ and FALLBACK_CONTRACT together"
-        );
-        let ours: BTreeSet<String> = WORKER_CONTRACT.iter().map(|w| w.0.to_string()).collect();
-        assert_eq!(worker, ours, "DESIGN.md's worker metrics changed");
-        list = table;
-    } else {
-        eprintln!(
-            "note: ../shared/DESIGN.md not found; using the built-in copy of the metrics contract"
-        );
-    }
+    let (mut list, worker) = parse_contract(&design_md());
+    assert_eq!(
+        list,
+        to_contract(PINNED_CONTRACT),
+        "DESIGN.md's metrics contract changed: update deploy/ and PINNED_CONTRACT together"
+    );
+    let ours: BTreeSet<String> = WORKER_CONTRACT.iter().map(|w| w.0.to_string()).collect();
+    assert_eq!(worker, ours, "DESIGN.md's worker metrics changed");
     list.extend(to_contract(WORKER_CONTRACT));
     list
 }
@@ -1093,11 +1095,7 @@ fn every_deploy_expr() -> Vec<(String, String)> {
 
 #[test]
 fn contract_parses_from_design_md() {
-    let Some(design) = design_md() else {
-        eprintln!("note: ../shared/DESIGN.md not found; nothing to parse");
-        return;
-    };
-    let (table, worker) = parse_contract(&design);
+    let (table, worker) = parse_contract(&design_md());
     assert_eq!(table.len(), 16, "{table:#?}");
     assert_eq!(worker.len(), 4, "{worker:?}");
     let reasons = &table
@@ -1669,59 +1667,17 @@ fn every_dashboard_and_rule_query_returns_data_from_contract_metrics() {
     assert_eq!(prom.query("usher_no_such_metric").unwrap().len(), 0);
 }
 
-/// The worker dashboard against the real `usher-worker` binary. Skips (with a
-/// note) while the binary is not built or serves no /metrics.
+/// The worker dashboard against the real `usher-worker` binary.
 #[test]
 fn worker_dashboard_queries_return_data_from_a_real_worker() {
-    let bin = bin_path("usher-worker");
-    if !bin.is_file() {
-        eprintln!(
-            "SKIP: {} is not built (cargo build -p usher-worker)",
-            bin.display()
-        );
-        return;
-    }
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(&bin)
-        .args(["--listen", &addr, "--threads", "2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start usher-worker");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut metrics = None;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if let Ok(r) =
-            blocking::get_within(&format!("http://{addr}/metrics"), Duration::from_secs(1))
-        {
-            if r.status == 200 {
-                metrics = Some(r.text());
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _guard = Kill(child);
-    match metrics {
-        Some(body) if body.contains("usher_worker_threads") => {}
-        _ => {
-            eprintln!(
-                "SKIP: {} serves no usher_worker_* /metrics yet",
-                bin.display()
-            );
-            return;
-        }
-    }
+    let (_worker, addr) = spawn_worker(["--threads", "2"]);
+    let metrics = blocking::get(&url(addr, "/metrics")).expect("GET /metrics of usher-worker");
+    assert!(
+        metrics.status == StatusCode::OK && metrics.text().contains("usher_worker_threads"),
+        "usher-worker serves no usher_worker_* metrics: {} {}",
+        metrics.status,
+        metrics.text()
+    );
     for path in [
         "/healthz",
         "/echo",
@@ -1729,9 +1685,10 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
         "/status/503",
         "/status/200",
     ] {
-        let _ = blocking::get_within(&format!("http://{addr}{path}"), Duration::from_secs(5));
+        blocking::get(&url(addr, path))
+            .unwrap_or_else(|e| panic!("usher-worker did not answer {path}: {e:#}"));
     }
-    let prom = Prometheus::start(&[ScrapeJob::new("usher-worker", [addr.clone()])]);
+    let prom = Prometheus::start(&[ScrapeJob::new("usher-worker", [addr.to_string()])]);
     prom.wait_for_targets_up(Duration::from_secs(30));
     let queries = dashboard_queries(&deploy_dir().join("grafana/usher-worker.json"));
     assert_queries_return_data(&prom, &queries, Duration::from_secs(30));
