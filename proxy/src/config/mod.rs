@@ -161,13 +161,21 @@ pub fn parse_checked(
             resolve_paths(&mut config, dir);
         }
     }
-    let mut errors = validate::validate(&config, text, file);
-    errors.extend(check(&config).into_iter().map(|p| ConfigError {
-        file: file.to_string(),
-        line: find_line(text, &[&p.needle]),
-        column: None,
-        key: p.key,
-        message: p.message,
+    let at = locate::Locations::new(text);
+    let mut errors = validate::validate(&config, text, file, &at);
+    errors.extend(check(&config).into_iter().map(|p| {
+        // A file a key names (a certificate) is found by that key's value.
+        let (line, column) = match at.exact(&p.key).or_else(|| at.find(&p.key)) {
+            Some((l, c)) => (Some(l), Some(c)),
+            None => (find_line(text, &[&p.needle]), None),
+        };
+        ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            key: p.key,
+            message: p.message,
+        }
     }));
     if errors.is_empty() {
         Ok(config)

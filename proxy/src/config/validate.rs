@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::locate::find_line;
+use super::locate::{find_line, Locations};
 use super::schema::{
     AdminConfig, BackendConfig, Config, DnsConfig, FleetConfig, HealthCheckConfig, ListenerConfig,
     RouteConfig, UpstreamConfig,
@@ -16,10 +16,11 @@ use super::schema::{
 use super::{resolve_addr, ConfigError};
 
 /// Every problem in `c`, in the order of the sections in the file.
-pub(super) fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
+pub(super) fn validate(c: &Config, text: &str, file: &str, at: &Locations) -> Vec<ConfigError> {
     let mut r = Report {
         text,
         file,
+        at,
         errors: Vec::new(),
     };
     let listener_addrs = listeners(&c.listeners, &mut r);
@@ -33,22 +34,29 @@ pub(super) fn validate(c: &Config, text: &str, file: &str) -> Vec<ConfigError> {
     r.errors
 }
 
-/// The problems found so far, and the text to locate new ones in.
+/// The problems found so far, and where to locate new ones.
 struct Report<'a> {
     text: &'a str,
     file: &'a str,
+    at: &'a Locations,
     errors: Vec<ConfigError>,
 }
 
 impl Report<'_> {
-    /// Records a problem at `key`, on the first line that contains all of
-    /// `needles`.
+    /// Records a problem at `key`: at its value's line and column in the
+    /// parsed document, or, for a key left to its default, at the nearest
+    /// enclosing section; `needles` are the last resort (a text search).
     fn err(&mut self, key: impl Into<String>, needles: &[&str], message: impl Into<String>) {
+        let key = key.into();
+        let (line, column) = match self.at.find(&key) {
+            Some((l, c)) => (Some(l), Some(c)),
+            None => (find_line(self.text, needles), None),
+        };
         self.errors.push(ConfigError {
             file: self.file.to_string(),
-            line: find_line(self.text, needles),
-            column: None,
-            key: key.into(),
+            line,
+            column,
+            key,
             message: message.into(),
         });
     }

@@ -205,9 +205,13 @@ upstreams:
         let errs = crate::control::parse(yaml, &file.display().to_string()).unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(errs.len(), 2, "{text:?}");
-        assert!(text[0].contains(":6: listeners[0].tls.hsts"), "{text:?}");
+        // `file:line:col: key: message`, at the offending value.
         assert!(
-            text[1].contains(":5: listeners[0].redirect_to_https"),
+            text[0].contains(":6:") && text[0].contains(": listeners[0].tls.hsts: "),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains(":5:") && text[1].contains(": listeners[0].redirect_to_https: "),
             "{text:?}"
         );
 
