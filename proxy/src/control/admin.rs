@@ -2,6 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /` | the status page: HTML, self-refreshing from `/status` |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /livez` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
@@ -28,6 +29,8 @@ use crate::observe::metrics::Metrics;
 use crate::upstream::{text, ProxyBody};
 
 pub struct Admin {
+    /// When Usher started (for `/status` `uptime_s`).
+    pub started: std::time::Instant,
     pub state: Arc<arc_swap::ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
@@ -57,6 +60,16 @@ impl Admin {
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }
+            }
+            (&Method::GET, "/") => {
+                let mut r = Response::new(ProxyBody::full(crate::control::status_page::render(
+                    &self.status_json(),
+                )));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                r
             }
             (&Method::GET, "/status") => {
                 let mut r = Response::new(ProxyBody::full(self.status_json().to_string()));
@@ -121,6 +134,7 @@ impl Admin {
                         "capacity": b.capacity(),
                         "weight": b.weight(),
                         "upgraded": b.upgraded(),
+                        "ejections": b.health.ejections(),
                         "check": b.health.last_check().map(|(at, failure)| serde_json::json!({
                             "at_unix_ms": at
                                 .duration_since(std::time::UNIX_EPOCH)
@@ -134,16 +148,39 @@ impl Admin {
             ups.insert(
                 name.clone(),
                 serde_json::json!({
-                    "queue": { "depth": u.dispatcher.queue_len(), "max_depth": u.cfg.queue.max_depth },
+                    "queue": {
+                        "depth": u.dispatcher.queue_len(),
+                        "max_depth": u.cfg.queue.max_depth,
+                        "recent_wait_ms": u.dispatcher.recent_wait().as_secs_f64() * 1000.0,
+                    },
                     "balance": balance_name(u.cfg.balance),
                     "discipline": discipline_name(u.cfg.queue.discipline),
                     "backends": backends,
                 }),
             );
         }
+        let unix_ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let reload = self
+            .reloader
+            .last_result
+            .lock()
+            .unwrap()
+            .clone()
+            .map(|(at, r)| {
+                serde_json::json!({
+                    "at_unix_ms": unix_ms(at),
+                    "ok": r.is_ok(),
+                    "detail": match r { Ok(s) | Err(s) => s },
+                })
+            });
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
             "draining": self.draining.load(Ordering::Relaxed),
+            "reload": reload,
             "upstreams": ups,
         })
     }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod reload;
 pub mod state;
+pub mod status_page;
 pub mod summary;
 
 use std::path::Path;
@@ -12,17 +13,25 @@ use std::path::Path;
 use crate::config::{self, Config, ConfigError, Source};
 
 /// Loads and checks a configuration the way `usher check`, startup and
-/// reload all do: the schema, then the files it names (certificates).
+/// reload all do: the schema, then what it names outside itself.
 pub fn load(source: &Source) -> Result<Config, Vec<ConfigError>> {
-    source.load_checked(crate::tls::check_config)
+    source.load_checked(check)
 }
 
 /// [`load`] for a file path.
 pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
-    config::load_file_checked(path, crate::tls::check_config)
+    config::load_file_checked(path, check)
 }
 
 /// [`load`] for text; `file` names it in errors and anchors relative paths.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    config::parse_checked(text, file, crate::tls::check_config)
+    config::parse_checked(text, file, check)
+}
+
+/// The checks beyond the schema: the certificate files load, and every
+/// fleet command's program exists and is executable.
+fn check(c: &Config) -> Vec<config::Problem> {
+    let mut problems = crate::tls::check_config(c);
+    problems.extend(crate::discovery::fleet::check_commands(c));
+    problems
 }

@@ -28,6 +28,8 @@ pub struct Reloader {
     /// *and* followed by a SIGHUP) answers that outcome again instead of
     /// reloading twice and counting one bad edit as two failures.
     pub last: std::sync::Mutex<Option<(u64, Result<String, String>)>>,
+    /// When the last reload ran and how it went (for `/status`).
+    pub last_result: std::sync::Mutex<Option<(SystemTime, Result<String, String>)>>,
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
@@ -93,6 +95,7 @@ impl Reloader {
         if let Some(hash) = content {
             *self.last.lock().unwrap() = Some((hash, result.clone()));
         }
+        *self.last_result.lock().unwrap() = Some((SystemTime::now(), result.clone()));
         result
     }
 

@@ -69,6 +69,9 @@ pub struct QueueMetrics {
 pub struct Dispatcher {
     inner: Mutex<Inner>,
     metrics: QueueMetrics,
+    /// A moving average of recent queue waits in µs (for `/status`), each
+    /// admitted request weighing 1/16.
+    recent_wait_us: std::sync::atomic::AtomicU64,
     /// Wakes the upstream's waker task (see [`Dispatcher::run_waker`]) when
     /// a capacity deadline may have moved.
     changed: tokio::sync::Notify,
@@ -192,6 +195,7 @@ impl Dispatcher {
                 epoch: tokio::time::Instant::now(),
             }),
             metrics,
+            recent_wait_us: Default::default(),
             changed: tokio::sync::Notify::new(),
         })
     }
@@ -227,6 +231,7 @@ impl Dispatcher {
             if inner.queue.is_empty() || retry {
                 if let Some(slot) = self.take(&mut inner, avoid, now) {
                     self.metrics.wait.observe(0.0);
+                    self.note_wait(Duration::ZERO);
                     return Ok(Admitted {
                         slot,
                         waited: Duration::ZERO,
@@ -277,8 +282,27 @@ impl Dispatcher {
         let waited = start.elapsed();
         if result.is_ok() {
             self.metrics.wait.observe(waited.as_secs_f64());
+            self.note_wait(waited);
         }
         result.map(|slot| Admitted { slot, waited })
+    }
+
+    fn note_wait(&self, waited: Duration) {
+        use std::sync::atomic::Ordering;
+        let w = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .recent_wait_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(avg - avg / 16 + w / 16)
+            });
+    }
+
+    /// Recent queue wait (a moving average over the last ~16 admissions).
+    pub fn recent_wait(&self) -> Duration {
+        Duration::from_micros(
+            self.recent_wait_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Admits an upgraded connection (a tunnel) without waiting: picked by
