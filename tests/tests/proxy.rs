@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,40 +30,52 @@ fn healthz(addr: SocketAddr) -> serde_json::Value {
         .json()
 }
 
-/// Polls `f` every 20 ms in a background thread while the test runs, keeping
-/// the maximum it saw.
-struct Sampler {
+/// Calls `f` every 10 ms in a background thread, from [`Sampler::start`]
+/// until [`Sampler::finish`], and keeps every value it returned.
+struct Sampler<T> {
     stop: Arc<AtomicBool>,
-    max: Arc<AtomicU64>,
-    handle: Option<std::thread::JoinHandle<()>>,
+    handle: Option<std::thread::JoinHandle<Vec<T>>>,
 }
 
-impl Sampler {
-    fn start(f: impl Fn() -> u64 + Send + 'static) -> Sampler {
+impl<T: Send + 'static> Sampler<T> {
+    fn start(f: impl Fn() -> T + Send + 'static) -> Sampler<T> {
         let stop = Arc::new(AtomicBool::new(false));
-        let max = Arc::new(AtomicU64::new(0));
-        let (s, m) = (stop.clone(), max.clone());
+        let s = stop.clone();
         let handle = std::thread::spawn(move || {
+            let mut samples = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(60);
             while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                m.fetch_max(f(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
+                samples.push(f());
+                std::thread::sleep(Duration::from_millis(10));
             }
+            samples
         });
         Sampler {
             stop,
-            max,
             handle: Some(handle),
         }
     }
 
-    fn finish(mut self) -> u64 {
+    /// Stops sampling; the samples, oldest first.
+    fn finish(mut self) -> Vec<T> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        self.max.load(Ordering::Relaxed)
+        let handle = self.handle.take().expect("finish is called once");
+        handle.join().expect("the sampler thread panicked")
     }
+}
+
+impl<T> Drop for Sampler<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A worker's `(busy, queued)` from its `/healthz`, or `None` if it did not answer.
+fn worker_load(addr: SocketAddr) -> Option<(u64, u64)> {
+    let h = blocking::get(&format!("http://{addr}/healthz"))
+        .ok()?
+        .json();
+    Some((h["busy"].as_u64()?, h["queued"].as_u64()?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -87,6 +99,14 @@ async fn caps_hold_and_the_excess_waits_in_usher() {
             .map(|r| metric_value(&r.text(), "usher_queue_depth", &[("upstream", "app")]) as u64)
             .unwrap_or(0)
     });
+    // What each worker reports while the load runs. Usher sends a worker no
+    // more requests than it has threads, so busy + queued never exceeds 2. (A
+    // request may sit in the queue for the moment between a thread answering
+    // and taking the next one, so `queued` alone is not always 0.)
+    let worker_loads: Vec<_> = addrs
+        .iter()
+        .map(|&addr| (addr, Sampler::start(move || worker_load(addr))))
+        .collect();
     let client = Client::new();
     let mut tasks = Vec::new();
     for _ in 0..40 {
@@ -101,15 +121,32 @@ async fn caps_hold_and_the_excess_waits_in_usher() {
             .entry(r.header("x-usher-worker").unwrap().to_string())
             .or_insert(0) += 1;
     }
-    let max_depth = depth.finish();
+    let max_depth = depth.finish().into_iter().max().unwrap_or(0);
 
-    for (_, addr) in &workers {
-        let h = healthz(*addr);
+    for (addr, sampler) in worker_loads {
+        let h = healthz(addr);
         assert!(
             h["peak_busy"].as_u64().unwrap() <= 2,
             "worker {addr} exceeded its 2 threads: {h}"
         );
-        assert_eq!(h["queued"], 0);
+        // Idle again, the worker has nothing queued.
+        assert_eq!(h["queued"], 0, "worker {addr} after the load: {h}");
+        let samples: Vec<(u64, u64)> = sampler.finish().into_iter().flatten().collect();
+        // Without samples taken mid-request, the check below would prove nothing.
+        let in_flight = samples.iter().filter(|&&(busy, _)| busy > 0).count();
+        assert!(
+            in_flight > 0,
+            "no /healthz sample of worker {addr} saw a request in flight: {samples:?}"
+        );
+        let over: Vec<&(u64, u64)> = samples.iter().filter(|&&(b, q)| b + q > 2).collect();
+        assert!(
+            over.is_empty(),
+            "worker {addr} held more requests than its 2 threads in {} of {} samples \
+             ({in_flight} with requests in flight); (busy, queued) = {:?}",
+            over.len(),
+            samples.len(),
+            &over[..over.len().min(10)]
+        );
     }
     assert_eq!(served_by.len(), 4, "all four workers served: {served_by:?}");
     assert!(
