@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(nginx-light haproxy prometheus wrk nghttp2-client curl openssl dnsmasq-base kubectl)
-PIP_PACKAGES=(waitress gunicorn kubernetes-validate)
+PIP_PACKAGES=(waitress gunicorn gevent django kubernetes-validate)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,7 +25,7 @@ for svc in nginx prometheus haproxy prometheus-node-exporter; do
   (command -v service >/dev/null && service "$svc" stop >/dev/null 2>&1) || true
 done
 
-if ! python3 -c "import waitress, gunicorn, kubernetes_validate" 2>/dev/null; then
+if ! python3 -c "import waitress, gunicorn, gevent, django, kubernetes_validate" 2>/dev/null; then
   echo "== installing Python packages: ${PIP_PACKAGES[*]}"
   python3 -m pip install -q "${PIP_PACKAGES[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
