@@ -96,3 +96,15 @@ impl Error {
         )
     }
 }
+
+/// Renders an error with its causes: hyper's top-level messages are vague.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -32,6 +32,7 @@ pub mod edge;
 pub mod error;
 pub mod health;
 pub mod observe;
+pub mod syntax;
 pub mod tls;
 pub mod upstream;
 

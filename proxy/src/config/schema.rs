@@ -215,6 +215,11 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTlsConfig>,
     /// WebSocket and other `Upgrade` connections to this upstream's backends.
     pub upgrades: UpgradesConfig,
+    /// Stamp each forwarded request with `X-Request-Start: <ms since the
+    /// epoch>` (when Usher finished reading it; replaces a client's value)
+    /// and `X-Usher-Queue-Ms` (its wait in Usher's queue), so an APM agent
+    /// or autoscaler in the app sees request queueing. Default true.
+    pub request_start_header: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -236,6 +241,7 @@ impl Default for UpstreamConfig {
             protocol: UpstreamProtocol::default(),
             tls: None,
             upgrades: UpgradesConfig::default(),
+            request_start_header: true,
         }
     }
 }

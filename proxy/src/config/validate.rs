@@ -287,7 +287,7 @@ fn health_check(h: &HealthCheckConfig, k: &impl Fn(&str) -> String, r: &mut Repo
         );
     }
     if let Some(host) = &h.host {
-        if !crate::edge::headers::valid_authority(host) {
+        if !crate::syntax::valid_authority(host) {
             r.err(
                 k("health_check.host"),
                 &[host],

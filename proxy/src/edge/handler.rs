@@ -282,6 +282,8 @@ async fn read_request(
         }
     }
 
+    head.extensions
+        .insert(crate::upstream::stamp::ReadAt(std::time::SystemTime::now()));
     let h = &mut head.headers;
     headers::strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);

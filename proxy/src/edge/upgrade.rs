@@ -157,6 +157,14 @@ pub async fn forward(
     let client_side = hyper::upgrade::on(&mut req);
     let (mut head, _) = req.into_parts();
     prepare_head(&mut head, ctx, host, request_id);
+    if up.cfg.request_start_header {
+        // An upgrade waits for no slot (unless `hold_slot`): no queue time.
+        crate::upstream::stamp::stamp_request_start(
+            &mut head.headers,
+            std::time::SystemTime::now(),
+            Duration::ZERO,
+        );
+    }
     let mut exchange = Upgrade {
         up: up.clone(),
         tunnels: ctx.shared.tunnels.clone(),

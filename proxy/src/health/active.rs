@@ -167,7 +167,7 @@ pub async fn probe(
     };
     let fut = async {
         let resp = client.request(req).await.map_err(|e| {
-            let text = crate::upstream::error_chain(&e);
+            let text = crate::error::error_chain(&e);
             if e.is_connect() && text.contains("refused") {
                 Failure::Refused
             } else {

@@ -202,7 +202,9 @@ upstreams:
   app: { backends: [{ address: "127.0.0.1:9" }] }
 "#;
         let file = dir.join("u.yaml");
-        let errs = crate::control::parse(yaml, &file.display().to_string()).unwrap_err();
+        let errs =
+            crate::config::parse_checked(yaml, &file.display().to_string(), super::check_config)
+                .unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(errs.len(), 2, "{text:?}");
         // `file:line:col: key: message`, at the offending value.
@@ -218,7 +220,8 @@ upstreams:
         let ok = yaml
             .replace("    redirect_to_https: true\n", "")
             .replace("\"nope\"", "\"max-age=60\"");
-        let c = crate::control::parse(&ok, &file.display().to_string()).unwrap();
+        let c = crate::config::parse_checked(&ok, &file.display().to_string(), super::check_config)
+            .unwrap();
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(t.certificates[0].cert, dir.join("a.crt"));
         assert_eq!(t.handshake_timeout.0, std::time::Duration::from_secs(10));

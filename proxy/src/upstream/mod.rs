@@ -32,7 +32,9 @@ use framing::X_USHER_LOAD;
 pub mod body;
 pub mod framing;
 pub mod retry;
+pub mod stamp;
 
+pub use crate::error::error_chain;
 pub use body::{text, ProxyBody};
 use retry::is_idempotent;
 pub use retry::RetryBudget;
@@ -145,7 +147,7 @@ impl Exchange for Buffered {
         // (While queued, a vanished client just leaves.)
         let exchange = tokio::spawn({
             let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
-            async move { up.send(&head, body, admitted.slot).await }
+            async move { up.send(&head, body, admitted.slot, admitted.waited).await }
         });
         exchange.await.unwrap_or_else(|e| {
             Attempt::Sent(Error::Upstream {
@@ -254,14 +256,20 @@ impl Upstream {
         head: &http::request::Parts,
         body: Bytes,
         slot: Slot,
+        queued: Duration,
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
-        let req = match self.outgoing(head, body, &backend) {
+        let mut req = match self.outgoing(head, body, &backend) {
             Ok(r) => r,
             Err(e) => return Attempt::NotSent(e),
         };
+        if self.cfg.request_start_header {
+            if let Some(read) = head.extensions.get::<stamp::ReadAt>() {
+                stamp::stamp_request_start(req.headers_mut(), read.0, queued);
+            }
+        }
         let timeout = self.cfg.timeouts.response.0;
         let deadline = tokio::time::Instant::now() + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
@@ -522,16 +530,4 @@ fn linger(
         tracing::debug!(backend = %slot.backend().key, held = ?started.elapsed(), done, "released the slot of a timed-out request");
         drop(slot);
     });
-}
-
-/// Renders an error with its causes: hyper's top-level messages are vague.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

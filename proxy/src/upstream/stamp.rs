@@ -1,0 +1,32 @@
+//! What Usher tells a backend about a request's timing, for the APM and
+//! autoscaling world: Usher's queue is *before* the backend, so these
+//! headers are how an app's agent sees queueing at all.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+pub static X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+pub static X_USHER_QUEUE_MS: HeaderName = HeaderName::from_static("x-usher-queue-ms");
+
+/// When Usher finished reading a request (kept in the request's extensions
+/// until it is forwarded).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadAt(pub std::time::SystemTime);
+
+/// Sets `X-Request-Start` to `at` in integer milliseconds since the epoch
+/// (13 digits, Heroku's form, which New Relic, Scout, Judoscale and HireFire
+/// all read), replacing whatever the client sent, and `X-Usher-Queue-Ms` to
+/// the time the request waited in Usher's queue.
+pub fn stamp_request_start(
+    h: &mut HeaderMap,
+    at: std::time::SystemTime,
+    queued: std::time::Duration,
+) {
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    h.insert(X_REQUEST_START.clone(), HeaderValue::from(ms));
+    h.insert(
+        X_USHER_QUEUE_MS.clone(),
+        HeaderValue::from(queued.as_millis() as u64),
+    );
+}
