@@ -74,10 +74,10 @@ impl Reloader {
         if let (Some(hash), Some((last, outcome))) = (content, &*self.last.lock().unwrap()) {
             if hash == *last {
                 tracing::info!("configuration file unchanged since the last reload; nothing to do");
-                return match outcome {
-                    Ok(_) => Ok("unchanged since the last reload".to_string()),
-                    Err(e) => Err(e.clone()),
-                };
+                // The same outcome as when this content was loaded (by the
+                // file watch, usually, a moment before a SIGHUP or `usher
+                // reload`), not a second reload.
+                return outcome.clone();
             }
         }
         let result = self.try_reload();
@@ -147,7 +147,8 @@ impl Reloader {
         let summary = summarize(&old, &new);
         let (state, commit) = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
         self.access_log.set_format(state.config.access_log.format);
-        self.access_log.set_path(state.config.access_log.path.clone());
+        self.access_log
+            .set_path(state.config.access_log.path.clone());
         let state = Arc::new(state);
         self.state.store(state.clone());
         commit.apply();

@@ -11,15 +11,22 @@ use crate::dispatch::backend::CapacitySource;
 
 /// Logs the summary (after the startup capacity probe, so reported
 /// capacities are in).
-pub fn log_startup(state: &State, config_name: &str) {
+pub fn log_startup(state: &State, config_name: &str, bound: &[(String, std::net::SocketAddr)]) {
     let c: &Config = &state.config;
     tracing::info!(config = %config_name, "usher starting");
+    // The addresses really bound (a configured port 0 is a chosen one now).
+    let addr = |name: &str, configured: &str| {
+        bound
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or_else(|| configured.to_string(), |(_, a)| a.to_string())
+    };
     for l in &c.listeners {
         let proto = if l.tls.is_some() { "https" } else { "http" };
-        tracing::info!(listener = %l.name, address = %l.address, %proto, "listener");
+        tracing::info!(listener = %l.name, address = %addr(&l.name, &l.address), %proto, "listener");
     }
     if let Some(a) = &c.admin {
-        tracing::info!(address = %a.address, "admin listener (/status, /metrics, /readyz, POST /reload)");
+        tracing::info!(address = %addr("admin", &a.address), "admin listener (/ status page, /status, /metrics, /readyz, POST /reload)");
     }
     let mut names: Vec<&String> = state.upstreams.keys().collect();
     names.sort();

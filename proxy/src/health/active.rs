@@ -212,6 +212,7 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
     let hc = &c.cfg;
     let spec = Arc::new(ProbeSpec::new(hc));
     let mut thresholds: std::collections::HashMap<String, Threshold> = Default::default();
+    let mut reasons: std::collections::HashMap<String, Option<String>> = Default::default();
     loop {
         let targets = (c.targets)();
         let mut set = tokio::task::JoinSet::new();
@@ -249,6 +250,16 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
                 tracing::info!(upstream = %c.upstream, backend = %b.key(), "health check passed: readmitting a backend ejected for refused connections");
                 changed = true;
             }
+            // A backend that stays down for a new reason says so: the
+            // first reason (refused, while the app started) is rarely the
+            // one that keeps it down (a 400 for the probe's Host).
+            let reason = r.failure.as_ref().map(ToString::to_string);
+            let previous = reasons
+                .insert(b.key().to_string(), reason.clone())
+                .flatten();
+            if !health.is_up() && reason.is_some() && previous.is_some() && reason != previous {
+                tracing::warn!(upstream = %c.upstream, backend = %b.key(), reason = %reason.as_deref().unwrap_or(""), path = %hc.path, "health check still failing, for another reason");
+            }
             if let Some(now_up) = t.record(r.ok) {
                 match &r.failure {
                     None => {
@@ -267,6 +278,7 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
             }
         }
         thresholds.retain(|k, _| targets.iter().any(|b| b.key() == k));
+        reasons.retain(|k, _| targets.iter().any(|b| b.key() == k));
         if changed {
             (c.on_change)();
         }

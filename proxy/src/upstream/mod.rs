@@ -329,7 +329,7 @@ impl Upstream {
                 upstream = %self.name,
                 backend = %backend.key,
                 capacity = backend.full_capacity(),
-                "max_in_flight is auto but the backend reports no thread count (no X-Usher-Load header): using default_capacity; set max_in_flight to the app's threads (waitress --threads, gunicorn --workers × --threads)"
+                "max_in_flight is auto but the backend reports no thread count (no X-Usher-Load header): using default_capacity; set max_in_flight to what the app serves at once (waitress --threads; gunicorn --workers × --threads; gevent --workers × --worker-connections)"
             );
         }
         let status = response.status();
