@@ -199,8 +199,9 @@ pub struct UpstreamConfig {
     pub default_capacity: u32,
     /// How many Usher replicas send to these same backends (e.g. the
     /// Deployment's replicas in Kubernetes). Each replica takes its share of
-    /// every backend's threads, `ceil(capacity / proxy_replicas)`, so together
-    /// they still never overfill a worker. Default 1.
+    /// every backend's threads, `ceil(capacity / proxy_replicas)`: exact when
+    /// the replicas divide the threads; otherwise together they may hold up
+    /// to `proxy_replicas - 1` more than a worker has. Default 1.
     pub proxy_replicas: u32,
     pub queue: QueueConfig,
     /// Active health checks. Default: none (only passive ejection).
@@ -361,8 +362,9 @@ pub struct DnsConfig {
     /// How often the name is re-resolved. Default 5s.
     #[serde(default = "default_refresh")]
     pub refresh: Dur,
-    /// A DNS server to ask (A records over UDP) instead of the system
-    /// resolver. Default: the system resolver.
+    /// A DNS server to ask (A and AAAA, over UDP with TCP when an answer is
+    /// truncated) instead of the system resolver. Default: the system
+    /// resolver.
     #[serde(default)]
     pub resolver: Option<SocketAddr>,
     /// Capacity of the discovered backends. Default `auto`.

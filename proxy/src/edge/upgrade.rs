@@ -465,6 +465,7 @@ async fn exchange(
         crate::upstream::framing::take_response_framing(&method, status, &mut parts.headers)
             .map_err(|reason| {
                 count(up, &backend, "error");
+                up.note_failure(&backend, false);
                 upstream_err(reason.to_string())
             })?;
         let limit = usize::try_from(up.max_response_buffer).unwrap_or(usize::MAX);
