@@ -34,8 +34,6 @@ pub enum Error {
     UpstreamTimeout { backend: String, timeout: Duration },
     #[error("every backend of upstream `{upstream}` has its most upgraded connections open")]
     UpgradeLimit { upstream: String },
-    #[error("shutting down")]
-    ShuttingDown,
 }
 
 impl Error {
@@ -64,8 +62,7 @@ impl Error {
             Error::QueueFull { .. }
             | Error::QueueTimeout { .. }
             | Error::NoBackend { .. }
-            | Error::UpgradeLimit { .. }
-            | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::UpgradeLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Connect { .. } | Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -77,7 +74,7 @@ impl Error {
             Error::QueueFull { .. } | Error::QueueTimeout { .. } | Error::UpgradeLimit { .. } => {
                 Some(1)
             }
-            Error::NoBackend { .. } | Error::ShuttingDown => Some(5),
+            Error::NoBackend { .. } => Some(5),
             _ => None,
         }
     }

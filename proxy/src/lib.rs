@@ -23,18 +23,26 @@
 //!
 //! [`app`] wires them together: build, spawn, wait for signals, drain.
 
-pub mod app;
-pub mod config;
-pub mod control;
-pub mod discovery;
-pub mod dispatch;
-pub mod edge;
-pub mod error;
-pub mod health;
-pub mod observe;
-pub mod syntax;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod app;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod discovery;
+pub(crate) mod dispatch;
+pub(crate) mod edge;
+pub(crate) mod error;
+pub(crate) mod health;
+pub(crate) mod observe;
+pub(crate) mod syntax;
+pub(crate) mod tls;
+pub(crate) mod upstream;
 
 #[cfg(test)]
 mod prop_tests;
+
+// What the `usher` binary uses; everything else is crate-private, so rustc
+// flags what nothing uses.
+pub use app::run;
+pub use config::{ConfigError, Source};
+pub use control::admin::request_reload;
+pub use control::load;
+pub use discovery::fleet::{exec_child, watch_parent};

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 /// (header maps, bodies); glibc malloc spent ~8% of the proxy's CPU on them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use usher::config::Source;
+use usher::Source;
 
 #[derive(Parser)]
 #[command(
@@ -66,18 +66,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Worker { args }) => {
-            usher::discovery::fleet::watch_parent();
+            usher::watch_parent();
             let argv = std::iter::once("usher-worker".to_string()).chain(args);
             usher_worker::cli::main_from(argv)
         }
-        Some(Command::Spawn { args }) => usher::discovery::fleet::exec_child(args),
+        Some(Command::Spawn { args }) => usher::exec_child(args),
         Some(Command::Check { file }) => check(&source(file)),
         Some(Command::Reload { file }) => reload(&source(file)),
         None => run(source(None), &cli.log_level),
     }
 }
 
-fn print_errors(source: &Source, errors: &[usher::config::ConfigError]) {
+fn print_errors(source: &Source, errors: &[usher::ConfigError]) {
     for e in errors {
         eprintln!("usher: error: {e}");
     }
@@ -89,7 +89,7 @@ fn print_errors(source: &Source, errors: &[usher::config::ConfigError]) {
 }
 
 fn check(source: &Source) -> ExitCode {
-    match usher::control::load(source) {
+    match usher::load(source) {
         Ok(_) => {
             match source {
                 Source::Embedded => println!(
@@ -108,7 +108,7 @@ fn check(source: &Source) -> ExitCode {
 
 /// `usher reload`: POST /reload to the admin listener named by the config.
 fn reload(source: &Source) -> ExitCode {
-    let config = match usher::control::load(source) {
+    let config = match usher::load(source) {
         Ok(c) => c,
         Err(errors) => {
             print_errors(source, &errors);
@@ -122,7 +122,7 @@ fn reload(source: &Source) -> ExitCode {
         );
         return ExitCode::from(1);
     };
-    match usher::control::admin::request_reload(&admin.address) {
+    match usher::request_reload(&admin.address) {
         Ok((true, text)) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -149,7 +149,7 @@ fn run(source: Source, log_level: &str) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match usher::control::load(&source) {
+    let config = match usher::load(&source) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {
@@ -168,7 +168,7 @@ fn run(source: Source, log_level: &str) -> ExitCode {
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
-            rt.block_on(usher::app::run(config, path))
+            rt.block_on(usher::run(config, path))
                 .map_err(anyhow::Error::from)
         });
     match result {

@@ -20,7 +20,8 @@ mod units;
 mod validate;
 
 pub use schema::*;
-pub use units::{parse_duration, parse_size, Dur, Size};
+#[cfg(test)]
+pub use units::{parse_duration, parse_size, Dur};
 
 use locate::{find_line, yaml_error};
 
@@ -142,6 +143,7 @@ pub struct Problem {
     pub message: String,
 }
 
+#[cfg(test)]
 /// Parses and validates config text against the schema alone. `file` names
 /// it in errors. See [`parse_checked`] for checks that read other files.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {

@@ -23,11 +23,6 @@ pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
     config::load_file_checked(path, check)
 }
 
-/// [`load`] for text; `file` names it in errors and anchors relative paths.
-pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    config::parse_checked(text, file, check)
-}
-
 /// The checks beyond the schema: the certificate files load, and every
 /// fleet command's program exists and is executable.
 fn check(c: &Config) -> Vec<config::Problem> {

@@ -9,5 +9,4 @@ pub mod headers;
 pub mod listener;
 pub mod upgrade;
 
-pub use crate::upstream::text;
-pub use handler::{error_response, handle, ConnCtx, Shared};
+pub use handler::{handle, ConnCtx, Shared};

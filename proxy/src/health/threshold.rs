@@ -21,6 +21,7 @@ impl Threshold {
         }
     }
 
+    #[cfg(test)]
     pub fn is_up(&self) -> bool {
         self.up
     }

@@ -47,8 +47,6 @@ pub struct Loaded {
     pub key: Arc<CertifiedKey>,
     /// DNS names of the end-entity certificate's subjectAltName, lowercase.
     pub san_names: Vec<String>,
-    /// Seconds since the epoch when the certificate expires.
-    pub not_after: i64,
 }
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -119,7 +117,6 @@ pub fn load(cert: &Path, key: &Path) -> Result<Loaded, CertError> {
     Ok(Loaded {
         key: Arc::new(certified),
         san_names: info.dns_names,
-        not_after: info.not_after,
     })
 }
 

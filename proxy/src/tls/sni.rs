@@ -22,8 +22,6 @@ pub struct Certs {
     /// `*.example.com` is stored under `example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
-    /// Earliest expiry among the certificates (seconds since the epoch).
-    pub not_after: i64,
 }
 
 /// Names a certificate serves: the configured ones, else its DNS SANs.
@@ -44,10 +42,8 @@ impl Certs {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         let mut first = None;
-        let mut not_after = i64::MAX;
         for c in &cfg.certificates {
             let loaded = cert::load(&c.cert, &c.key)?;
-            not_after = not_after.min(loaded.not_after);
             let names = names(c, &loaded);
             if names.is_empty() && first.is_some() {
                 return Err(CertError {
@@ -70,7 +66,6 @@ impl Certs {
         let default = match &cfg.default {
             Some(c) => {
                 let loaded = cert::load(&c.cert, &c.key)?;
-                not_after = not_after.min(loaded.not_after);
                 loaded.key
             }
             None => first.ok_or_else(|| CertError {
@@ -82,7 +77,6 @@ impl Certs {
             exact,
             wildcard,
             default,
-            not_after,
         })
     }
 
