@@ -792,9 +792,10 @@ pub fn assert_queries_return_data(prom: &Prometheus, queries: &[Query], timeout:
 /// workers, and asserts that every query of both dashboards and every
 /// recording rule returns data. Call it from any test with a busy Usher:
 /// `check_live_deploy_queries("127.0.0.1:9901", &["127.0.0.1:9001".into()])`.
-/// Counters only exist after their first event, so drive traffic that causes
-/// 5xx, queue rejections, retries, ejections and a failed reload meanwhile
-/// (see `live_usher_feeds_every_dashboard_panel_and_rule` in tests/tests/deploy.rs).
+/// Some series only exist after their first event, so drive traffic that
+/// causes 5xx and a failed reload meanwhile, and give Usher a `dns:` upstream
+/// for `usher_dns_resolutions_total` (see
+/// `live_usher_feeds_every_dashboard_panel_and_rule` in tests/tests/deploy.rs).
 pub fn check_live_deploy_queries(usher_admin: &str, workers: &[String]) {
     let prom = Prometheus::start(&[
         ScrapeJob::new("usher", [usher_admin.to_string()]),

@@ -987,6 +987,12 @@ const PINNED_CONTRACT: &[(&str, &str, &[&str])] = &[
         "gauge",
         &["upstream", "backend"],
     ),
+    (
+        "usher_health_check_failures_total",
+        "counter",
+        &["upstream", "backend", "reason"],
+    ),
+    ("usher_access_log_dropped_total", "counter", &[]),
 ];
 
 /// The worker's metrics (DESIGN.md names them in prose, without labels).
@@ -1107,7 +1113,7 @@ fn every_deploy_expr() -> Vec<(String, String)> {
 #[test]
 fn contract_parses_from_design_md() {
     let (table, worker) = parse_contract(&design_md());
-    assert_eq!(table.len(), 19, "{table:#?}");
+    assert_eq!(table.len(), 21, "{table:#?}");
     assert_eq!(worker.len(), 4, "{worker:?}");
     let reasons = &table
         .iter()
@@ -1399,8 +1405,13 @@ fn usher_dashboard_has_the_expected_panels() {
         "ejections",
         "retries",
         "health checks",
+        "health check failures",
+        "upgraded connections",
+        "dns resolutions",
+        "fleet restarts",
         "client connections",
         "config reloads",
+        "access log lines dropped",
         "build info",
         "cpu",
         "memory",
@@ -1631,7 +1642,23 @@ fn usher_exposition(t: f64) -> String {
             (t * 0.5).floor()
         );
         let _ = writeln!(o, "usher_health_checks_total{{{l},result=\"failure\"}} 1");
+        for reason in ["status", "timeout", "refused", "error", "body"] {
+            let _ = writeln!(
+                o,
+                "usher_health_check_failures_total{{{l},reason=\"{reason}\"}} {}",
+                u8::from(reason == "timeout")
+            );
+        }
+        let _ = writeln!(o, "usher_upgraded_connections{{{l}}} {i}");
     }
+    let _ = writeln!(
+        o,
+        "usher_dns_resolutions_total{{upstream=\"app\",result=\"success\"}} {}",
+        (t / 5.0).floor()
+    );
+    o.push_str("usher_dns_resolutions_total{upstream=\"app\",result=\"failure\"} 1\n");
+    o.push_str("usher_fleet_restarts_total{upstream=\"app\"} 1\n");
+    o.push_str("usher_access_log_dropped_total 0\n");
     let _ = writeln!(
         o,
         "usher_retries_total{{upstream=\"app\",reason=\"connect\"}} {}",
@@ -1707,11 +1734,56 @@ fn worker_dashboard_queries_return_data_from_a_real_worker() {
 
 // =============================================================== live Usher
 
+/// Name of the DNS-discovered upstream's workers in the live test.
+const DNS_NAME: &str = "workers.deploy.test";
+
+/// A real DNS server (dnsmasq) on a loopback port answering `DNS_NAME` with
+/// `ip`, as the headless worker Service would in Kubernetes. Killed on drop.
+fn start_dnsmasq(dir: &Path, ip: std::net::IpAddr) -> (usher_e2e::Proc, SocketAddr) {
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("{ip} {DNS_NAME}\n")).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], usher_e2e::free_port()));
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--local-ttl=0",
+        "--no-negcache",
+        "--user=root",
+        "--log-facility=-",
+    ])
+    .arg(format!("--port={}", addr.port()))
+    .arg(format!("--addn-hosts={}", hosts.display()))
+    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
+    let dnsmasq = usher_e2e::Proc::spawn(cmd);
+    assert!(
+        dnsmasq
+            .wait_for_output("started", Duration::from_secs(10))
+            .is_some(),
+        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
+        dnsmasq.output()
+    );
+    (dnsmasq, addr)
+}
+
 #[test]
 fn live_usher_feeds_every_dashboard_panel_and_rule() {
     // Usher with a fleet of 2 workers x 2 threads, plus a backend that accepts
-    // health checks but drops every request (retries, ejections).
+    // health checks but drops every request (retries, ejections), and a
+    // second upstream found through real DNS (usher_dns_resolutions_total).
     let flaky = serve_flaky_backend();
+    let (_dns_worker, dns_backend) = spawn_worker(["--threads", "2"]);
+    let dns_dir = TempDir::new("deploy-dns");
+    let (_dnsmasq, resolver) = start_dnsmasq(dns_dir.path(), dns_backend.ip());
+    let discovered = format!(
+        r#"    dns: {{ name: {DNS_NAME}, port: {port}, refresh: 500ms, resolver: "{resolver}" }}
+    health_check: {{ path: /healthz, interval: 200ms, timeout: 100ms, rise: 1, fall: 2 }}"#,
+        port = dns_backend.port(),
+    );
     let upstream = format!(
         r#"    fleet:
       command: ["{worker}", --threads, "2", --listen, "127.0.0.1:{{port}}"]
@@ -1728,7 +1800,9 @@ fn live_usher_feeds_every_dashboard_panel_and_rule() {
     );
     let config = Config::new()
         .route("*", "app")
+        .route("dns.deploy.test", "discovered")
         .upstream("app", &upstream)
+        .upstream("discovered", &discovered)
         .top(r#"access_log: { format: "off" }"#)
         .yaml();
     let mut usher = Usher::start_ready(&config);
@@ -1738,12 +1812,23 @@ fn live_usher_feeds_every_dashboard_panel_and_rule() {
         "usher did not start its 2 fleet processes:\n{}",
         usher.proc.output()
     );
-    let workers: Vec<String> = usher
+    let found = || {
+        usher.status()["upstreams"]["discovered"]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["address"] == dns_backend.to_string()))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), found),
+        "usher did not find {DNS_NAME} through dnsmasq:\n{}",
+        usher.proc.output()
+    );
+    let mut workers: Vec<String> = usher
         .fleet_processes()
         .iter()
         .take(2)
         .map(|(addr, _)| addr.to_string())
         .collect();
+    workers.push(dns_backend.to_string());
 
     let prom_check = std::thread::spawn({
         let admin = usher.admin.to_string();

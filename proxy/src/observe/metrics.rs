@@ -294,6 +294,10 @@ impl Metrics {
             self.health_checks
                 .with_label_values(&[upstream, backend, result]);
         }
+        for reason in ["status", "timeout", "refused", "error", "body"] {
+            self.health_check_failures
+                .with_label_values(&[upstream, backend, reason]);
+        }
     }
 
     pub fn forget_backend(&self, upstream: &str, backend: &str) {
