@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 mod locate;
 mod schema;
+mod upstream;
 mod units;
 mod validate;
 
