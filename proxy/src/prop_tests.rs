@@ -11,6 +11,10 @@
 //! schema so that most of them get past serde into validation, where the
 //! arithmetic is.
 //!
+//! One file, long (~1250 lines) on purpose: it is test code only, mostly the
+//! schema-shaped document generator, and its sections (config, units,
+//! headers) share the case budget and helpers.
+//!
 //! No regression files are written (`failure_persistence: None`): a failure
 //! found here is kept as a plain `#[test]` next to its property. For a
 //! longer run: `PROPTEST_CASES=20000 cargo test -p usher --lib prop_tests`.
