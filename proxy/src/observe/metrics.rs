@@ -34,29 +34,8 @@ pub const FLEET_RESTARTS: &str = "usher_fleet_restarts_total";
 pub const DNS_RESOLUTIONS: &str = "usher_dns_resolutions_total";
 /// Access-log lines dropped because the writer fell behind.
 pub const ACCESS_LOG_DROPPED: &str = "usher_access_log_dropped_total";
-/// Not in the `DESIGN.md` contract (an addition): open upgraded (WebSocket)
-/// connections per backend.
+/// Open upgraded (WebSocket) connections per backend.
 pub const UPGRADED_CONNECTIONS: &str = "usher_upgraded_connections";
-
-/// Every metric name of the contract, for tests and docs.
-pub const CONTRACT: &[&str] = &[
-    REQUESTS_TOTAL,
-    REQUEST_DURATION,
-    QUEUE_DEPTH,
-    QUEUE_WAIT,
-    QUEUE_REJECTIONS,
-    BACKEND_IN_FLIGHT,
-    BACKEND_CAPACITY,
-    BACKEND_UP,
-    BACKEND_REQUESTS,
-    BACKEND_RESPONSE,
-    BACKEND_EJECTIONS,
-    HEALTH_CHECKS,
-    RETRIES,
-    CLIENT_CONNECTIONS,
-    CONFIG_RELOADS,
-    BUILD_INFO,
-];
 
 /// Latency buckets from 1 ms to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
