@@ -10,6 +10,10 @@
     benchlib.py wrk-json FILE              parse `wrk --latency` output into JSON
     benchlib.py overhead-table FILE        print the overhead.sh table (JSON lines in)
     benchlib.py threaded-table FILE        print the threaded.sh table (JSON lines in)
+    benchlib.py meta KEY=VALUE...          the metadata line of a RESULTS_OUT file:
+                                           {"meta": {KEY: VALUE, ..., "finished",
+                                           "loadavg_end"}}, and "commit" and "dirty"
+                                           from git unless given
 
 Every address used here is loopback.
 """
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -141,8 +146,48 @@ def _fmt(v, spec):
 
 
 def _rows(path):
+    """The result rows of a JSON-lines file, without the {"meta": ...} line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if "meta" not in r]
+
+
+def _git(*args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _value(text):
+    if text in ("true", "false"):
+        return text == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def meta(pairs):
+    m = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        m[key] = _value(value)
+    m["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        with open("/proc/loadavg") as f:
+            m["loadavg_end"] = " ".join(f.read().split()[:3])
+    except OSError:
+        pass
+    if not m.get("commit"):
+        m["commit"] = _git("rev-parse", "--short", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        m["dirty"] = None if status is None else bool(status)
+    return {"meta": m}
 
 
 def overhead_table(path):
@@ -205,6 +250,8 @@ def main(argv):
         overhead_table(args[0])
     elif cmd == "threaded-table":
         threaded_table(args[0])
+    elif cmd == "meta":
+        print(json.dumps(meta(args)))
     else:
         sys.exit(f"unknown command {cmd!r}\n{__doc__}")
 

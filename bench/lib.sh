@@ -13,6 +13,17 @@ NCPU="$(nproc)"
 PROXY_CPU="${PROXY_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-$((NCPU > 1 ? 1 : 0))}"
 
+# For the metadata line of RESULTS_OUT files (benchlib.py meta): when the run
+# started, the load average then, and the commit that was built (bench/charts.sh
+# passes the one it recorded before its build).
+BENCH_STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+LOADAVG_START="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || true)"
+BENCH_COMMIT="${BENCH_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+if [[ -z "${BENCH_DIRTY:-}" ]]; then
+  BENCH_DIRTY=false
+  [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]] && BENCH_DIRTY=true
+fi
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/usher-bench.XXXXXX")"
 PIDS=()
 
@@ -61,6 +72,18 @@ stop_pid() {
 free_port() { $PY free-port 1; }
 wait_http() { $PY wait-http "$1" "${2:-10}"; }
 cpu_ticks() { $PY cpu-ticks "$1"; }
+
+# write_results_out BENCH KEY=VALUE... : if RESULTS_OUT is set, writes it: one
+# metadata line ({"meta": {...}}: the setup, dates, commit, load average) and then
+# the JSON lines of $RESULTS. The tables skip the metadata line.
+write_results_out() {
+  [[ -n "${RESULTS_OUT:-}" ]] || return 0
+  local bench="$1"; shift
+  { $PY meta "bench=$bench" "started=$BENCH_STARTED" "loadavg_start=$LOADAVG_START" \
+      "commit=$BENCH_COMMIT" "dirty=$BENCH_DIRTY" "bin=$BIN" \
+      "nproc=$NCPU" "proxy_cpu=$PROXY_CPU" "load_cpu=$LOAD_CPU" "$@"
+    cat "$RESULTS"; } >"$RESULTS_OUT"
+}
 
 # Installs nginx-light, haproxy and wrk if missing (apt-get update once).
 ensure_tools() {

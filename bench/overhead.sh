@@ -11,7 +11,8 @@
 # Env: BENCH_SECS (10), CONNS (32), LOADGEN (wrk | usher-load; wrk if installed),
 #      BACKEND (auto | waitress), BACKEND_THREADS (4), PATH_Q (/sleep?ms=0),
 #      ONLY (space-separated subset of: direct nginx haproxy haproxy-maxconn
-#      usher usher-uncapped), NO_BUILD=1, KEEP_WORK=1.
+#      usher usher-uncapped), NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
+#      metadata line, then the JSON lines of the table; bench/plot.py draws them).
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -113,4 +114,5 @@ echo "overhead: $LOADGEN -t1 -c$CONNS ${SECS}s, GET $PATH_Q on one $BACKEND_KIND
 echo "proxies pinned to cpu $PROXY_CPU (taskset; Usher's tokio runtime too), load generator to cpu $LOAD_CPU"
 $PY overhead-table "$RESULTS"
 echo "us/req = (utime+stime of the process tree, all threads) / requests; CLK_TCK=$CLK_TCK"
-if [[ -n "${RESULTS_OUT:-}" ]]; then cp "$RESULTS" "$RESULTS_OUT"; fi
+write_results_out overhead "loadgen=$LOADGEN" "conns=$CONNS" "secs=$SECS" \
+  "path=$PATH_Q" "backend=$BACKEND_KIND" "backend_threads=$THREADS" "rows=$ROWS"

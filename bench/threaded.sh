@@ -11,10 +11,12 @@
 # are not pinned (they mostly sleep).
 #
 # Env: BENCH_SECS (20) measured seconds per run, WARMUP_SECS (2), LOADS
-#      ("0.90 0.98 1.10"), WORKERS (4), THREADS (4), MIX, TARGETS ("usher nginx
-#      haproxy"), CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE
-#      (1024) usher-worker --queue, BACKEND (auto | waitress), NO_BUILD=1,
-#      KEEP_WORK=1, RESULTS_OUT=FILE (copy of the JSON lines).
+#      ("0.90 0.98 1.10"), WORKERS (4), THREADS (4), MIX, TARGETS ("usher
+#      usher-sef nginx haproxy", also direct), CONNECTIONS (4096) usher-load's
+#      in-flight limit, WORKER_QUEUE (1024) usher-worker --queue, BACKEND (auto |
+#      waitress), NO_BUILD=1,
+#      KEEP_WORK=1, RESULTS_OUT=FILE (a metadata line, then the JSON lines of the
+#      table; bench/plot.py draws them).
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -126,4 +128,7 @@ echo "threaded: $WORKERS x $BACKEND_KIND --threads $THREADS, mix $MIX"
 echo "capacity $CAPACITY req/s (mean service $MEAN_MS ms); ${SECS}s measured per run after ${WARMUP}s warm-up"
 echo "proxies pinned to cpu $PROXY_CPU (taskset), usher-load to cpu $LOAD_CPU"
 $PY threaded-table "$RESULTS"
-if [[ -n "${RESULTS_OUT:-}" ]]; then cp "$RESULTS" "$RESULTS_OUT"; fi
+write_results_out threaded "workers=$WORKERS" "threads=$THREADS" "mix=$MIX" \
+  "secs=$SECS" "warmup_secs=$WARMUP" "loads=$LOADS" "targets=$TARGETS" \
+  "capacity=$CAPACITY" "mean_service_ms=$MEAN_MS" "backend=$BACKEND_KIND" \
+  "connections=$CONNECTIONS" "worker_queue=${WORKER_QUEUE:-1024}"
