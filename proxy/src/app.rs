@@ -21,7 +21,7 @@ use crate::config::{resolve_addr, Config};
 use crate::control::admin::Admin;
 use crate::control::reload::Reloader;
 use crate::control::state::{FleetAddrs, State};
-use crate::discovery::fleet::Fleet;
+use crate::discovery::fleet::{Fleet, Supervision};
 use crate::edge::listener::{self, ListenerSettings};
 use crate::edge::Shared;
 use crate::observe::access_log::AccessLog;
@@ -138,34 +138,45 @@ async fn bind_all(
     Ok((listeners, admin))
 }
 
-/// Starts every upstream's fleet and waits (bounded) until they accept.
-async fn start_fleets(
-    config: &Config,
-    metrics: &Metrics,
-    grace: Duration,
-) -> Result<(std::collections::HashMap<String, Fleet>, FleetAddrs), StartError> {
-    let mut fleets = std::collections::HashMap::new();
+/// The addresses each upstream's fleet will run on.
+fn plan_fleets(config: &Config) -> Result<FleetAddrs, StartError> {
     let mut fleet_addrs = FleetAddrs::new();
     for (name, u) in &config.upstreams {
         if let Some(f) = &u.fleet {
             let addrs = crate::discovery::fleet::plan(f).map_err(StartError::Config)?;
-            let restarts = metrics.fleet_restarts.with_label_values(&[name]);
-            let fleet = Fleet::start(
-                name,
-                f,
-                addrs.clone(),
-                restarts,
-                grace.min(Duration::from_secs(10)),
-            )
-            .map_err(StartError::Config)?;
             fleet_addrs.insert(name.clone(), addrs);
-            fleets.insert(name.clone(), fleet);
         }
     }
-    for f in fleets.values() {
-        f.wait_ready(Duration::from_secs(15)).await;
+    Ok(fleet_addrs)
+}
+
+/// Starts every upstream's fleet on its planned addresses, without waiting
+/// for the processes to accept connections: their backends, already in
+/// `state`, are down until they do (see `discovery::fleet`).
+async fn start_fleets(
+    config: &Config,
+    fleet_addrs: &FleetAddrs,
+    state: &Arc<ArcSwap<State>>,
+    metrics: &Metrics,
+    grace: Duration,
+) -> Result<std::collections::HashMap<String, Fleet>, StartError> {
+    let mut fleets = std::collections::HashMap::new();
+    for (name, u) in &config.upstreams {
+        let (Some(f), Some(addrs)) = (&u.fleet, fleet_addrs.get(name)) else {
+            continue;
+        };
+        let sup = Supervision {
+            live: state.clone(),
+            gates: state.load().gates.clone(),
+            restarts: metrics.fleet_restarts.with_label_values(&[name]),
+            grace: grace.min(Duration::from_secs(10)),
+        };
+        let fleet = Fleet::start(name, f, addrs.clone(), sup)
+            .await
+            .map_err(StartError::Config)?;
+        fleets.insert(name.clone(), fleet);
     }
-    Ok((fleets, fleet_addrs))
+    Ok(fleets)
 }
 
 /// Lets client connections finish within `grace`, then upgraded ones
@@ -198,11 +209,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let mut signals = Signals::install()?;
 
     // Build: certificates first (a bad one is a config error), then the
-    // sockets, the fleet and the state.
+    // sockets and the state, then the fleet, whose processes start in the
+    // background while Usher already serves.
     let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
     let (listeners, admin_listener) = bind_all(&config).await?;
     let grace = config.timeouts.shutdown_grace.0;
-    let (fleets, fleet_addrs) = start_fleets(&config, &metrics, grace).await?;
+    let fleet_addrs = plan_fleets(&config)?;
     let access_log = AccessLog::new(
         config.access_log.format,
         config.access_log.path.clone(),
@@ -217,9 +229,17 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         || crate::config::DEFAULT_CONFIG_NAME.to_string(),
         |p| p.display().to_string(),
     );
-    crate::control::summary::log_startup(&state, &config_name);
+    let mut bound: Vec<(String, SocketAddr)> = listeners
+        .iter()
+        .filter_map(|(l, tcp)| Some((l.name.clone(), tcp.local_addr().ok()?)))
+        .collect();
+    if let Some(a) = admin_listener.as_ref().and_then(|t| t.local_addr().ok()) {
+        bound.push(("admin".to_string(), a));
+    }
+    crate::control::summary::log_startup(&state, &config_name, &bound);
     let state = Arc::new(ArcSwap::from_pointee(state));
     state.load().start(&state, &metrics);
+    let fleets = start_fleets(&config, &fleet_addrs, &state, &metrics, grace).await?;
     let shared = Arc::new(Shared {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -250,6 +270,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let reloader = Arc::new(Reloader {
         path,
         last: Default::default(),
+        last_result: Default::default(),
         state: state.clone(),
         metrics: metrics.clone(),
         fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),
@@ -259,6 +280,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         tls: tls.clone(),
     });
     let admin = Arc::new(Admin {
+        started: std::time::Instant::now(),
         state: state.clone(),
         metrics: metrics.clone(),
         draining: Default::default(),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{resolve_addr, Config, UpstreamConfig};
+use crate::discovery::Gates;
 use crate::dispatch::backend::Backend;
 use crate::dispatch::{Dispatcher, QueueMetrics};
 use crate::observe::metrics::{BackendMetrics, Metrics, RouteMetrics};
@@ -70,6 +71,10 @@ pub struct State {
     /// DNS discovery results, shared with the discovery tasks and carried
     /// across reloads.
     pub discovered: crate::discovery::SharedAddresses,
+    /// The fleet processes' gates (is each accepting connections yet?),
+    /// shared with the fleets and carried across reloads: a backend built
+    /// for a fleet address follows its gate.
+    pub gates: Gates,
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Cancels this state's background tasks (health checks) when replaced.
@@ -113,9 +118,18 @@ impl State {
         metrics: &Arc<Metrics>,
     ) -> Result<(State, Commit), String> {
         let mut commit = Commit::default();
+        let gates = prev.map(|p| p.gates.clone()).unwrap_or_default();
         let mut upstreams = HashMap::new();
         for (name, ucfg) in &config.upstreams {
-            let up = build_upstream(name, ucfg, &config, prev, fleet, metrics, &mut commit)?;
+            let up = build_upstream(
+                name,
+                ucfg,
+                &config,
+                prev,
+                (fleet, &gates),
+                metrics,
+                &mut commit,
+            )?;
             upstreams.insert(name.clone(), up);
         }
         let routes = config
@@ -138,6 +152,7 @@ impl State {
         let state = State {
             config,
             discovered: prev.map(|p| p.discovered.clone()).unwrap_or_default(),
+            gates,
             routes,
             upstreams,
             tasks: CancellationToken::new(),
@@ -179,24 +194,16 @@ impl State {
     /// Asks every backend's `/healthz` (or the health check path) for its
     /// thread count once, before traffic, so an `auto` capacity is right from
     /// the first request. Backends that don't answer keep `default_capacity`.
+    /// A fleet process not accepting yet is asked when it starts to, before
+    /// it takes requests (see [`crate::discovery::Live::prepare`]).
     pub async fn probe_capacity(&self) {
         let mut set = tokio::task::JoinSet::new();
         for up in self.upstreams.values() {
-            // The health check's own request (path, Host, headers) where
-            // there is one: an app that checks Host answers nothing else.
-            let spec = Arc::new(up.cfg.health_check.as_ref().map_or_else(
-                || crate::health::ProbeSpec::plain("/healthz"),
-                crate::health::ProbeSpec::new,
-            ));
+            let spec = Arc::new(capacity_probe(up));
             for b in up.dispatcher.backends() {
-                let (up, spec) = (up.clone(), spec.clone());
-                set.spawn(async move {
-                    let r = crate::health::probe(&up.client, b.addr, &spec, Duration::from_secs(1))
-                        .await;
-                    if let Some(t) = r.threads {
-                        b.report_threads(t);
-                    }
-                });
+                if b.health.is_accepting() {
+                    set.spawn(ask_threads(up.clone(), spec.clone(), b));
+                }
             }
         }
         while set.join_next().await.is_some() {}
@@ -270,6 +277,26 @@ impl State {
     }
 }
 
+/// The request that asks a backend for its thread count: the health
+/// check's own (path, Host, headers) where there is one, since an app that
+/// checks Host answers nothing else.
+fn capacity_probe(up: &Upstream) -> crate::health::ProbeSpec {
+    up.cfg.health_check.as_ref().map_or_else(
+        || crate::health::ProbeSpec::plain("/healthz"),
+        crate::health::ProbeSpec::new,
+    )
+}
+
+/// Asks `b` for its thread count once; true if its capacity grew.
+async fn ask_threads(
+    up: Arc<Upstream>,
+    spec: Arc<crate::health::ProbeSpec>,
+    b: Arc<Backend>,
+) -> bool {
+    let r = crate::health::probe(&up.client, b.addr, &spec, Duration::from_secs(1)).await;
+    r.threads.is_some_and(|t| b.report_threads(t))
+}
+
 /// The backends `ucfg` wants: static ones, then discovered and fleet
 /// addresses not already listed.
 fn wanted_backends(
@@ -304,13 +331,14 @@ fn wanted_backends(
 
 /// One upstream of a new state: the previous upstream's dispatcher, retry
 /// budget and backend objects where they exist (their reconfiguration goes
-/// into `commit`), new ones otherwise.
+/// into `commit`), new ones otherwise. A new backend for a fleet address
+/// follows the process's gate, so it is down until the process accepts.
 fn build_upstream(
     name: &str,
     ucfg: &UpstreamConfig,
     config: &Config,
     prev: Option<&State>,
-    fleet: &FleetAddrs,
+    (fleet, gates): (&FleetAddrs, &Gates),
     metrics: &Arc<Metrics>,
     commit: &mut Commit,
 ) -> Result<Arc<Upstream>, String> {
@@ -347,6 +375,9 @@ fn build_upstream(
         }
         let b = Backend::new(addr, weight, fixed, default_capacity).with_slow_start(slow_start);
         b.set_share(share);
+        if ucfg.fleet.is_some() && fleet.get(name).is_some_and(|f| f.contains(&addr)) {
+            b.health.follow(gates.gate(addr));
+        }
         b.attach_metrics(|| BackendMetrics::new(metrics, name, &b.key));
         if prev.is_some() {
             // Added while serving: ramp up gently.
@@ -413,8 +444,9 @@ fn build_upstream(
 /// Discovery publishes into the hot state through this.
 impl crate::discovery::Live for arc_swap::ArcSwap<State> {
     fn publish(&self, upstream: &str, addrs: &[SocketAddr], fixed_capacity: Option<u32>) {
-        if let Some(up) = self.load().upstreams.get(upstream) {
-            apply_dynamic(up, addrs, fixed_capacity);
+        let state = self.load();
+        if let Some(up) = state.upstreams.get(upstream) {
+            apply_dynamic(up, addrs, fixed_capacity, &state.gates);
         }
     }
 
@@ -426,12 +458,41 @@ impl crate::discovery::Live for arc_swap::ArcSwap<State> {
             .into_iter()
             .find(|b| b.addr == addr)
     }
+
+    fn prepare(&self, upstream: &str, addr: SocketAddr) -> crate::discovery::Pending {
+        let state = self.load_full();
+        let Some(up) = state.upstreams.get(upstream).cloned() else {
+            return Box::pin(async {});
+        };
+        // A process a rolling restart adds has no backend yet: it joins with
+        // slow start and reports its threads on its responses.
+        let Some(b) = up
+            .dispatcher
+            .backends()
+            .into_iter()
+            .find(|b| b.addr == addr)
+        else {
+            return Box::pin(async {});
+        };
+        // Its thread count, as [`State::probe_capacity`] asks at startup.
+        let spec = Arc::new(capacity_probe(&up));
+        Box::pin(async move {
+            ask_threads(up, spec, b).await;
+        })
+    }
+
+    fn opened(&self, upstream: &str, _addr: SocketAddr) {
+        if let Some(up) = self.load().upstreams.get(upstream) {
+            up.dispatcher.kick();
+        }
+    }
 }
 
 /// Applies a new set of dynamic (DNS or fleet) addresses to a live upstream:
-/// static backends stay, new addresses join with slow start, vanished ones
-/// leave (their in-flight requests finish on the objects their slots hold).
-pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>) {
+/// static backends stay, new addresses join with slow start (a fleet
+/// process's behind its gate), vanished ones leave (their in-flight requests
+/// finish on the objects their slots hold).
+pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>, gates: &Gates) {
     let current = up.dispatcher.backends();
     let statics: Vec<SocketAddr> = up
         .cfg
@@ -449,6 +510,9 @@ pub fn apply_dynamic(up: &Upstream, addrs: &[SocketAddr], fixed: Option<u32>) {
             let b = Backend::new(*a, 1, fixed, up.cfg.default_capacity)
                 .with_slow_start(up.cfg.slow_start.0);
             b.set_share(up.cfg.proxy_replicas);
+            if let Some(gate) = gates.find(*a) {
+                b.health.follow(gate);
+            }
             b.attach_metrics(|| BackendMetrics::new(&up.metrics, &up.name, &b.key));
             b.start_slow();
             up.metrics.init_backend(&up.name, &b.key);
@@ -548,5 +612,41 @@ upstreams:
         commit.apply();
         assert_eq!(a.capacity(), 1);
         assert_eq!(s1.upstreams["a"].dispatcher.backends().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_fleet_backend_is_down_until_its_process_accepts() {
+        let yaml = r#"
+listeners: [{ name: p, address: "127.0.0.1:1" }]
+routes: [{ upstream: f }]
+upstreams:
+  f: { fleet: { command: [usher-worker, --listen, "127.0.0.1:{port}"], processes: 1 } }
+"#;
+        let metrics = Arc::new(Metrics::new());
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let fleet = FleetAddrs::from([("f".to_string(), vec![addr])]);
+        let c = crate::config::parse(yaml, "t").unwrap();
+        let (s1, commit) = State::build(c.clone(), None, &fleet, &metrics).unwrap();
+        commit.apply();
+        assert!(!s1.any_backend_available(), "up before its process accepts");
+
+        // The fleet, started after the state, finds the same gate.
+        let gate = s1.gates.gate(addr);
+        assert!(gate.open());
+        assert!(s1.any_backend_available());
+
+        // A reload keeps the backend and its gate.
+        let (s2, commit) = State::build(c, Some(&s1), &fleet, &metrics).unwrap();
+        commit.apply();
+        gate.close();
+        assert!(!s2.any_backend_available(), "an exited process still up");
+
+        // A process a rolling restart adds follows its own gate.
+        let next: SocketAddr = "127.0.0.1:7002".parse().unwrap();
+        let next_gate = s2.gates.gate(next);
+        apply_dynamic(&s2.upstreams["f"], &[next], None, &s2.gates);
+        assert!(!s2.any_backend_available());
+        next_gate.open();
+        assert!(s2.any_backend_available());
     }
 }

@@ -6,13 +6,19 @@
 //! after consecutive gateway failures ([`outlier`], pure). [`Health`] is one
 //! backend's state: the request path asks it "available?" without a lock;
 //! failures take a short lock for the ejection bookkeeping.
+//!
+//! A backend that is a process Usher runs (a fleet process) also follows a
+//! [`Gate`], which its supervisor opens once the process accepts connections
+//! and closes when it exits. The gate and the active check are ANDed: a
+//! passing check cannot bring up a process that is not running, and an open
+//! gate does not overrule a failing check.
 
 pub mod active;
 pub mod outlier;
 pub mod threshold;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 pub use active::{probe, Failure, ProbeResult, ProbeSpec, Target};
@@ -20,6 +26,27 @@ pub use outlier::{Policy, Verdict};
 pub use threshold::Threshold;
 
 use outlier::Outlier;
+
+/// Whether the process behind a backend accepts connections, as the one
+/// who runs it sees it. Closed until it is opened.
+#[derive(Debug, Default)]
+pub struct Gate(AtomicBool);
+
+impl Gate {
+    /// The process accepts connections; true if the gate was closed.
+    pub fn open(&self) -> bool {
+        !self.0.swap(true, Ordering::Release)
+    }
+
+    /// The process is gone (or not started yet); true if the gate was open.
+    pub fn close(&self) -> bool {
+        self.0.swap(false, Ordering::Release)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// One backend's health.
 #[derive(Debug)]
@@ -35,8 +62,12 @@ pub struct Health {
     /// Consecutive gateway failures; a success resets it without a lock.
     failure_run: AtomicU32,
     epoch: Instant,
+    /// Times this backend was ejected (for `/status`).
+    ejections: AtomicU32,
     /// The last active check: when, and why it failed (`None`: it passed).
     last_check: Mutex<Option<(std::time::SystemTime, Option<String>)>>,
+    /// The process's gate, for a backend that is a process Usher runs.
+    gate: OnceLock<Arc<Gate>>,
 }
 
 impl Default for Health {
@@ -49,13 +80,29 @@ impl Default for Health {
             failure_run: AtomicU32::new(0),
             epoch: Instant::now(),
             last_check: Mutex::new(None),
+            ejections: AtomicU32::new(0),
+            gate: OnceLock::new(),
         }
     }
 }
 
 impl Health {
+    /// The active check's verdict (see [`Health::is_accepting`] for the
+    /// process's own state).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Makes this backend follow `gate`: down while it is closed. Set once,
+    /// when the backend is created; a later call keeps the first gate.
+    pub fn follow(&self, gate: Arc<Gate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// False while the backend's process does not accept connections yet
+    /// (or has exited); always true for a backend Usher does not run.
+    pub fn is_accepting(&self) -> bool {
+        self.gate.get().is_none_or(|g| g.is_open())
     }
 
     /// Sets the active verdict; true if it changed.
@@ -89,20 +136,25 @@ impl Health {
 
     /// May the backend take new requests?
     pub fn is_available(&self, now: Instant) -> bool {
-        self.is_up() && !self.is_draining() && !self.is_ejected(now)
+        self.is_up() && self.is_accepting() && !self.is_draining() && !self.is_ejected(now)
     }
 
     /// The state as `/status` spells it.
     pub fn state(&self, now: Instant) -> &'static str {
         if self.is_draining() {
             "draining"
-        } else if !self.is_up() {
+        } else if !self.is_up() || !self.is_accepting() {
             "down"
         } else if self.is_ejected(now) {
             "ejected"
         } else {
             "up"
         }
+    }
+
+    /// Times this backend was ejected.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     /// Records an active check's outcome (`failure`: why it failed).
@@ -137,6 +189,7 @@ impl Health {
         let verdict = o.on_failure(run, unreachable, policy, may_eject, now);
         if let Verdict::Ejected(_) = verdict {
             self.failure_run.store(0, Ordering::Relaxed);
+            self.ejections.fetch_add(1, Ordering::Relaxed);
             self.mirror(&o);
         }
         verdict
@@ -176,4 +229,41 @@ pub fn note_failure<'a>(
     }
     let may = outlier::may_eject(ejected, total, policy.max_ejected_percent);
     target.record_failure(unreachable, policy, may, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_behind_a_closed_gate_is_down_whatever_the_check_says() {
+        let now = Instant::now();
+        let h = Health::default();
+        let gate = Arc::new(Gate::default());
+        h.follow(gate.clone());
+        assert!(h.is_up(), "the active verdict starts up");
+        assert!(!h.is_available(now));
+        assert_eq!(h.state(now), "down");
+
+        assert!(gate.open());
+        assert!(!gate.open(), "opening an open gate changes nothing");
+        assert!(h.is_available(now));
+        assert_eq!(h.state(now), "up");
+
+        // A failing check still takes it down with the gate open.
+        h.set_up(false);
+        assert!(!h.is_available(now));
+        h.set_up(true);
+
+        assert!(gate.close());
+        assert!(!h.is_available(now));
+        assert_eq!(h.state(now), "down");
+    }
+
+    #[test]
+    fn a_backend_without_a_gate_is_accepting() {
+        let h = Health::default();
+        assert!(h.is_accepting());
+        assert!(h.is_available(Instant::now()));
+    }
 }
