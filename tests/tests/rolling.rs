@@ -43,9 +43,17 @@ fn backends(usher: &Usher) -> Vec<(String, u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changed_fleet_command_rolls_with_zero_failed_requests() {
     let usher = Usher::start_ready(&config(2));
+    // Ready means one backend is up; the fleet starts in the background, so
+    // wait for both (each at its reported 2 threads).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let b = backends(&usher);
+            b.len() == 2 && b.iter().all(|b| b.1 == 2 && b.2 == "up")
+        }),
+        "both fleet processes up: {:?}",
+        backends(&usher)
+    );
     let before = backends(&usher);
-    assert_eq!(before.len(), 2);
-    assert!(before.iter().all(|b| b.1 == 2), "{before:?}");
     let old_addrs: Vec<String> = before.iter().map(|b| b.0.clone()).collect();
 
     // Some slow requests, so old processes have work in flight when drained.

@@ -214,7 +214,12 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
     let mut thresholds: std::collections::HashMap<String, Threshold> = Default::default();
     let mut reasons: std::collections::HashMap<String, Option<String>> = Default::default();
     loop {
-        let targets = (c.targets)();
+        // A fleet process that does not accept connections yet is the
+        // fleet's to watch: probing it would only log refusals at each start.
+        let targets: Vec<_> = (c.targets)()
+            .into_iter()
+            .filter(|t| t.health().is_accepting())
+            .collect();
         let mut set = tokio::task::JoinSet::new();
         for t in &targets {
             let (client, t, spec, timeout) =
