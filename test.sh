@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(nginx-light haproxy prometheus wrk nghttp2-client curl openssl dnsmasq-base kubectl)
+APT_PACKAGES=(nginx-light haproxy prometheus wrk nghttp2-client curl openssl dnsmasq-base kubectl chromium)
 PIP_PACKAGES=(waitress gunicorn gevent django kubernetes-validate)
 
 missing=()
