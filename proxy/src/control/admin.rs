@@ -135,6 +135,14 @@ impl Admin {
                         "weight": b.weight(),
                         "upgraded": b.upgraded(),
                         "ejections": b.health.ejections(),
+                        "fleet": state.gates.find(b.addr).map(|g| {
+                            let p = g.process();
+                            serde_json::json!({
+                                "pid": p.pid,
+                                "restarts": p.restarts,
+                                "uptime_s": p.started.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+                            })
+                        }),
                         "check": b.health.last_check().map(|(at, failure)| serde_json::json!({
                             "at_unix_ms": at
                                 .duration_since(std::time::UNIX_EPOCH)

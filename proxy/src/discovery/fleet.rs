@@ -581,6 +581,7 @@ impl Supervisor {
                 }
             };
             let pid = child.id();
+            self.gate.started(pid);
             tracing::info!(upstream = %self.upstream, addr = %self.addr, pid, "fleet process started");
             first_try_done();
             let started = Instant::now();
@@ -605,6 +606,7 @@ impl Supervisor {
                 tracing::warn!(upstream = %self.upstream, addr = %self.addr, pid, %status, retry_in = ?wait, "fleet process exited before it accepted connections; restarting");
             }
             self.sup.restarts.inc();
+            self.gate.restarted();
             if !pause(&stop, wait).await {
                 return;
             }

@@ -28,11 +28,38 @@ pub use threshold::Threshold;
 use outlier::Outlier;
 
 /// Whether the process behind a backend accepts connections, as the one
-/// who runs it sees it. Closed until it is opened.
+/// who runs it sees it. Closed until it is opened. It also carries the
+/// process's vital signs for `/status`: pid, restarts, when it started.
 #[derive(Debug, Default)]
-pub struct Gate(AtomicBool);
+pub struct Gate(AtomicBool, Mutex<ProcessInfo>);
+
+/// A fleet process as `/status` shows it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessInfo {
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub started: Option<std::time::SystemTime>,
+}
 
 impl Gate {
+    /// A new process `pid` runs behind the gate.
+    pub fn started(&self, pid: Option<u32>) {
+        let mut i = self.1.lock().unwrap();
+        i.pid = pid;
+        i.started = Some(std::time::SystemTime::now());
+    }
+
+    /// The process exited and will be restarted.
+    pub fn restarted(&self) {
+        let mut i = self.1.lock().unwrap();
+        i.restarts += 1;
+        i.pid = None;
+    }
+
+    pub fn process(&self) -> ProcessInfo {
+        *self.1.lock().unwrap()
+    }
+
     /// The process accepts connections; true if the gate was closed.
     pub fn open(&self) -> bool {
         !self.0.swap(true, Ordering::Release)
