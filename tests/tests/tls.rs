@@ -450,7 +450,11 @@ async fn upstream_tls_with_ca_and_h2_and_h2c_backends() {
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     // The client reads a generic reason; why the handshake failed is in
     // Usher's log for the operator.
-    assert!(r.text().contains("upstream app unavailable"), "{}", r.text());
+    assert!(
+        r.text().contains("upstream app unavailable"),
+        "{}",
+        r.text()
+    );
     assert!(
         wrong
             .proc

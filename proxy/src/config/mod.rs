@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 mod locate;
 mod schema;
-mod upstream;
 mod units;
+mod upstream;
 mod validate;
 
 pub use schema::*;
