@@ -261,7 +261,7 @@ impl Metrics {
         for reason in ["full", "timeout"] {
             self.queue_rejections.with_label_values(&[upstream, reason]);
         }
-        for reason in ["connect", "stale", "error", "status"] {
+        for reason in ["connect", "error"] {
             self.retries.with_label_values(&[upstream, reason]);
         }
     }
