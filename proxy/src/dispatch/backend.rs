@@ -147,7 +147,10 @@ impl Backend {
     /// True the first time it is called for a backend whose `auto` capacity
     /// fell back to `default_capacity`: that is said once per backend.
     pub fn first_default_fallback(&self) -> bool {
-        self.capacity_source() == CapacitySource::Default
+        // Read first: this runs on every response without a load report,
+        // and a write each time would bounce the cache line between cores.
+        !self.warned_default.load(Ordering::Relaxed)
+            && self.capacity_source() == CapacitySource::Default
             && !self.warned_default.swap(true, Ordering::Relaxed)
     }
 

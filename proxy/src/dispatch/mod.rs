@@ -411,9 +411,9 @@ impl Dispatcher {
         self.changed.notify_one();
     }
 
-    /// A deadline at `_at` (an ejection's end) may let queued requests
-    /// through: the waker recomputes its next wake.
-    pub fn wake_at(&self, _at: Instant) {
+    /// Something that moves a capacity deadline happened (an ejection):
+    /// the waker recomputes when it next has to look.
+    pub fn wake(&self) {
         self.changed.notify_one();
     }
 

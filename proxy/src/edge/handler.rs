@@ -126,7 +126,7 @@ pub async fn handle(
                         backend: None,
                         queue_wait: Duration::ZERO,
                     }),
-                    Ok((head, body)) => upstream.forward(head, body).await,
+                    Ok((head, body, read_at)) => upstream.forward(head, body, read_at).await,
                 }
             }
         }
@@ -235,7 +235,7 @@ async fn read_request(
     ctx: &ConnCtx,
     host: Option<&str>,
     request_id: &HeaderValue,
-) -> Result<(http::request::Parts, Bytes), Error> {
+) -> Result<(http::request::Parts, Bytes, std::time::SystemTime), Error> {
     headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
     let limit = state.config.limits.max_request_body.0;
     let declared = req
@@ -282,15 +282,14 @@ async fn read_request(
         }
     }
 
-    head.extensions
-        .insert(crate::upstream::stamp::ReadAt(std::time::SystemTime::now()));
+    let read_at = std::time::SystemTime::now();
     let h = &mut head.headers;
     headers::strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     let proto = if ctx.tls { "https" } else { "http" };
     headers::set_upstream_identity(h, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;
-    Ok((head, buf.freeze()))
+    Ok((head, buf.freeze(), read_at))
 }
 
 /// `308` to the same host (without its port) and path on `https://`.

@@ -124,6 +124,8 @@ struct Buffered {
     up: Arc<Upstream>,
     head: Arc<http::request::Parts>,
     body: Bytes,
+    /// When Usher finished reading the request (`X-Request-Start`).
+    read_at: std::time::SystemTime,
 }
 
 impl Exchange for Buffered {
@@ -147,7 +149,8 @@ impl Exchange for Buffered {
         // (While queued, a vanished client just leaves.)
         let exchange = tokio::spawn({
             let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
-            async move { up.send(&head, body, admitted.slot, admitted.waited).await }
+            let stamp = (self.read_at, admitted.waited);
+            async move { up.send(&head, body, admitted.slot, stamp).await }
         });
         exchange.await.unwrap_or_else(|e| {
             Attempt::Sent(Error::Upstream {
@@ -165,12 +168,14 @@ impl Upstream {
         self: &Arc<Self>,
         head: http::request::Parts,
         body: Bytes,
+        read_at: std::time::SystemTime,
     ) -> Result<Forwarded, Failed> {
         let method = head.method.clone();
         let mut exchange = Buffered {
             up: self.clone(),
             head: Arc::new(head),
             body,
+            read_at,
         };
         self.with_retries(&method, &mut exchange)
             .await
@@ -256,7 +261,7 @@ impl Upstream {
         head: &http::request::Parts,
         body: Bytes,
         slot: Slot,
-        queued: Duration,
+        (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
@@ -266,9 +271,7 @@ impl Upstream {
             Err(e) => return Attempt::NotSent(e),
         };
         if self.cfg.request_start_header {
-            if let Some(read) = head.extensions.get::<stamp::ReadAt>() {
-                stamp::stamp_request_start(req.headers_mut(), read.0, queued);
-            }
+            stamp::stamp_request_start(req.headers_mut(), read_at, queued);
         }
         let timeout = self.cfg.timeouts.response.0;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -462,7 +465,8 @@ impl Upstream {
         );
         if let Verdict::Ejected(d) = verdict {
             backend.start_slow_after(d);
-            self.dispatcher.wake_at(now + d);
+            // The ejection ends at `now + d`: the waker sleeps until then.
+            self.dispatcher.wake();
             tracing::warn!(upstream = %self.name, backend = %backend.key, ejected_for = ?d, "backend ejected after failures");
             self.metrics
                 .backend_ejections

@@ -7,11 +7,6 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 pub static X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
 pub static X_USHER_QUEUE_MS: HeaderName = HeaderName::from_static("x-usher-queue-ms");
 
-/// When Usher finished reading a request (kept in the request's extensions
-/// until it is forwarded).
-#[derive(Debug, Clone, Copy)]
-pub struct ReadAt(pub std::time::SystemTime);
-
 /// Sets `X-Request-Start` to `at` in integer milliseconds since the epoch
 /// (13 digits, Heroku's form, which New Relic, Scout, Judoscale and HireFire
 /// all read), replacing whatever the client sent, and `X-Usher-Queue-Ms` to
