@@ -270,7 +270,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     let reloader = Arc::new(Reloader {
         path,
         last: Default::default(),
-        last_result: Default::default(),
         state: state.clone(),
         metrics: metrics.clone(),
         fleet: Arc::new(std::sync::Mutex::new(fleet_addrs)),

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::state::State;
 use crate::observe::metrics::Metrics;
+use crate::observe::unix_ms;
 use crate::upstream::{text, ProxyBody};
 
 pub struct Admin {
@@ -144,9 +145,7 @@ impl Admin {
                             })
                         }),
                         "check": b.health.last_check().map(|(at, failure)| serde_json::json!({
-                            "at_unix_ms": at
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_millis() as u64),
+                            "at_unix_ms": unix_ms(at),
                             "ok": failure.is_none(),
                             "reason": failure,
                         })),
@@ -167,23 +166,13 @@ impl Admin {
                 }),
             );
         }
-        let unix_ms = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
-        };
-        let reload = self
-            .reloader
-            .last_result
-            .lock()
-            .unwrap()
-            .clone()
-            .map(|(at, r)| {
-                serde_json::json!({
-                    "at_unix_ms": unix_ms(at),
-                    "ok": r.is_ok(),
-                    "detail": match r { Ok(s) | Err(s) => s },
-                })
-            });
+        let reload = self.reloader.last.lock().unwrap().clone().map(|last| {
+            serde_json::json!({
+                "at_unix_ms": unix_ms(last.at),
+                "ok": last.outcome.is_ok(),
+                "detail": match last.outcome { Ok(s) | Err(s) => s },
+            })
+        });
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),

@@ -23,13 +23,9 @@ use crate::observe::metrics::Metrics;
 
 pub struct Reloader {
     pub path: Option<PathBuf>,
-    /// The file's content at the last reload attempt, and its outcome: a
-    /// trigger that finds the same bytes (an edit is seen by the file watch
-    /// *and* followed by a SIGHUP) answers that outcome again instead of
-    /// reloading twice and counting one bad edit as two failures.
-    pub last: std::sync::Mutex<Option<(u64, Result<String, String>)>>,
-    /// When the last reload ran and how it went (for `/status`).
-    pub last_result: std::sync::Mutex<Option<(SystemTime, Result<String, String>)>>,
+    /// The last reload attempt (for `/status`, and so that a trigger that
+    /// finds the same bytes answers its outcome again).
+    pub last: std::sync::Mutex<Option<LastReload>>,
     pub state: Arc<ArcSwap<State>>,
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<std::sync::Mutex<FleetAddrs>>,
@@ -39,6 +35,19 @@ pub struct Reloader {
     pub access_log: crate::observe::access_log::AccessLog,
     /// TLS listeners: their certificates are re-read on every reload.
     pub tls: Arc<crate::tls::TlsSet>,
+}
+
+/// One reload attempt.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    pub at: SystemTime,
+    /// A hash of the file's bytes. A trigger that finds the same bytes (an
+    /// edit is seen by the file watch *and* followed by a SIGHUP) answers
+    /// `outcome` again instead of reloading twice and counting one bad edit
+    /// as two failures.
+    content: Option<u64>,
+    /// The summary of what changed, or the errors.
+    pub outcome: Result<String, String>,
 }
 
 fn listener_addrs(c: &Config) -> Vec<(String, String)> {
@@ -71,13 +80,13 @@ impl Reloader {
                 bytes.hash(&mut h);
                 h.finish()
             });
-        if let (Some(hash), Some((last, outcome))) = (content, &*self.last.lock().unwrap()) {
-            if hash == *last {
+        if let Some(last) = &*self.last.lock().unwrap() {
+            if content.is_some() && content == last.content {
                 tracing::info!("configuration file unchanged since the last reload; nothing to do");
                 // The same outcome as when this content was loaded (by the
                 // file watch, usually, a moment before a SIGHUP or `usher
                 // reload`), not a second reload.
-                return outcome.clone();
+                return last.outcome.clone();
             }
         }
         let result = self.try_reload();
@@ -92,10 +101,11 @@ impl Reloader {
                 tracing::error!(error = %e.replace('\n', "; "), "configuration reload failed; keeping the running configuration")
             }
         }
-        if let Some(hash) = content {
-            *self.last.lock().unwrap() = Some((hash, result.clone()));
-        }
-        *self.last_result.lock().unwrap() = Some((SystemTime::now(), result.clone()));
+        *self.last.lock().unwrap() = Some(LastReload {
+            at: SystemTime::now(),
+            content,
+            outcome: result.clone(),
+        });
         result
     }
 

@@ -29,10 +29,10 @@ use serde_json::Value;
 
 /// Renders the page from the `/status` document.
 pub fn render(status: &Value) -> String {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    render_at(status, now_ms)
+    render_at(
+        status,
+        crate::observe::unix_ms(std::time::SystemTime::now()),
+    )
 }
 
 /// The states a backend can be in, in the order the summary counts them.

@@ -16,10 +16,10 @@ pub fn stamp_request_start(
     at: std::time::SystemTime,
     queued: std::time::Duration,
 ) {
-    let ms = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    h.insert(X_REQUEST_START.clone(), HeaderValue::from(ms));
+    h.insert(
+        X_REQUEST_START.clone(),
+        HeaderValue::from(crate::observe::unix_ms(at)),
+    );
     h.insert(
         X_USHER_QUEUE_MS.clone(),
         HeaderValue::from(queued.as_millis() as u64),
