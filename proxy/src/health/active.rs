@@ -105,11 +105,10 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// How to probe: the check's path, Host, headers and accepted codes.
+/// How to probe: the check's path, Host, headers and accepted codes (the
+/// headers parsed once).
 #[derive(Debug, Clone)]
 pub struct ProbeSpec {
-    pub path: String,
-    pub host: Option<String>,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub cfg: HealthCheckConfig,
 }
@@ -117,8 +116,6 @@ pub struct ProbeSpec {
 impl ProbeSpec {
     pub fn new(cfg: &HealthCheckConfig) -> Self {
         ProbeSpec {
-            path: cfg.path.clone(),
-            host: cfg.host.clone(),
             headers: cfg
                 .headers
                 .iter()
@@ -150,12 +147,12 @@ pub async fn probe(
         threads: None,
         failure: Some(f),
     };
-    let uri = format!("http://{addr}{}", spec.path);
+    let uri = format!("http://{addr}{}", spec.cfg.path);
     let mut req = Request::get(uri).header(
         http::header::USER_AGENT,
         concat!("usher-health/", env!("CARGO_PKG_VERSION")),
     );
-    if let Some(host) = &spec.host {
+    if let Some(host) = &spec.cfg.host {
         req = req.header(http::header::HOST, host.as_str());
     }
     for (k, v) in &spec.headers {
