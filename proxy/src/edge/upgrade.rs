@@ -245,7 +245,7 @@ impl crate::upstream::Exchange for Upgrade {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".to_string(),
         };
-        count(up, &backend, "connect_error");
+        up.count(&backend, "connect_error");
         up.note_failure(&backend, true);
         tracing::debug!(upstream = %up.name, backend = %backend.key, %reason, "upgrade: connect failed");
         Attempt::NotSent(Error::Connect {
@@ -253,13 +253,6 @@ impl crate::upstream::Exchange for Upgrade {
             reason,
         })
     }
-}
-
-fn count(up: &Upstream, backend: &Backend, code: &str) {
-    up.metrics
-        .backend_requests
-        .with_label_values(&[&up.name, &backend.key, code])
-        .inc();
 }
 
 /// Rewrites the head for the backend like any request (forwarded headers,
@@ -444,27 +437,27 @@ async fn exchange(
     let req = Request::from_parts(head, Full::new(Bytes::new()));
     let mut resp = match tokio::time::timeout_at(deadline, sender.send_request(req)).await {
         Err(_) => {
-            count(up, &backend, "timeout");
+            up.count(&backend, "timeout");
             return Err(Error::UpstreamTimeout {
                 backend: backend.key.clone(),
                 timeout,
             });
         }
         Ok(Err(e)) => {
-            count(up, &backend, "error");
+            up.count(&backend, "error");
             return Err(upstream_err(error_chain(&e)));
         }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
-    count(up, &backend, status.as_str());
+    up.count(&backend, status.as_str());
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // An ordinary answer: read it whole, and let the connection go.
         // Framed by Usher like any response (see `upstream::framing`).
         let (mut parts, body) = resp.into_parts();
         crate::upstream::framing::take_response_framing(&method, status, &mut parts.headers)
             .map_err(|reason| {
-                count(up, &backend, "error");
+                up.count(&backend, "error");
                 up.note_failure(&backend, false);
                 upstream_err(reason.to_string())
             })?;

@@ -438,7 +438,9 @@ impl Upstream {
         ))
     }
 
-    fn count(&self, backend: &Backend, code: &str) {
+    /// Counts one answer (or failure) of `backend` in
+    /// `usher_backend_requests_total`, through its cached handles.
+    pub(crate) fn count(&self, backend: &Backend, code: &str) {
         match backend.metrics() {
             Some(m) => m.requests.inc(code),
             None => self
