@@ -2,16 +2,11 @@
 //!
 //! One self-contained document (inline CSS and script, nothing fetched from
 //! elsewhere) so it works through an SSH tunnel or on a host with no internet.
-//! [`render`] draws the first paint from the `/status` JSON, so the page reads
-//! without JavaScript. The script then polls `status` (relative, so the page
-//! also works behind a proxy that mounts it under a path) every 2 s and redraws
-//! the same markup from the JSON, without reloading the page.
-//!
-//! The markup is therefore written twice, here and in [`SCRIPT`], kept
-//! function for function alike (`summary`, `upstream`, `row` and the small
-//! formatters); the end-to-end test (`tests/tests/status_page.rs`) checks that
-//! a browser's redraw says what the server's page says. Stable hooks for tests
-//! and scrapers: `<section data-upstream=NAME>` and
+//! [`render`] draws it from the `/status` JSON, so the page reads without
+//! JavaScript. The script then fetches the page itself again every 2 s
+//! (relative to where it is, so it also works behind a proxy that mounts it
+//! under a path) and moves the new facts into the DOM without reloading: the
+//! markup has one author, `render`. Stable hooks for tests and scrapers: `<section data-upstream=NAME>` and
 //! `<tr data-backend=ADDR data-state=STATE>`.
 //!
 //! Everything that comes from config or state is escaped.
@@ -20,7 +15,7 @@
 //! backends: about 2.5 MB). In the browser, laying out 10,000 rows takes
 //! seconds, too long to repeat every 2 s, so sections off screen are not laid
 //! out (`content-visibility: auto`, sized ahead by their row count), and a
-//! redraw replaces what is inside each section but keeps the sections, and
+//! refresh replaces what is inside each section but keeps the sections, and
 //! with them the sizes the browser remembers.
 
 use std::fmt::Write;
@@ -364,140 +359,49 @@ td.e::before{content:"ejections "}
 </style></head>
 "#;
 
-/// Redraws the page from `/status` every 2 s; mirrors the Rust renderer above.
+/// The refresh: fetch this page again and move its facts into the DOM, so
+/// there is one renderer (`render`, above) and the script only swaps. A
+/// section whose upstream is still there keeps its element (and so the
+/// browser's layout of the sections it is not showing).
 const SCRIPT: &str = r#"
 (() => {
 "use strict";
 const PERIOD = 2000;
-const STATES = ["up", "draining", "ejected", "down"];
-const E = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
-const esc = s => String(s ?? "").replace(/[&<>"']/g, c => E[c]);
-const num = v => (typeof v === "number" && isFinite(v) && v > 0) ? v : 0;
-const str = v => typeof v === "string" ? v : "";
-const obj = v => (v && typeof v === "object" && !Array.isArray(v)) ? v : null;
-const pct = (n, d) => d > 0 ? Math.min(100, Math.floor(n * 100 / d)) : 0;
-const bar = (n, d) => `<span class="bar${d > 0 && n >= d ? " full" : ""}"><i style="width:${pct(n, d)}%"></i></span>`;
-const dur = s => {
-  s = Math.floor(s);
-  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60, x = s % 60;
-  return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : m ? `${m}m ${x}s` : `${x}s`;
-};
-const ago = (now, at) => {
-  const d = Math.max(0, now - at);
-  return d < 60000 ? `${(d / 1000).toFixed(1)}s ago` : `${dur(d / 1000)} ago`;
-};
-const clock = ms => new Date(ms).toISOString().slice(11, 19) + " UTC";
-const waitMs = x => x < 10 ? `${x.toFixed(1)} ms` : x < 1000 ? `${x.toFixed(0)} ms` : `${(x / 1000).toFixed(1)} s`;
-
-function summary(s, now, tally, nUpstreams) {
-  const total = tally.reduce((a, b) => a + b, 0);
-  let out = `<span class=kv>uptime <b>${dur(num(s.uptime_s))}</b></span><span class=kv>${nUpstreams} upstreams · ${total} backends:`;
-  out += STATES.map((st, i) => [st, tally[i]]).filter(([, n]) => n > 0)
-    .map(([st, n]) => ` <b class="st ${st}">${n} ${st}</b>`).join(",");
-  out += "</span>";
-  if (s.draining === true) out += `<span class="kv drain">draining: shutting down</span>`;
-  out += "<span class=kv>last reload ";
-  const r = obj(s.reload);
-  if (!r) return out + "<b>none since start</b></span>";
-  const ok = r.ok === true, at = num(r.at_unix_ms);
-  out += `<b class=${ok ? "ok" : "no"}>${ok ? "ok" : "rejected"}</b> at ${clock(at)} (${ago(now, at)})</span>`;
-  if (str(r.detail)) out += `<pre class=rd>${esc(r.detail)}</pre>`;
-  return out;
-}
-
-// An upstream's section is its tag and what is inside: a redraw keeps the
-// tags (and so the browser's layout of the sections it is not showing) and
-// replaces what is inside.
-const section = (name, rows, inner) => `<section data-upstream="${esc(name)}" style="--rows:${rows}">${inner}</section>`;
-
-function upstream(name, u, now, tally) {
-  const backends = Array.isArray(u.backends) ? u.backends : [];
-  const fleet = backends.some(b => obj(b.fleet));
-  const mine = [0, 0, 0, 0];
-  const rows = backends.map(b => {
-    const i = STATES.indexOf(b.state);
-    if (i >= 0) mine[i]++;
-    return row(b, now, fleet);
-  }).join("");
-  mine.forEach((m, i) => { tally[i] += m; });
-  const q = obj(u.queue) || {};
-  const depth = num(q.depth), max = num(q.max_depth);
-  const inner = `<h2>${esc(name)} <small>${esc(str(u.balance))} · ${esc(str(u.discipline))}</small>`
-    + ` <span class="cnt${mine[0] < backends.length ? " no" : ""}">${mine[0]}/${backends.length} up</span></h2>`
-    + `<div class=q>queue ${bar(depth, max)}${depth}/${max} · recent wait ${waitMs(num(q.recent_wait_ms))}</div>`
-    + `<table><thead><tr><th>backend<th>state<th>in flight<th>last check<th>ejections${fleet ? "<th>process" : ""}</thead>`
-    + `<tbody>${rows}</tbody></table>`;
-  return {rows: backends.length, inner};
-}
-
-function row(b, now, fleet) {
-  const addr = esc(str(b.address)), state = esc(str(b.state));
-  const n = num(b.in_flight), cap = num(b.capacity), weight = num(b.weight), up = num(b.upgraded);
-  let out = `<tr data-backend="${addr}" data-state="${state}"><td class=a>${addr}`;
-  if (weight > 1) out += ` <small>×${weight}</small>`;
-  out += `<td class=s>${state}<td class=f>${bar(n, cap)}${n}/${cap}`;
-  if (up > 0) out += ` · ${up} upgraded`;
-  const c = obj(b.check);
-  if (!c) out += "<td class=c>—";
-  else if (c.ok === true) out += `<td class=c>ok · ${ago(now, num(c.at_unix_ms))}`;
-  else out += `<td class="c no">${esc(typeof c.reason === "string" ? c.reason : "failed")} · ${ago(now, num(c.at_unix_ms))}`;
-  out += `<td class=e>${num(b.ejections)}`;
-  if (fleet) {
-    const f = obj(b.fleet);
-    if (!f) out += "<td class=p>—";
-    else {
-      const restarts = num(f.restarts);
-      out += `<td class=p>pid ${num(f.pid)} · ${restarts} restart${restarts === 1 ? "" : "s"} · up ${dur(num(f.uptime_s))}`;
-    }
-  }
-  return out + "</tr>";
-}
-
-function draw(s, now) {
-  const ups = obj(s.upstreams) || {};
-  const names = Object.keys(ups).sort();
-  const tally = [0, 0, 0, 0];
-  const drawn = names.map(name => upstream(name, obj(ups[name]) || {}, now, tally));
-  document.getElementById("top").innerHTML = summary(s, now, tally, names.length);
+let last = 0;
+function swap(doc) {
+  document.getElementById("top").innerHTML = doc.getElementById("top").innerHTML;
   const main = document.getElementById("ups"), shown = main.children;
-  if (shown.length === names.length && names.every((n, i) => shown[i].dataset.upstream === n)) {
-    drawn.forEach(({rows, inner}, i) => {
-      shown[i].style.setProperty("--rows", rows);
-      shown[i].innerHTML = inner;
+  const fresh = Array.from(doc.getElementById("ups").children);
+  if (shown.length === fresh.length && fresh.every((f, i) => shown[i].dataset.upstream === f.dataset.upstream)) {
+    fresh.forEach((f, i) => {
+      shown[i].style.cssText = f.style.cssText;
+      shown[i].innerHTML = f.innerHTML;
     });
   } else {
-    // Upstreams came or went (a reload): draw them all anew.
-    main.innerHTML = drawn.map(({rows, inner}, i) => section(names[i], rows, inner)).join("");
+    // Upstreams came or went (a reload): take them all.
+    main.replaceChildren(...fresh);
   }
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }
-
-// Ages are measured against the server's clock: the browser's may be off
-// (a page seen through a tunnel). The Date header has 1 s resolution, so it
-// is used only when the clocks differ by more than that.
-function serverNow(resp) {
-  const local = Date.now(), server = Date.parse(resp.headers.get("date") || "");
-  return isFinite(server) && Math.abs(server - local) > 2000 ? server : local;
-}
-
-let last = 0;
 function tick() {
   if (document.hidden) { setTimeout(tick, PERIOD); return; }
   const conn = document.getElementById("conn");
-  fetch("status", {cache: "no-store"})
+  fetch(location.pathname, {cache: "no-store"})
     .then(resp => {
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-      const now = serverNow(resp);
-      return resp.json().then(s => {
-        draw(s, now);
-        last = Date.now();
-        conn.className = "";
-        conn.textContent = `live · updated ${clock(now)} · every ${PERIOD / 1000} s`;
-      });
+      return resp.text();
+    })
+    .then(html => {
+      const doc = new DOMParser().parseFromString(html, "text/html");
+      swap(doc);
+      last = Date.now();
+      conn.className = "";
+      conn.textContent = `live · updated ${doc.getElementById("conn").textContent.replace("snapshot at ", "")} · every ${PERIOD / 1000} s`;
     })
     .catch(e => {
       conn.className = "no";
-      conn.textContent = `cannot reach /status (${e.message})` + (last ? ` · showing data from ${dur((Date.now() - last) / 1000)} ago` : "");
+      const ago = last ? ` · showing data from ${Math.round((Date.now() - last) / 1000)} s ago` : "";
+      conn.textContent = `cannot reach the status page (${e.message})${ago}`;
     })
     .finally(() => setTimeout(tick, PERIOD));
 }
