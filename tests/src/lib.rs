@@ -8,7 +8,7 @@
 //!   output captured and printed if the test fails);
 //! - waiting on conditions instead of sleeping: [`wait_until`], [`wait_until_async`],
 //!   [`wait_for_port`], [`Proc::wait_for_output`];
-//! - starting a worker: [`spawn_worker`];
+//! - starting a worker: [`spawn_worker`]; a Python server: [`spawn_python`];
 //! - HTTP: an async [`Client`] (HTTP/1.1 or h2c) with the shorthands [`get`] and
 //!   [`request`], and a dependency-free [`blocking`] client usable anywhere, also
 //!   inside an async test;
@@ -23,7 +23,8 @@
 //! - [`edge`]: test certificates, rustls clients and a recording backend that
 //!   speaks WebSocket, for the TLS, HTTP/2 and WebSocket tests;
 //! - [`deploy`]: reading `deploy/` (dashboards, rules, PromQL) and running a
-//!   real Prometheus against it.
+//!   real Prometheus against it;
+//! - [`dns`]: a real DNS server (dnsmasq) for the DNS-discovery tests.
 //!
 //! Every network call has a timeout ([`HTTP_TIMEOUT`]), so a broken server fails a
 //! test instead of hanging it. Everything binds `127.0.0.1`, on port 0 or a
@@ -317,6 +318,68 @@ where
     (proc, addr)
 }
 
+/// A Python server process (waitress, gunicorn, ...) started by [`spawn_python`].
+/// Dropping it sends SIGTERM and waits for a clean exit (gunicorn then stops
+/// its workers), before [`Proc`]'s SIGKILL.
+pub struct PyServer {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        if self.proc.wait_exit(Duration::ZERO).is_none() {
+            // Not `Proc::term`: a panic here, while a failed test unwinds, would abort.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.proc.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            self.proc.wait_exit(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Starts the Python server `cmd` in `dir` (it listens on 127.0.0.1:0), reads
+/// its address from the first log line containing `marker` followed by
+/// `http://ADDR`, and waits until `ready(addr)`.
+pub fn spawn_python(
+    mut cmd: Command,
+    dir: &Path,
+    marker: &str,
+    ready: impl Fn(SocketAddr) -> bool,
+) -> PyServer {
+    cmd.current_dir(dir)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let proc = Proc::spawn(cmd);
+    let line = proc
+        .wait_for_output(marker, START_TIMEOUT)
+        .unwrap_or_else(|| {
+            panic!(
+                "server did not log {marker:?} in {START_TIMEOUT:?}:\n{}",
+                proc.output()
+            )
+        });
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no address in start line {line:?}"));
+    assert!(
+        wait_until(START_TIMEOUT, || ready(addr)),
+        "{addr} did not become ready:\n{}",
+        proc.output()
+    );
+    PyServer { proc, addr }
+}
+
+/// Whether `GET http://{addr}/healthz` answers 200: the usual `ready` for
+/// [`spawn_python`].
+pub fn healthz_ok(addr: SocketAddr) -> bool {
+    blocking::get(&url(addr, "/healthz")).is_ok_and(|r| r.status == StatusCode::OK)
+}
+
 /// `http://{addr}{path}`.
 pub fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")
@@ -601,6 +664,7 @@ pub mod blocking {
     }
 }
 pub mod deploy;
+pub mod dns;
 pub mod edge;
 pub mod load;
 pub mod raw;

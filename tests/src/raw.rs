@@ -90,7 +90,7 @@ pub struct RawResponse {
     pub status: u16,
     /// The head as received, status line to the blank line.
     pub head: String,
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// The body, de-chunked; empty when read with [`RawClient::response_digest`].
     pub body: Vec<u8>,
     /// Digest of the (de-chunked) body bytes read.
@@ -100,10 +100,7 @@ pub struct RawResponse {
 impl RawResponse {
     /// The first value of header `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        first_header(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
@@ -500,6 +497,14 @@ pub fn describe(e: &NoResponse) -> String {
 
 type Headers = Vec<(String, String)>;
 
+/// The first value of header `name` (any case) in `headers`.
+fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Result<Headers, String> {
     lines
         .filter(|l| !l.is_empty())
@@ -542,10 +547,7 @@ pub struct SeenRequest {
 impl SeenRequest {
     /// The first value of header `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        first_header(&self.headers, name)
     }
 
     /// How many times header `name` appears.

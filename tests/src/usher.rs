@@ -6,6 +6,7 @@
 //! YAML where the addresses go; [`Config`] does.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -300,6 +301,23 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Runs `usher check ARGS`, asserts that it rejects the config (exit 1), and
+/// returns its stderr.
+pub fn check_rejects<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new(bin_path("usher"))
+        .arg("check")
+        .args(args)
+        .output()
+        .expect("run usher check");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "usher check: {stderr}");
+    stderr
 }
 
 /// Waits up to `timeout` for the process to have exited.

@@ -1743,30 +1743,7 @@ fn start_dnsmasq(dir: &Path, ip: std::net::IpAddr) -> (usher_e2e::Proc, SocketAd
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, format!("{ip} {DNS_NAME}\n")).unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], usher_e2e::free_port()));
-    let mut cmd = Command::new("dnsmasq");
-    cmd.args([
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--local-ttl=0",
-        "--no-negcache",
-        "--user=root",
-        "--log-facility=-",
-    ])
-    .arg(format!("--port={}", addr.port()))
-    .arg(format!("--addn-hosts={}", hosts.display()))
-    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
-    let dnsmasq = usher_e2e::Proc::spawn(cmd);
-    assert!(
-        dnsmasq
-            .wait_for_output("started", Duration::from_secs(10))
-            .is_some(),
-        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
-        dnsmasq.output()
-    );
+    let dnsmasq = usher_e2e::dns::start_dnsmasq(dir, addr.port());
     (dnsmasq, addr)
 }
 

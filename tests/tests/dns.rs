@@ -6,9 +6,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use usher_e2e::dns::start_dnsmasq;
 use usher_e2e::load::SteadyLoad;
 use usher_e2e::usher::{TempDir, Usher};
 use usher_e2e::{blocking, free_port, wait_until, Proc};
@@ -22,27 +22,6 @@ fn write_hosts(path: &Path, ips: &[&str]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn start_dnsmasq(dir: &Path, port: u16) -> Proc {
-    let hosts = dir.join("hosts");
-    let mut cmd = Command::new("dnsmasq");
-    cmd.args([
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--local-ttl=0",
-        "--no-negcache",
-        "--user=root",
-        "--log-facility=-",
-    ])
-    .arg(format!("--port={port}"))
-    .arg(format!("--addn-hosts={}", hosts.display()))
-    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
-    Proc::spawn(cmd)
 }
 
 fn backend_addrs(usher: &Usher) -> Vec<String> {
@@ -86,13 +65,6 @@ async fn dns_discovery_follows_the_name_with_zero_failed_requests() {
     write_hosts(&dir.0.join("hosts"), &ips[..2]);
     let dns_port = free_port();
     let mut dnsmasq = start_dnsmasq(&dir.0, dns_port);
-    assert!(
-        dnsmasq
-            .wait_for_output("started", Duration::from_secs(10))
-            .is_some(),
-        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
-        dnsmasq.output()
-    );
 
     let usher = Usher::start_ready(&format!(
         r#"
@@ -168,14 +140,7 @@ async fn a_name_too_large_for_udp_comes_back_whole_with_its_ipv6_pods() {
         .collect();
     std::fs::write(dir.0.join("hosts"), text).unwrap();
     let dns_port = free_port();
-    let dnsmasq = start_dnsmasq(&dir.0, dns_port);
-    assert!(
-        dnsmasq
-            .wait_for_output("started", Duration::from_secs(10))
-            .is_some(),
-        "dnsmasq (Debian package dnsmasq-base) must be installed and start:\n{}",
-        dnsmasq.output()
-    );
+    let _dnsmasq = start_dnsmasq(&dir.0, dns_port);
 
     let port = free_port();
     let usher = Usher::start_ready(&format!(

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use usher_e2e::usher::{concrete, pid_gone, Config, TempDir, Usher};
+use usher_e2e::usher::{check_rejects, concrete, pid_gone, Config, TempDir, Usher};
 use usher_e2e::{bin_path, blocking, wait_until, Proc};
 
 /// An upstream `app` run as a fleet of `processes` of `command` (a YAML
@@ -55,6 +55,22 @@ fn status(url: &str) -> Result<StatusCode, String> {
 
 fn readyz(usher: &Usher) -> Result<StatusCode, String> {
     status(&usher.admin_url("/readyz"))
+}
+
+/// Sends SIGTERM to Usher, asserts that it exits 0, and returns how long
+/// that took.
+fn term_exits_zero(proc: &mut Proc) -> Duration {
+    let sent = Instant::now();
+    proc.term();
+    let exit = proc.wait_exit(Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(0),
+        "usher did not exit 0 after SIGTERM:\n{}",
+        proc.output()
+    );
+    took
 }
 
 /// Every process whose process group is `leader` (a fleet process leads
@@ -235,13 +251,7 @@ fn usher_check_and_reload_refuse_a_fleet_command_that_does_not_exist() {
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, concrete(&bad)).unwrap();
 
-    let out = Command::new(bin_path("usher"))
-        .arg("check")
-        .arg(&file)
-        .output()
-        .expect("run usher check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "usher check: {stderr}");
+    let stderr = check_rejects([&file]);
     let expected = format!("{}:{line}:", file.display());
     assert!(
         stderr.lines().any(|l| l.contains(&expected)
@@ -299,16 +309,7 @@ fn a_command_that_exits_at_once_leaves_usher_answering_and_stoppable() {
         .expect("GET through usher");
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
 
-    let sent = Instant::now();
-    proc.term();
-    let exit = proc.wait_exit(Duration::from_secs(10));
-    let took = sent.elapsed();
-    assert_eq!(
-        exit.and_then(|s| s.code()),
-        Some(0),
-        "usher did not exit 0 after SIGTERM:\n{}",
-        proc.output()
-    );
+    let took = term_exits_zero(&mut proc);
     assert!(
         took < Duration::from_secs(2),
         "SIGTERM took {took:?} to stop usher"
@@ -475,16 +476,7 @@ fn sigterm_while_the_fleet_is_still_starting_stops_usher_at_once() {
         Ok(StatusCode::SERVICE_UNAVAILABLE)
     );
 
-    let sent = Instant::now();
-    proc.term();
-    let exit = proc.wait_exit(Duration::from_secs(10));
-    let took = sent.elapsed();
-    assert_eq!(
-        exit.and_then(|s| s.code()),
-        Some(0),
-        "usher did not exit 0 after SIGTERM:\n{}",
-        proc.output()
-    );
+    let took = term_exits_zero(&mut proc);
     assert!(
         took < Duration::from_secs(2),
         "SIGTERM took {took:?} with the fleet still starting"

@@ -28,8 +28,8 @@ use std::time::Duration;
 use http::StatusCode;
 use usher_e2e::usher::{backends, log_field, metric_value, Config, TempDir, Usher};
 use usher_e2e::{
-    bin_path, blocking, free_port, spawn_worker, url, wait_until, Client, Proc, Resp, HTTP_TIMEOUT,
-    START_TIMEOUT,
+    bin_path, blocking, free_port, healthz_ok, spawn_python, spawn_worker, url, wait_until, Client,
+    PyServer, Resp, HTTP_TIMEOUT, START_TIMEOUT,
 };
 
 /// The one Host the Django app allows.
@@ -74,63 +74,12 @@ fn get_with_host(addr: SocketAddr, path: &str, host: &str) -> anyhow::Result<Res
     blocking::parse_response(&raw)
 }
 
-/// A Python server process. Dropping it sends SIGTERM and waits for a clean
-/// exit (gunicorn then stops its workers), before [`Proc`]'s SIGKILL.
-struct PyServer {
-    proc: Proc,
-    addr: SocketAddr,
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        if self.proc.wait_exit(Duration::ZERO).is_none() {
-            self.proc.term();
-            self.proc.wait_exit(Duration::from_secs(10));
-        }
-    }
-}
-
-/// Starts `cmd` in `dir` (it listens on 127.0.0.1:0), reads its address
-/// from the log line containing `marker` followed by `http://ADDR`, and
-/// waits until `ready(addr)`.
-fn start_py(
-    mut cmd: Command,
-    dir: &Path,
-    marker: &str,
-    ready: impl Fn(SocketAddr) -> bool,
-) -> PyServer {
-    cmd.current_dir(dir)
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let proc = Proc::spawn(cmd);
-    let line = proc
-        .wait_for_output(marker, START_TIMEOUT)
-        .unwrap_or_else(|| {
-            panic!(
-                "server did not log {marker:?} in {START_TIMEOUT:?}:\n{}",
-                proc.output()
-            )
-        });
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.trim_end_matches('/').parse().ok())
-        .unwrap_or_else(|| panic!("no address in start line {line:?}"));
-    assert!(
-        wait_until(START_TIMEOUT, || ready(addr)),
-        "{addr} did not become ready:\n{}",
-        proc.output()
-    );
-    PyServer { proc, addr }
-}
-
 /// The one-Host Django app on waitress.
 fn django() -> PyServer {
     require_python_modules("waitress, django");
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "waitress", "--listen=127.0.0.1:0", "app:application"]);
-    start_py(
+    spawn_python(
         cmd,
         &tests_dir().join("apps/django_one_host"),
         "Serving on http://",
@@ -143,9 +92,7 @@ fn django() -> PyServer {
 fn wsgi_app(server_args: &[&str], marker: &str) -> PyServer {
     let mut cmd = Command::new("python3");
     cmd.args(server_args).arg("wsgi_app:app");
-    start_py(cmd, &tests_dir().join("python"), marker, |a| {
-        blocking::get(&url(a, "/healthz")).is_ok_and(|r| r.status == StatusCode::OK)
-    })
+    spawn_python(cmd, &tests_dir().join("python"), marker, healthz_ok)
 }
 
 fn waitress_wsgi_app() -> PyServer {
@@ -182,6 +129,13 @@ fn wait_for_check(u: &Usher, ok: bool) -> serde_json::Value {
     b
 }
 
+/// Usher's log line for the backend's health check turning it down.
+fn wait_for_down_line(u: &Usher) -> String {
+    u.proc
+        .wait_for_output("health check failed: backend is down", START_TIMEOUT)
+        .unwrap_or_else(|| panic!("no state-change line:\n{}", u.proc.output()))
+}
+
 #[test]
 fn health_check_without_host_says_the_app_answered_400() {
     let app = django();
@@ -191,10 +145,7 @@ fn health_check_without_host_says_the_app_answered_400() {
     );
 
     // The log line of the state change carries the reason and the hint.
-    let line = u
-        .proc
-        .wait_for_output("health check failed: backend is down", START_TIMEOUT)
-        .unwrap_or_else(|| panic!("no state-change line:\n{}", u.proc.output()));
+    let line = wait_for_down_line(&u);
     assert!(
         line.contains(&format!("reason={REASON_400}")),
         "state-change line without the reason: {line}"
@@ -269,10 +220,7 @@ fn health_check_expect_200_marks_a_redirect_down() {
         app.addr,
         &format!("    health_check: {{ path: /login, {FAST_CHECK}, host: {SHOP}, expect: [200] }}"),
     );
-    let line = u
-        .proc
-        .wait_for_output("health check failed: backend is down", START_TIMEOUT)
-        .unwrap_or_else(|| panic!("no state-change line:\n{}", u.proc.output()));
+    let line = wait_for_down_line(&u);
     assert!(
         line.contains("reason=answered 302, expected 200 path=/login"),
         "{line}"

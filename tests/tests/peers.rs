@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use usher_e2e::usher::{metric_value, Config, Usher};
-use usher_e2e::{blocking, url, wait_until, Client, Proc, Resp, START_TIMEOUT};
+use usher_e2e::{blocking, healthz_ok, spawn_python, url, Client, PyServer, Resp};
 
 /// The per-backend cap Usher enforces in every test here.
 const CAP: u64 = 2;
@@ -42,64 +42,13 @@ fn require_python_module(module: &str) {
     );
 }
 
-/// A Python server process. Dropping it sends SIGTERM and waits for a clean
-/// exit (gunicorn then stops its workers), before [`Proc`]'s SIGKILL.
-struct PyServer {
-    proc: Proc,
-    addr: SocketAddr,
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        if self.proc.wait_exit(Duration::ZERO).is_none() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.proc.pid() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            self.proc.wait_exit(Duration::from_secs(10));
-        }
-    }
-}
-
-/// Starts `cmd` (which listens on 127.0.0.1:0), reads its address from the
-/// first log line containing `marker` followed by `http://ADDR`, and waits
-/// until its `/healthz` answers 200.
-fn start_py(mut cmd: Command, marker: &str) -> PyServer {
-    cmd.current_dir(python_dir())
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let proc = Proc::spawn(cmd);
-    let line = proc
-        .wait_for_output(marker, START_TIMEOUT)
-        .unwrap_or_else(|| {
-            panic!(
-                "server did not log {marker:?} in {START_TIMEOUT:?}:\n{}",
-                proc.output()
-            )
-        });
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.trim_end_matches('/').parse().ok())
-        .unwrap_or_else(|| panic!("no address in start line {line:?}"));
-    let healthz = url(addr, "/healthz");
-    assert!(
-        wait_until(START_TIMEOUT, || blocking::get(&healthz)
-            .is_ok_and(|r| r.status == StatusCode::OK)),
-        "{addr} did not answer /healthz:\n{}",
-        proc.output()
-    );
-    PyServer { proc, addr }
-}
-
 /// `python3 -m waitress --threads=N` on a free port.
 fn waitress(threads: u32) -> PyServer {
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "waitress", "--listen=127.0.0.1:0"])
         .arg(format!("--threads={threads}"))
         .arg("wsgi_app:app");
-    start_py(cmd, "Serving on http://")
+    spawn_python(cmd, &python_dir(), "Serving on http://", healthz_ok)
 }
 
 /// `gunicorn` with `args` (worker class, threads, workers) on a free port.
@@ -115,7 +64,7 @@ fn gunicorn(args: &[&str]) -> PyServer {
     .args(args)
     .args(["--chdir", python_dir().to_str().expect("utf-8 path")])
     .arg("wsgi_app:app");
-    start_py(cmd, "Listening at: http://")
+    spawn_python(cmd, &python_dir(), "Listening at: http://", healthz_ok)
 }
 
 /// Usher in front of `backends`, each capped at [`CAP`], with a deep, patient queue.

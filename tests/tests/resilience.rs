@@ -23,19 +23,17 @@
 //!
 //! Needs `cargo build --workspace --bins` first.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use nix::sys::signal::Signal;
-use usher_e2e::usher::{concrete, Config, Usher};
-use usher_e2e::{
-    bin_path, blocking, free_port, replace_file, spawn_worker, wait_for_port, Client, Proc,
-};
+use usher_e2e::usher::{check_rejects, concrete, Config, Usher};
+use usher_e2e::{blocking, free_port, replace_file, spawn_worker, wait_for_port, Client, Proc};
 
 /// One test at a time (see the module doc).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -797,14 +795,7 @@ async fn twenty_reloads_under_load_lose_nothing_and_a_broken_file_changes_nothin
         outcomes.len()
     );
 
-    let out = Command::new(bin_path("usher"))
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .expect("run usher check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "usher check: {stderr}");
+    let stderr = check_rejects([OsStr::new("-c"), path.as_os_str()]);
     let at = format!("{}:{bad_line}:", path.display());
     assert!(
         stderr.contains(&at) && stderr.contains("max_dept"),
