@@ -18,6 +18,11 @@ pub fn load(source: &Source) -> Result<Config, Vec<ConfigError>> {
     source.load_checked(check)
 }
 
+/// [`load`] for the text of the file at `path` (already read).
+pub fn load_text(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
+    config::parse_checked(text, &path.display().to_string(), check)
+}
+
 /// [`load`] for a file path.
 pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
     config::load_file_checked(path, check)

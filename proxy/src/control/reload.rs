@@ -70,16 +70,17 @@ impl Reloader {
         // SIGHUP and the file watch may fire together: one reload at a time,
         // so each builds on the state the previous one swapped in.
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let content = self
+        // Read once: the same bytes are hashed and parsed.
+        let text = self
             .path
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|bytes| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                bytes.hash(&mut h);
-                h.finish()
-            });
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        let content = text.as_ref().map(|t| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        });
         if let Some(last) = &*self.last.lock().unwrap() {
             if content.is_some() && content == last.content {
                 tracing::info!("configuration file unchanged since the last reload; nothing to do");
@@ -89,7 +90,7 @@ impl Reloader {
                 return last.outcome.clone();
             }
         }
-        let result = self.try_reload();
+        let result = self.try_reload(text.as_deref());
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics
             .config_reloads
@@ -109,11 +110,17 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<String, String> {
+    /// `text`: the file's content, if it could be read (else reading it
+    /// again reports why it cannot be).
+    fn try_reload(&self, text: Option<&str>) -> Result<String, String> {
         let Some(path) = &self.path else {
             return Err("running on the embedded default config; nothing to reload".into());
         };
-        let new = crate::control::load_file(path).map_err(|errs| {
+        let loaded = match text {
+            Some(t) => crate::control::load_text(t, path),
+            None => crate::control::load_file(path),
+        };
+        let new = loaded.map_err(|errs| {
             errs.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
