@@ -34,7 +34,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_THREADS, value_parser = parse_threads)]
     pub threads: usize,
 
-    /// Requests that may wait for a free thread. Beyond that: 503 with Retry-After: 1.
+    /// Requests that may wait for a free thread. Beyond that: 503 with Retry-After: 1
+    /// and `X-Usher-Refused: busy`. `--queue 0` takes a request only when a thread is
+    /// free: several Ushers sharing this worker can never over-fill it (a refused
+    /// request is sent elsewhere, nothing of it ran).
     #[arg(long, value_name = "M", default_value_t = crate::server::DEFAULT_QUEUE)]
     pub queue: usize,
 

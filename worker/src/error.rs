@@ -107,6 +107,12 @@ impl Rejection {
         if matches!(self, Self::QueueFull { .. } | Self::ShuttingDown) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if matches!(self, Self::QueueFull { .. }) {
+            h.insert(
+                crate::load::X_USHER_REFUSED,
+                HeaderValue::from_static(crate::load::REFUSED_BUSY),
+            );
+        }
         resp
     }
 }
@@ -124,7 +130,11 @@ mod tests {
         .response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()[crate::load::X_USHER_REFUSED], "busy");
         assert!(std::str::from_utf8(r.body()).unwrap().contains("busy"));
+        // Draining is no refusal for lack of a thread: it is not marked.
+        let r = Rejection::ShuttingDown.response();
+        assert!(r.headers().get(crate::load::X_USHER_REFUSED).is_none());
     }
 
     #[test]

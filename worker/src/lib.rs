@@ -76,7 +76,9 @@ pub use app::App;
 pub use error::Error;
 pub use front::X_USHER_WORKER;
 pub use handler::Handler;
-pub use load::{LoadReport, LoadReportError, LoadSnapshot, X_USHER_LOAD};
+pub use load::{
+    LoadReport, LoadReportError, LoadSnapshot, REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED,
+};
 pub use server::{
     Builder, Server, Stats, DEFAULT_GRACE, DEFAULT_MAX_BODY, DEFAULT_QUEUE, DEFAULT_READ_TIMEOUT,
     DEFAULT_THREADS,

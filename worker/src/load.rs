@@ -18,6 +18,16 @@ use serde::{Deserialize, Serialize};
 /// `threads=4, busy=1, queued=0`.
 pub const X_USHER_LOAD: HeaderName = HeaderName::from_static("x-usher-load");
 
+/// Marks a `503` that refused a request *before any of it ran* because every
+/// thread was busy and no queue place was left (`--queue 0` makes that exact:
+/// "only when a thread is free"). Its value is [`REFUSED_BUSY`]. A proxy may
+/// send the same request elsewhere, or again later, as if it had never been
+/// sent: nothing of it ran.
+pub const X_USHER_REFUSED: HeaderName = HeaderName::from_static("x-usher-refused");
+
+/// The value of [`X_USHER_REFUSED`] on a refusal for lack of a thread.
+pub const REFUSED_BUSY: &str = "busy";
+
 /// Counters written by the pool threads. The queue depth lives in the queue itself.
 #[derive(Debug)]
 pub(crate) struct Load {
