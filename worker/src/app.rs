@@ -1,37 +1,59 @@
 //! The built-in demo and load-test app, the binary's default handler.
 //!
-//! | route | what |
-//! |---|---|
-//! | `GET /sleep?ms=N` | sleeps N ms on the worker thread (I/O-bound work) |
-//! | `GET /cpu?ms=N` | burns CPU for N ms of wall time; with `--gil` under one process-wide lock |
-//! | `POST /echo` | returns the request body |
-//! | `ANY /status/{code}` | answers with that status, 200..=599 |
-//! | `GET /healthz`, `GET /metrics` | answered by the server's front, see [`crate::Builder::builtin_endpoints`] |
+//! | route | what | with `--gil` |
+//! |---|---|---|
+//! | `GET /sleep?ms=N` | sleeps N ms on the worker thread (I/O-bound work) | holds the GIL for `--gil-io-cpu` of CPU work, half before and half after the sleep, and releases it during the sleep |
+//! | `GET /cpu?ms=N` | burns CPU for N ms of wall time | burns CPU until it has held the GIL for N ms, time-sliced with other threads every `--gil-switch-interval` |
+//! | `POST /echo` | returns the request body | holds the GIL for `--gil-io-cpu` |
+//! | `ANY /status/{code}` | answers with that status, 200..=599 | holds the GIL for `--gil-io-cpu` |
+//! | `GET /healthz`, `GET /metrics` | answered by the server's front, see [`crate::Builder::builtin_endpoints`] | no GIL |
+//!
+//! Any other answer of the app (`400`, `404`, `405`) also holds the GIL for
+//! `--gil-io-cpu`: in a Python app, a request runs some Python whatever it does.
 //!
 //! `/sleep` and `/cpu` return `{"start_us":..,"end_us":..,"thread":".."}`: when the
 //! work started and ended (µs since the UNIX epoch) and which pool thread did it, so
-//! tests can see which requests ran in parallel. For `/cpu` with the GIL on, the
-//! interval starts once the lock is held.
+//! tests can see which requests ran in parallel. With the GIL on, the interval starts
+//! once the GIL is first held, and `"gil_wait_us"` says how long the request waited
+//! for the GIL in all (at the start, between time slices and after the sleep).
 //!
 //! `N` must be an integer from 0 to 60000; anything else is a `400`.
+//!
+//! # Why the GIL is more than a lock
+//!
+//! See [`crate::gil`]: CPU-bound requests take turns in slices of a switch interval
+//! rather than queuing one after another, and an I/O-bound request waits up to a
+//! switch interval for the GIL every time its I/O returns (the convoy effect).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::gil::{Gil, GilGuard};
 use crate::Handler;
 
 /// Largest accepted `ms` for `/sleep` and `/cpu`.
 pub const MAX_MS: u64 = 60_000;
 
+/// Default CPU work a view does under the GIL besides `/cpu`'s (`--gil-io-cpu`): a
+/// Django view runs at least this much Python around its I/O.
+pub const DEFAULT_IO_CPU: Duration = Duration::from_micros(500);
+
 /// The built-in app. See the [module docs](self).
 #[derive(Debug, Default)]
 pub struct App {
     /// `Some` when the app models CPython's global interpreter lock.
-    gil: Option<Mutex<()>>,
+    python: Option<Python>,
+}
+
+/// The GIL, and the Python work each request does under it besides `/cpu`'s.
+#[derive(Debug)]
+struct Python {
+    gil: Arc<Gil>,
+    io_cpu: Duration,
 }
 
 /// When a piece of work ran, and on which thread.
@@ -40,6 +62,8 @@ struct Timing {
     start_us: u64,
     end_us: u64,
     thread: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gil_wait_us: Option<u64>,
 }
 
 impl App {
@@ -48,70 +72,153 @@ impl App {
         Self::default()
     }
 
-    /// With `gil = true`, `/cpu` holds one process-wide lock while it burns CPU, so
-    /// CPU-bound requests run one at a time however many threads there are, like
-    /// pure-Python code under CPython. `/sleep` does not take the lock (CPython
-    /// releases the GIL around blocking I/O).
+    /// With `gil = true`, [`under_gil`](Self::under_gil) a [`Gil`] with CPython's
+    /// default switch interval (5 ms) and [`DEFAULT_IO_CPU`]; otherwise [`new`](Self::new).
     pub fn with_gil(gil: bool) -> Self {
+        if gil {
+            Self::under_gil(Arc::new(Gil::default()), DEFAULT_IO_CPU)
+        } else {
+            Self::new()
+        }
+    }
+
+    /// Every request runs under `gil`, like a pure-Python app under CPython: `/cpu`
+    /// holds it for its whole CPU time, time-sliced with other threads, and the other
+    /// routes hold it for `io_cpu` (`/sleep` half before and half after its sleep,
+    /// releasing it while it sleeps). Keep a clone of `gil` to read
+    /// [`Gil::switches`].
+    pub fn under_gil(gil: Arc<Gil>, io_cpu: Duration) -> Self {
         Self {
-            gil: gil.then(|| Mutex::new(())),
+            python: Some(Python { gil, io_cpu }),
         }
     }
 
-    fn sleep(&self, ms: u64) -> Response<Bytes> {
-        let start = now_us();
-        std::thread::sleep(Duration::from_millis(ms));
-        timing(start)
+    /// The GIL, when the app models one.
+    pub fn gil(&self) -> Option<&Arc<Gil>> {
+        self.python.as_ref().map(|p| &p.gil)
     }
 
-    fn cpu(&self, ms: u64) -> Response<Bytes> {
-        // Nothing panics while the lock is held, but a poisoned GIL still works.
-        let _gil = self
-            .gil
-            .as_ref()
-            .map(|gil| gil.lock().unwrap_or_else(PoisonError::into_inner));
-        let start = now_us();
-        let until = Instant::now() + Duration::from_millis(ms);
+    fn io_cpu(&self) -> Duration {
+        self.python.as_ref().map_or(Duration::ZERO, |p| p.io_cpu)
+    }
+}
+
+/// One request's work on its pool thread, holding the GIL if the app has one.
+struct View<'a> {
+    gil: Option<GilGuard<'a>>,
+    start_us: u64,
+}
+
+impl<'a> View<'a> {
+    /// Takes the GIL (if any) before the request's first line of "Python".
+    fn enter(python: Option<&'a Python>) -> Self {
+        let gil = python.map(|p| p.gil.acquire());
+        Self {
+            gil,
+            start_us: now_us(),
+        }
+    }
+
+    /// CPU work for `d`: wall time without a GIL, GIL-holding time with one.
+    fn cpu(&mut self, d: Duration) {
         let mut x: u64 = 1;
-        while Instant::now() < until {
-            for _ in 0..1_000 {
-                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        match &mut self.gil {
+            Some(gil) => gil.run(d, || step(&mut x)),
+            None => {
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    step(&mut x);
+                }
             }
-            std::hint::black_box(x);
         }
-        timing(start)
     }
+
+    /// Blocking I/O for `d`, with the GIL released.
+    fn io(&mut self, d: Duration) {
+        match &mut self.gil {
+            Some(gil) => gil.allow_threads(|| std::thread::sleep(d)),
+            None => std::thread::sleep(d),
+        }
+    }
+
+    fn timing(self) -> Response<Bytes> {
+        let t = Timing {
+            start_us: self.start_us,
+            end_us: now_us(),
+            thread: std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_owned(),
+            gil_wait_us: self.gil.as_ref().map(|g| g.waited().as_micros() as u64),
+        };
+        drop(self);
+        let mut resp = Response::new(Bytes::from(serde_json::to_vec(&t).expect("plain struct")));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+/// A few microseconds of CPU work that the optimiser cannot remove.
+fn step(x: &mut u64) {
+    for _ in 0..1_000 {
+        *x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    }
+    std::hint::black_box(*x);
 }
 
 impl Handler for App {
     fn handle(&self, req: Request<Bytes>) -> Response<Bytes> {
+        let mut view = View::enter(self.python.as_ref());
+        let io_cpu = self.io_cpu();
         let path = req.uri().path();
-        let method = req.method();
         match path {
-            "/sleep" | "/cpu" if method != Method::GET => method_not_allowed("GET"),
-            "/sleep" => match parse_ms(req.uri().query()) {
-                Ok(ms) => self.sleep(ms),
-                Err(msg) => text(StatusCode::BAD_REQUEST, msg),
+            "/sleep" | "/cpu" if req.method() == Method::GET => match parse_ms(req.uri().query()) {
+                Ok(ms) if path == "/cpu" => {
+                    view.cpu(Duration::from_millis(ms));
+                    view.timing()
+                }
+                Ok(ms) => {
+                    view.cpu(io_cpu / 2);
+                    view.io(Duration::from_millis(ms));
+                    view.cpu(io_cpu - io_cpu / 2);
+                    view.timing()
+                }
+                Err(msg) => {
+                    view.cpu(io_cpu);
+                    text(StatusCode::BAD_REQUEST, msg)
+                }
             },
-            "/cpu" => match parse_ms(req.uri().query()) {
-                Ok(ms) => self.cpu(ms),
-                Err(msg) => text(StatusCode::BAD_REQUEST, msg),
-            },
-            "/echo" if method != Method::POST => method_not_allowed("POST"),
-            "/echo" => {
-                let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
-                let mut resp = Response::new(req.into_body());
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
-                );
-                resp
+            _ => {
+                view.cpu(io_cpu);
+                plain_route(req)
             }
-            _ => match path.strip_prefix("/status/") {
-                Some(code) => status(code),
-                None => text(StatusCode::NOT_FOUND, format!("no route for {path}")),
-            },
         }
+    }
+}
+
+/// The routes that do no timed work.
+fn plain_route(req: Request<Bytes>) -> Response<Bytes> {
+    let path = req.uri().path();
+    let method = req.method();
+    match path {
+        "/sleep" | "/cpu" => method_not_allowed("GET"),
+        "/echo" if method != Method::POST => method_not_allowed("POST"),
+        "/echo" => {
+            let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+            let mut resp = Response::new(req.into_body());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            );
+            resp
+        }
+        _ => match path.strip_prefix("/status/") {
+            Some(code) => status(code),
+            None => text(StatusCode::NOT_FOUND, format!("no route for {path}")),
+        },
     }
 }
 
@@ -149,23 +256,6 @@ fn status(code: &str) -> Response<Bytes> {
             format!("bad status code {code:?}: expected 200 to 599"),
         ),
     }
-}
-
-fn timing(start_us: u64) -> Response<Bytes> {
-    let t = Timing {
-        start_us,
-        end_us: now_us(),
-        thread: std::thread::current()
-            .name()
-            .unwrap_or("unnamed")
-            .to_owned(),
-    };
-    let mut resp = Response::new(Bytes::from(serde_json::to_vec(&t).expect("plain struct")));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Bytes> {
@@ -226,6 +316,24 @@ mod tests {
         );
         assert!(end >= start + 5_000, "{v}");
         assert!(v["thread"].is_string());
+    }
+
+    #[test]
+    fn under_the_gil_views_report_their_wait() {
+        let app = App::under_gil(Arc::new(Gil::default()), Duration::from_millis(2));
+        let v: serde_json::Value = serde_json::from_slice(get(&app, "/sleep?ms=5").body()).unwrap();
+        let took = v["end_us"].as_u64().unwrap() - v["start_us"].as_u64().unwrap();
+        assert!(
+            took >= 7_000,
+            "5 ms asleep and 2 ms of CPU in {took} µs: {v}"
+        );
+        assert_eq!(v["gil_wait_us"], 0, "nobody else held the GIL: {v}");
+        assert_eq!(get(&app, "/status/418").status(), StatusCode::IM_A_TEAPOT);
+        assert_eq!(app.gil().unwrap().switches(), 1, "one thread took it");
+
+        let plain = get(&App::with_gil(false), "/cpu?ms=1");
+        let v: serde_json::Value = serde_json::from_slice(plain.body()).unwrap();
+        assert!(v.get("gil_wait_us").is_none(), "{v}");
     }
 
     #[test]

@@ -4,12 +4,14 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
+use crate::gil::Gil;
 use crate::{units, App, Error, Server};
 
 /// `usher-worker`: a threaded HTTP worker with a demo and load-test app.
@@ -41,9 +43,22 @@ pub struct Args {
     #[arg(long, value_name = "M", default_value_t = crate::server::DEFAULT_QUEUE)]
     pub queue: usize,
 
-    /// Model CPython's GIL: /cpu holds one process-wide lock while it burns CPU.
+    /// Model CPython's GIL (the time-sliced "new GIL" of Python 3.2+): every request
+    /// runs under one process-wide GIL. Concurrent /cpu requests take turns every
+    /// --gil-switch-interval instead of running in parallel; /sleep releases the GIL
+    /// while it sleeps and waits to take it back (the convoy effect).
     #[arg(long)]
     pub gil: bool,
+
+    /// With --gil: how long a thread waiting for the GIL lets the holder run before
+    /// asking it to hand over (CPython's sys.setswitchinterval), e.g. 5ms, 100us.
+    #[arg(long, value_name = "DURATION", default_value = "5ms", requires = "gil", value_parser = parse_switch_interval)]
+    pub gil_switch_interval: Duration,
+
+    /// With --gil: CPU work each request other than /cpu does holding the GIL, as a
+    /// Python view would (/sleep: half before and half after its sleep), e.g. 0.5ms, 0s.
+    #[arg(long, value_name = "DURATION", default_value = "0.5ms", requires = "gil", value_parser = units::parse_duration)]
+    pub gil_io_cpu: Duration,
 
     /// Largest request body, e.g. 10MiB, 64KiB, 1024. Larger bodies get 413.
     #[arg(long, value_name = "SIZE", default_value = "10MiB", value_parser = parse_max_body)]
@@ -120,6 +135,8 @@ pub async fn serve(args: Args) -> Result<(), Error> {
         threads = args.threads,
         queue = args.queue,
         gil = args.gil,
+        gil_switch_interval = ?args.gil_switch_interval,
+        gil_io_cpu = ?args.gil_io_cpu,
         max_body = args.max_body,
         grace = ?args.grace,
         header_timeout = ?args.header_timeout,
@@ -127,6 +144,14 @@ pub async fn serve(args: Args) -> Result<(), Error> {
         "usher-worker {} listening on {addr}",
         crate::version()
     );
+    let app = if args.gil {
+        App::under_gil(
+            Arc::new(Gil::new(args.gil_switch_interval)),
+            args.gil_io_cpu,
+        )
+    } else {
+        App::new()
+    };
     Server::builder()
         .threads(args.threads)
         .queue(args.queue)
@@ -134,7 +159,7 @@ pub async fn serve(args: Args) -> Result<(), Error> {
         .grace(args.grace)
         .header_read_timeout(args.header_timeout)
         .body_read_timeout(args.body_timeout)
-        .serve_with_shutdown(listener, App::with_gil(args.gil), crate::shutdown_signal())
+        .serve_with_shutdown(listener, app, crate::shutdown_signal())
         .await
 }
 
@@ -155,6 +180,14 @@ fn parse_threads(s: &str) -> Result<usize, String> {
         _ => Err(format!(
             "expected a whole number of threads, at least 1, got {s:?}"
         )),
+    }
+}
+
+/// `--gil-switch-interval`: a duration, more than zero.
+fn parse_switch_interval(s: &str) -> Result<Duration, String> {
+    match units::parse_duration(s)? {
+        Duration::ZERO => Err("the switch interval must be more than zero".to_owned()),
+        d => Ok(d),
     }
 }
 
@@ -207,8 +240,38 @@ mod tests {
             "[default: 64]",
             "[default: 10MiB]",
             "[default: 30s]",
+            "[default: 5ms]",
+            "[default: 0.5ms]",
         ] {
             assert!(help.contains(needle), "{needle} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn gil_flags() {
+        let a = Args::try_parse_from(["usher-worker", "--gil"]).unwrap();
+        assert_eq!(a.gil_switch_interval, Duration::from_millis(5));
+        assert_eq!(a.gil_io_cpu, Duration::from_micros(500));
+        let a = Args::try_parse_from([
+            "usher-worker",
+            "--gil",
+            "--gil-switch-interval",
+            "100us",
+            "--gil-io-cpu",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(a.gil_switch_interval, Duration::from_micros(100));
+        assert_eq!(a.gil_io_cpu, Duration::ZERO);
+        for bad in [
+            &["--gil", "--gil-switch-interval", "0ms"][..],
+            &["--gil", "--gil-switch-interval", "5"],
+            // Meaningless without the GIL: refused rather than ignored.
+            &["--gil-switch-interval", "5ms"],
+            &["--gil-io-cpu", "1ms"],
+        ] {
+            let args = ["usher-worker"].iter().chain(bad);
+            assert!(Args::try_parse_from(args).is_err(), "{bad:?}");
         }
     }
 

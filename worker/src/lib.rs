@@ -58,12 +58,15 @@
 //! }
 //! ```
 //!
-//! The `usher-worker` binary serves the built-in [`App`]; see [`cli`].
+//! The `usher-worker` binary serves the built-in [`App`]; see [`cli`]. With `--gil`
+//! the app runs every request under a model of CPython's GIL ([`gil`]), so that a
+//! benchmark can show the GIL's effect on a threaded worker without Python.
 
 pub mod app;
 pub mod cli;
 mod error;
 mod front;
+pub mod gil;
 mod handler;
 mod load;
 pub mod metrics;
