@@ -24,6 +24,10 @@ pub enum Error {
     QueueFull { upstream: String },
     #[error("queue wait timed out for upstream `{upstream}`")]
     QueueTimeout { upstream: String },
+    /// Shed by overload control: the queue stood past capacity and this
+    /// request had waited longer than `queue.overload_target`.
+    #[error("queue overloaded for upstream `{upstream}`")]
+    QueueOverloaded { upstream: String },
     #[error("no healthy backend for upstream `{upstream}`")]
     NoBackend { upstream: String },
     #[error("cannot reach backend {backend}: {reason}")]
@@ -61,6 +65,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::QueueFull { .. }
             | Error::QueueTimeout { .. }
+            | Error::QueueOverloaded { .. }
             | Error::NoBackend { .. }
             | Error::UpgradeLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Connect { .. } | Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -71,9 +76,10 @@ impl Error {
     /// Seconds for `Retry-After` on answers that mean "try again later".
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Error::QueueFull { .. } | Error::QueueTimeout { .. } | Error::UpgradeLimit { .. } => {
-                Some(1)
-            }
+            Error::QueueFull { .. }
+            | Error::QueueTimeout { .. }
+            | Error::QueueOverloaded { .. }
+            | Error::UpgradeLimit { .. } => Some(1),
             Error::NoBackend { .. } => Some(5),
             _ => None,
         }

@@ -155,7 +155,8 @@ const FRAGMENTS: &[&str] = &[
     "https_port", "admin", "routes", "host", "path_prefix", "upstream", "upstreams", "fleet",
     "command", "processes", "base_port", "env", "backends", "max_in_flight", "weight", "dns",
     "port", "refresh", "resolver", "balance", "slow_start", "default_capacity", "proxy_replicas",
-    "queue", "max_depth", "timeout", "discipline", "classify", "health_check", "path", "interval",
+    "queue", "max_depth", "timeout", "discipline", "classify", "overload", "overload_target",
+    "overload_interval", "codel", "health_check", "path", "interval",
     "rise", "fall", "outlier", "max_ejected_percent", "retries", "attempts", "timeouts", "connect",
     "response", "pool", "idle_timeout", "protocol", "upgrades", "limits", "max_request_body",
     "max_response_buffer", "client_header", "client_body", "shutdown_grace", "access_log", "format",
@@ -668,6 +669,17 @@ fn upstream(bad: u32) -> S {
                     &["host"],
                 ),
             ),
+            opt(
+                "overload",
+                typed(
+                    bad,
+                    raw(&["codel", "off"]),
+                    raw(&["off"]),
+                    &["lifo", "CoDel"],
+                ),
+            ),
+            opt("overload_target", duration(bad)),
+            opt("overload_interval", duration(bad)),
         ],
     );
     let health_check = map(

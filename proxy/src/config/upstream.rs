@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -222,6 +223,18 @@ pub struct QueueConfig {
     /// What makes two requests "the same kind" for service-time estimates:
     /// `path` (the default) or `path_and_query`.
     pub classify: Classify,
+    /// What the queue does past capacity: `codel` (the default) detects a
+    /// standing queue, then serves the newest waiter first and sheds waiters
+    /// older than `overload_target` with 503; `off` keeps the discipline and
+    /// lets waiters wait up to `timeout`. See `dispatch/overload.rs`.
+    pub overload: Overload,
+    /// The wait that counts as "too long" while overloaded, and the shortest
+    /// wait that, held for a whole `overload_interval`, means overload.
+    /// Default 50ms (about one short view of a threaded app).
+    pub overload_target: Dur,
+    /// How long the shortest wait must stay above `overload_target`.
+    /// Default 100ms.
+    pub overload_interval: Dur,
 }
 
 impl Default for QueueConfig {
@@ -231,8 +244,22 @@ impl Default for QueueConfig {
             timeout: Dur::secs(5),
             discipline: Discipline::default(),
             classify: Classify::default(),
+            overload: Overload::default(),
+            overload_target: Dur(Duration::from_millis(50)),
+            overload_interval: Dur(Duration::from_millis(100)),
         }
     }
+}
+
+/// Overload control of the queue (`queue.overload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overload {
+    /// CoDel detection with adaptive LIFO and shedding of stale waiters.
+    #[default]
+    Codel,
+    /// Never shed: waiters wait up to `queue.timeout` in discipline order.
+    Off,
 }
 
 /// The order in which waiting requests get free slots.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::locate::{find_line, Locations};
 use super::schema::{
     AdminConfig, BackendConfig, Config, DnsConfig, FleetConfig, HealthCheckConfig, ListenerConfig,
-    RouteConfig, UpstreamConfig,
+    Overload, QueueConfig, RouteConfig, UpstreamConfig,
 };
 use super::{resolve_addr, ConfigError};
 
@@ -190,6 +190,9 @@ fn upstream(name: &str, u: &UpstreamConfig, r: &mut Report) {
     if u.queue.timeout.0.is_zero() {
         r.err(k("queue.timeout"), &["timeout"], "must be above zero");
     }
+    if u.queue.overload == Overload::Codel {
+        overload(&u.queue, &k, r);
+    }
     if let Some(h) = &u.health_check {
         health_check(h, &k, r);
     }
@@ -198,6 +201,30 @@ fn upstream(name: &str, u: &UpstreamConfig, r: &mut Report) {
             k("outlier.max_ejected_percent"),
             &["max_ejected_percent"],
             "must be 0..=100",
+        );
+    }
+}
+
+/// A target at or above `queue.timeout` is allowed (a waiter then times out
+/// before it is old enough to shed): refusing it would reject configs with a
+/// short timeout that were valid before overload control existed.
+fn overload(q: &QueueConfig, k: &impl Fn(&str) -> String, r: &mut Report) {
+    let (target, interval) = (q.overload_target.0, q.overload_interval.0);
+    if target.is_zero() {
+        r.err(
+            k("queue.overload_target"),
+            &["overload_target"],
+            "must be above zero (or set `overload: off`)",
+        );
+    }
+    if interval <= target {
+        r.err(
+            k("queue.overload_interval"),
+            &["overload_interval"],
+            format!(
+                "must be longer than overload_target ({target:?}): the shortest wait \
+                 over the interval is compared with the target"
+            ),
         );
     }
 }
@@ -318,5 +345,46 @@ fn health_check(h: &HealthCheckConfig, k: &impl Fn(&str) -> String, r: &mut Repo
             &["expect"],
             "must list at least one status code or range",
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+
+    fn with_queue(queue: &str) -> String {
+        format!(
+            "listeners: [{{ name: public, address: 127.0.0.1:8080 }}]\n\
+             routes: [{{ host: \"*\", path_prefix: /, upstream: app }}]\n\
+             upstreams:\n  app:\n    backends: [{{ address: 127.0.0.1:9001 }}]\n    \
+             queue: {{ {queue} }}\n"
+        )
+    }
+
+    #[test]
+    fn overload_settings_default_to_codel_and_are_checked() {
+        let c = parse(&with_queue("max_depth: 10"), "t.yaml").unwrap();
+        let q = &c.upstreams["app"].queue;
+        assert_eq!(q.overload, super::Overload::Codel);
+        assert_eq!(q.overload_target.0.as_millis(), 50);
+        assert_eq!(q.overload_interval.0.as_millis(), 100);
+
+        let c = parse(&with_queue("overload: off, overload_target: 0s"), "t.yaml").unwrap();
+        assert_eq!(c.upstreams["app"].queue.overload, super::Overload::Off);
+
+        let e = parse(&with_queue("overload_target: 0s"), "t.yaml").unwrap_err();
+        assert_eq!(e[0].key, "upstreams.app.queue.overload_target");
+        assert!(e[0].message.contains("above zero"), "{e:?}");
+
+        let e = parse(&with_queue("overload_target: 200ms"), "t.yaml").unwrap_err();
+        assert_eq!(e[0].key, "upstreams.app.queue.overload_interval");
+        assert!(
+            e[0].message.contains("longer than overload_target"),
+            "{e:?}"
+        );
+        assert_eq!(e[0].line, Some(6), "{e:?}");
+
+        let e = parse(&with_queue("overload: lifo"), "t.yaml").unwrap_err();
+        assert!(e[0].to_string().contains("overload"), "{e:?}");
     }
 }

@@ -395,6 +395,12 @@ fn build_upstream(
     }
 
     let q = &ucfg.queue;
+    let overload = (q.overload == crate::config::Overload::Codel).then_some(
+        crate::dispatch::overload::Settings {
+            target: q.overload_target.0,
+            interval: q.overload_interval.0,
+        },
+    );
     let dispatcher = match old {
         Some(u) => {
             let d = u.dispatcher.clone();
@@ -403,6 +409,7 @@ fn build_upstream(
             commit.then(move || {
                 d.set_limits(balance, depth, timeout);
                 d.set_discipline(discipline);
+                d.set_overload(overload);
                 d.set_backends(backends);
             });
             u.dispatcher.clone()
@@ -420,9 +427,13 @@ fn build_upstream(
                     rejected_timeout: metrics
                         .queue_rejections
                         .with_label_values(&[name, "timeout"]),
+                    rejected_overload: metrics
+                        .queue_rejections
+                        .with_label_values(&[name, "overload"]),
                 },
             );
             d.set_discipline(q.discipline);
+            d.set_overload(overload);
             d
         }
     };

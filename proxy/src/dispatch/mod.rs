@@ -8,6 +8,10 @@
 //! release hands the slot straight to the head of the queue. Nobody can forget
 //! to decrement, and a freed slot never sits idle while requests wait.
 //!
+//! Past capacity, `overload.rs` decides when the queue is a standing one;
+//! then the newest waiter is served first and stale ones are shed (503), so
+//! admitted requests wait about `overload_target` rather than `timeout`.
+//!
 //! One `std::sync::Mutex` guards the queue and every in-flight count of the
 //! upstream, so "is there a free slot?" and "take it" are one step. The lock
 //! is never held across an `.await`.
@@ -23,10 +27,12 @@ use tokio::sync::oneshot;
 pub mod backend;
 pub mod balance;
 pub mod estimate;
+pub mod overload;
 
 pub use backend::Backend;
 use balance::Balancer;
 use estimate::Estimates;
+use overload::Codel;
 
 use crate::config::{Balance, Discipline};
 
@@ -37,6 +43,9 @@ pub enum Rejected {
     QueueFull,
     /// The request waited `timeout` without getting a slot.
     QueueTimeout,
+    /// Shed while the queue was overloaded: it had waited longer than
+    /// `overload_target` (see `overload.rs`).
+    Overloaded,
     /// No backend is up: answered at once rather than after the queue timeout.
     NoBackend,
     /// Every available backend has `upgrades.max_upgraded` tunnels open.
@@ -51,6 +60,7 @@ impl Rejected {
         match self {
             Rejected::QueueFull => Error::QueueFull { upstream },
             Rejected::QueueTimeout => Error::QueueTimeout { upstream },
+            Rejected::Overloaded => Error::QueueOverloaded { upstream },
             Rejected::NoBackend => Error::NoBackend { upstream },
             Rejected::UpgradeLimit => Error::UpgradeLimit { upstream },
         }
@@ -64,6 +74,8 @@ pub struct QueueMetrics {
     pub wait: Histogram,
     pub rejected_full: IntCounter,
     pub rejected_timeout: IntCounter,
+    /// `reason="overload"`: shed by overload control.
+    pub rejected_overload: IntCounter,
 }
 
 pub struct Dispatcher {
@@ -88,14 +100,28 @@ struct Inner {
     estimates: Estimates,
     /// Ranks are seconds since this (tokio's clock, so paused-time tests see it).
     epoch: tokio::time::Instant,
+    overload: Codel,
 }
 
+/// The queue holds retries at the front, then the rest in arrival order
+/// (whatever the discipline: it picks by scanning). `overload.rs` relies on it.
 struct Waiter {
     id: u64,
     /// Smaller goes first (seconds since the dispatcher's epoch).
     rank: f64,
+    since: tokio::time::Instant,
+    retry: bool,
     avoid: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<Slot, Rejected>>,
+}
+
+impl overload::Queued for Waiter {
+    fn since(&self) -> tokio::time::Instant {
+        self.since
+    }
+    fn retry(&self) -> bool {
+        self.retry
+    }
 }
 
 /// One counted upgraded connection on a backend (`upgraded`, for `/status`
@@ -170,6 +196,9 @@ impl Drop for Enqueued<'_> {
         if let Some(pos) = inner.queue.iter().position(|w| w.id == self.id) {
             inner.queue.remove(pos);
             self.dispatcher.metrics.depth.set(inner.queue.len() as i64);
+            if inner.queue.is_empty() {
+                inner.overload.drained();
+            }
         }
     }
 }
@@ -193,6 +222,7 @@ impl Dispatcher {
                 discipline: Discipline::default(),
                 estimates: Estimates::default(),
                 epoch: tokio::time::Instant::now(),
+                overload: Codel::new(None, tokio::time::Instant::now()),
             }),
             metrics,
             recent_wait_us: Default::default(),
@@ -223,13 +253,20 @@ impl Dispatcher {
         let (rx, id, timeout) = {
             let mut inner = self.inner.lock().unwrap();
             let now = Instant::now();
+            let tnow = tokio::time::Instant::now();
             if !inner.backends.iter().any(|b| b.health.is_available(now)) {
                 return Err(Rejected::NoBackend);
+            }
+            if !retry {
+                inner.overload.arrived(tnow);
             }
             // Waiters already queued go first: a newcomer only takes a slot
             // directly when nobody is waiting.
             if inner.queue.is_empty() || retry {
                 if let Some(slot) = self.take(&mut inner, avoid, now) {
+                    if !retry {
+                        inner.overload.admitted(Duration::ZERO, tnow);
+                    }
                     self.metrics.wait.observe(0.0);
                     self.note_wait(Duration::ZERO);
                     return Ok(Admitted {
@@ -254,6 +291,8 @@ impl Dispatcher {
             let waiter = Waiter {
                 id,
                 rank,
+                since: tnow,
+                retry,
                 avoid: avoid.to_vec(),
                 tx,
             };
@@ -261,6 +300,12 @@ impl Dispatcher {
                 inner.queue.push_front(waiter);
             } else {
                 inner.queue.push_back(waiter);
+            }
+            if inner.overload.overloaded(tnow) {
+                // This arrival may push an old waiter out of the reserve:
+                // shed it now, and let the waker recompute the next shed.
+                self.shed(&mut inner, now, tnow);
+                self.changed.notify_one();
             }
             self.metrics.depth.set(inner.queue.len() as i64);
             (rx, id, inner.timeout)
@@ -346,21 +391,27 @@ impl Dispatcher {
         self.serve_queue(&mut inner);
     }
 
-    /// Hands free slots to the head of the queue, in order.
+    /// Hands free slots to the head of the queue, in order; then, if the
+    /// queue is overloaded, sheds the waiters that are too old.
     fn serve_queue(self: &Arc<Self>, inner: &mut Inner) {
         let now = Instant::now();
+        let tnow = tokio::time::Instant::now();
         if !inner.queue.is_empty() && !inner.backends.iter().any(|b| b.health.is_available(now)) {
             // Nothing can serve them: tell them now instead of at the timeout.
             for w in inner.queue.drain(..) {
                 let _ = w.tx.send(Err(Rejected::NoBackend));
             }
         }
-        while let Some(next) = Self::next_waiter(inner) {
+        while let Some(next) = Self::next_waiter(inner, tnow) {
             let avoid = inner.queue[next].avoid.clone();
             let Some(slot) = self.take(inner, &avoid, now) else {
                 break;
             };
             let waiter = inner.queue.remove(next).expect("waiter exists");
+            if !waiter.retry {
+                let waited = tnow.saturating_duration_since(waiter.since);
+                inner.overload.admitted(waited, tnow);
+            }
             if let Err(Ok(mut slot)) = waiter.tx.send(Ok(slot)) {
                 // The request went away between its timeout and now; undo
                 // without re-entering the lock we hold.
@@ -368,14 +419,48 @@ impl Dispatcher {
                 slot.backend.dec();
             }
         }
+        self.shed(inner, now, tnow);
+        if inner.queue.is_empty() {
+            inner.overload.drained();
+        }
         self.metrics.depth.set(inner.queue.len() as i64);
     }
 
-    /// The waiter to serve next: the front under FIFO (ranks are in arrival
+    /// Sheds what `overload.rs` says is excess: waiters older than the
+    /// target, never the newest one per slot, never while a slot is free.
+    fn shed(&self, inner: &mut Inner, now: Instant, tnow: tokio::time::Instant) {
+        let reserve = Self::slots(inner, now);
+        let slot_free = inner
+            .backends
+            .iter()
+            .any(|b| b.health.is_available(now) && b.in_flight() < b.capacity());
+        let range = inner.overload.shed(&inner.queue, reserve, slot_free, tnow);
+        for w in inner.queue.drain(range) {
+            if w.tx.send(Err(Rejected::Overloaded)).is_ok() {
+                self.metrics.rejected_overload.inc();
+            }
+        }
+    }
+
+    /// How many requests the available backends take at once.
+    fn slots(inner: &Inner, now: Instant) -> usize {
+        inner
+            .backends
+            .iter()
+            .filter(|b| b.health.is_available(now))
+            .map(|b| b.capacity() as usize)
+            .sum()
+    }
+
+    /// The waiter to serve next: while overloaded a retry at the head, else
+    /// the newest; otherwise the front under FIFO (ranks are in arrival
     /// order there), the lowest rank under shortest-first.
-    fn next_waiter(inner: &Inner) -> Option<usize> {
+    fn next_waiter(inner: &mut Inner, now: tokio::time::Instant) -> Option<usize> {
         if inner.queue.is_empty() {
             return None;
+        }
+        if let Some(i) = inner.overload.pick(&inner.queue, now) {
+            return Some(i);
         }
         if inner.discipline == Discipline::Fifo {
             return Some(0);
@@ -401,6 +486,15 @@ impl Dispatcher {
         self.inner.lock().unwrap().discipline = d;
     }
 
+    /// Overload control (`queue.overload`); `None` is `off`. Unchanged
+    /// settings keep the current state.
+    pub fn set_overload(&self, settings: Option<overload::Settings>) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.overload.set(settings, tokio::time::Instant::now());
+        drop(inner);
+        self.changed.notify_one();
+    }
+
     /// Re-examines the queue after capacity or health changed.
     pub fn kick(self: &Arc<Self>) {
         let mut inner = self.inner.lock().unwrap();
@@ -417,11 +511,12 @@ impl Dispatcher {
         self.changed.notify_one();
     }
 
-    /// When capacity next changes on its own: an ejection ends, or a slow
-    /// start takes its next step.
-    fn next_wake(&self, now: Instant) -> Option<Instant> {
-        let inner = self.inner.lock().unwrap();
-        inner
+    /// When the queue next needs a look on its own: capacity changes (an
+    /// ejection ends, a slow start takes its next step), or an overloaded
+    /// queue has a waiter to shed.
+    fn next_wake(&self, now: Instant) -> Option<tokio::time::Instant> {
+        let mut inner = self.inner.lock().unwrap();
+        let capacity = inner
             .backends
             .iter()
             .filter_map(|b| {
@@ -430,6 +525,13 @@ impl Dispatcher {
                 ejected.into_iter().chain(ramp).min()
             })
             .min()
+            .map(tokio::time::Instant::from_std);
+        let reserve = Self::slots(&inner, now);
+        let inner = &mut *inner;
+        let shed = inner
+            .overload
+            .next_shed(&inner.queue, reserve, tokio::time::Instant::now());
+        capacity.into_iter().chain(shed).min()
     }
 
     /// Re-examines the queue exactly when capacity changes with time (an
@@ -440,7 +542,7 @@ impl Dispatcher {
             let next = self.next_wake(Instant::now());
             let sleep = async {
                 match next {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
             };
@@ -495,6 +597,7 @@ mod tests {
             wait: Histogram::with_opts(HistogramOpts::new("w", "w")).unwrap(),
             rejected_full: IntCounter::new("f", "f").unwrap(),
             rejected_timeout: IntCounter::new("t", "t").unwrap(),
+            rejected_overload: IntCounter::new("o", "o").unwrap(),
         }
     }
 
@@ -656,6 +759,215 @@ mod tests {
             *order.lock().unwrap(),
             vec!["/long", "/short", "/short", "/long", "/long"]
         );
+    }
+
+    /// What one open-loop run saw: per request, when it arrived (ms) and
+    /// what it got (its wait, or the rejection).
+    struct Run {
+        outcomes: Vec<(u64, Result<Duration, Rejected>)>,
+        /// When each slot was granted (ms since the start).
+        grants: Vec<u64>,
+    }
+
+    /// Offers one request every `every_ms` for `secs` to a dispatcher with
+    /// `slots` slots whose requests each hold their slot `service_ms`, with
+    /// the waker running, on paused time.
+    async fn open_loop(
+        overload: Option<overload::Settings>,
+        slots: u32,
+        service_ms: u64,
+        every_ms: u64,
+        secs: u64,
+    ) -> Run {
+        let d = dispatcher(&[slots], 100_000, 5_000);
+        d.set_discipline(Discipline::Fifo);
+        d.set_overload(overload);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let waker = tokio::spawn(d.clone().run_waker(cancel.clone()));
+        let start = tokio::time::Instant::now();
+        let grants = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..secs * 1000 / every_ms {
+            tokio::time::sleep_until(start + Duration::from_millis(i * every_ms)).await;
+            let (d, grants) = (d.clone(), grants.clone());
+            tasks.push(tokio::spawn(async move {
+                let t0 = tokio::time::Instant::now();
+                let at = (t0 - start).as_millis() as u64;
+                match d.acquire(&[], false).await {
+                    Ok(a) => {
+                        let now = tokio::time::Instant::now();
+                        grants
+                            .lock()
+                            .unwrap()
+                            .push((now - start).as_millis() as u64);
+                        tokio::time::sleep(Duration::from_millis(service_ms)).await;
+                        drop(a);
+                        (at, Ok(now - t0))
+                    }
+                    Err(r) => (at, Err(r)),
+                }
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        cancel.cancel();
+        waker.await.unwrap();
+        assert_eq!(d.queue_len(), 0);
+        let grants = grants.lock().unwrap().clone();
+        Run { outcomes, grants }
+    }
+
+    fn codel() -> Option<overload::Settings> {
+        Some(overload::Settings {
+            target: Duration::from_millis(50),
+            interval: Duration::from_millis(100),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_sustained_overload_goodput_is_capacity_and_waits_stay_near_the_target() {
+        // 2 slots of 20 ms: capacity 100/s, offered 200/s for 3 s.
+        let run = open_loop(codel(), 2, 20, 5, 3).await;
+        // Goodput: after the first second, a grant every 10 ms, as without
+        // shedding: no slot idled while someone waited.
+        let steady = run
+            .grants
+            .iter()
+            .filter(|&&t| (1000..3000).contains(&t))
+            .count();
+        assert!(
+            (198..=201).contains(&steady),
+            "{steady} grants in 2 s on a capacity of 100/s"
+        );
+        // Admitted requests waited about the target at most, not the 5 s
+        // timeout; the excess was shed with the overload rejection.
+        let late: Vec<_> = run.outcomes.iter().filter(|(at, _)| *at >= 1000).collect();
+        let waits: Vec<Duration> = late.iter().filter_map(|(_, r)| r.ok()).collect();
+        let max = waits.iter().max().unwrap();
+        assert!(
+            *max <= Duration::from_millis(60),
+            "longest admitted wait {max:?}"
+        );
+        let shed = late
+            .iter()
+            .filter(|(_, r)| *r == Err(Rejected::Overloaded))
+            .count();
+        assert_eq!(shed + waits.len(), late.len(), "only sheds and grants");
+        assert!(
+            (190..=210).contains(&shed),
+            "about half of 400 offered are excess: {shed} shed"
+        );
+        let d_shed = run
+            .outcomes
+            .iter()
+            .filter(|(_, r)| *r == Err(Rejected::Overloaded))
+            .count();
+        assert!(d_shed > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_overload_control_the_same_load_waits_toward_the_timeout() {
+        let run = open_loop(None, 2, 20, 5, 3).await;
+        let steady = run
+            .grants
+            .iter()
+            .filter(|&&t| (1000..3000).contains(&t))
+            .count();
+        assert!((198..=201).contains(&steady), "{steady}");
+        let longest = run
+            .outcomes
+            .iter()
+            .filter_map(|(_, r)| r.ok())
+            .max()
+            .unwrap();
+        assert!(longest > Duration::from_secs(1), "{longest:?}");
+        assert!(run
+            .outcomes
+            .iter()
+            .all(|(_, r)| *r != Err(Rejected::Overloaded)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_capacity_nothing_is_shed() {
+        // 80/s offered to 100/s of capacity, in a regular rhythm.
+        let run = open_loop(codel(), 2, 20, 12, 3).await;
+        assert!(run.outcomes.iter().all(|(_, r)| r.is_ok()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_drains_is_not_shed() {
+        // 40 at once on 8 slots of 200 ms: the queue stands for 800 ms, but
+        // nothing new arrives, so it is draining, not overloaded.
+        let d = dispatcher(&[8], 100, 5_000);
+        d.set_overload(codel());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(d.clone().run_waker(cancel.clone()));
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let a = d.acquire(&[], false).await?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    drop(a);
+                    Ok::<_, Rejected>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(d.metrics.rejected_overload.get(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_request_gets_a_503_that_says_the_queue_is_overloaded() {
+        // One slot held by a long request while new ones keep arriving.
+        let d = dispatcher(&[1], 100, 5_000);
+        d.set_overload(codel());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(d.clone().run_waker(cancel.clone()));
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let d = d.clone();
+            tasks.push(tokio::spawn(async move {
+                let t0 = tokio::time::Instant::now();
+                match d.acquire(&[], false).await {
+                    Ok(a) => {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        drop(a);
+                        (i, Ok(()), t0.elapsed())
+                    }
+                    Err(e) => (i, Err(e), t0.elapsed()),
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut shed = 0;
+        for t in tasks {
+            let (i, r, took) = t.await.unwrap();
+            if let Err(e) = r {
+                assert_eq!(e, Rejected::Overloaded);
+                // Once overload is established, a stale waiter goes at the
+                // target; those queued before it was detected go at once then.
+                let bound = if i >= 20 { 60 } else { 300 };
+                assert!(
+                    took <= Duration::from_millis(bound),
+                    "request {i} shed after {took:?}"
+                );
+                let err = e.into_error("app");
+                assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(err.retry_after(), Some(1));
+                assert_eq!(err.client_text(), "queue overloaded for upstream `app`");
+                shed += 1;
+            }
+        }
+        assert!(shed > 0);
+        assert_eq!(d.metrics.rejected_overload.get(), shed);
+        assert_eq!(d.metrics.rejected_timeout.get(), 0);
+        cancel.cancel();
     }
 
     #[test]
