@@ -30,6 +30,11 @@ if ! python3 -c "import waitress, gunicorn, gevent, django, kubernetes_validate"
   python3 -m pip install -q "${PIP_PACKAGES[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
 fi
+# Usher's own WSGI middleware, from the repo on every run, so the installed
+# copy is never older than the source (the e2e tests import the source itself).
+echo "== installing usher-wsgi from ./worker/python"
+python3 -m pip install -q --upgrade ./worker/python 2>/dev/null \
+  || python3 -m pip install -q --upgrade --break-system-packages ./worker/python
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 
 echo "== cargo fmt --check"
