@@ -6,7 +6,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /livez` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
-//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, upgraded |
+//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, upgraded, share (under `proxy_replicas`) |
 //! | `POST /reload` | reload the config file: 200 and a summary of what changed, or 422 and the errors (`usher reload` calls it) |
 //! | `POST /upstreams/{u}/backends/{addr}/drain` | stop sending new requests to a backend |
 //! | `POST /upstreams/{u}/backends/{addr}/undrain` | resume it |
@@ -135,6 +135,7 @@ impl Admin {
                         "capacity": b.capacity(),
                         "weight": b.weight(),
                         "upgraded": b.upgraded(),
+                        "share": b.share_view(),
                         "ejections": b.health.ejections(),
                         "fleet": state.gates.find(b.addr).map(|g| {
                             let p = g.process();

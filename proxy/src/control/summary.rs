@@ -57,5 +57,23 @@ pub fn log_startup(state: &State, config_name: &str, bound: &[(String, std::net:
             backends = %if listed.is_empty() { "none yet".to_string() } else { listed.join(", ") },
             "upstream"
         );
+        let replicas = up.cfg.proxy_replicas;
+        if replicas > 1 {
+            let id = crate::dispatch::share::ReplicaId::get();
+            let statics: Vec<String> = backends
+                .iter()
+                .filter(|b| b.capacity_source() != CapacitySource::Reported)
+                .map(|b| format!("{} ×{}", b.key, b.static_share()))
+                .collect();
+            tracing::info!(
+                upstream = %name,
+                replicas,
+                identity = %id.describe(replicas),
+                "shared with other Usher replicas: workers that report their load (X-Usher-Load with busy) are shared by report; others by a static split that never over-fills"
+            );
+            if !statics.is_empty() {
+                tracing::info!(upstream = %name, backends = %statics.join(", "), "static split (no load report yet)");
+            }
+        }
     }
 }

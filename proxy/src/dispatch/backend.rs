@@ -6,6 +6,10 @@
 //! `default_capacity`. The in-flight count itself is only changed by the
 //! dispatcher, under its lock (see `dispatch.rs`); here it is just stored.
 //!
+//! With `proxy_replicas > 1` this replica takes only its part of those
+//! threads: what the worker's last load report leaves free, or a static
+//! split (see `share.rs`).
+//!
 //! Its health (active verdict, ejection, draining) is [`Health`], owned by
 //! the `health` module; a backend takes new requests only when that says it
 //! is available.
@@ -16,13 +20,32 @@ use std::time::{Duration, Instant};
 
 use usher_worker::LoadReport;
 
+pub use crate::health::Load;
 use crate::health::Health;
 
-/// The `threads` of a worker's `X-Usher-Load` report. The format is the
-/// worker's, [`LoadReport`]; this only narrows it to a capacity.
-pub fn parse_load_threads(v: &str) -> Option<u32> {
+/// A worker's `X-Usher-Load` report. The format is the worker's,
+/// [`LoadReport`]; this narrows it to a capacity and, when the report names
+/// `busy`, what is taken.
+pub fn parse_load(v: &str) -> Option<Load> {
     let report: LoadReport = v.parse().ok()?;
-    u32::try_from(report.threads).ok()
+    let says_busy = v
+        .split(',')
+        .any(|item| item.split('=').next().is_some_and(|k| k.trim() == "busy"));
+    Some(Load {
+        threads: u32::try_from(report.threads).ok()?,
+        taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
+    })
+}
+
+/// How this replica's part of a shared backend is decided now (`/status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ShareView {
+    pub replicas: u32,
+    /// `report` while a fresh load report decides it, else `static`.
+    pub by: &'static str,
+    /// Threads the other replicas held at the last report.
+    pub others: Option<u32>,
+    pub report_age_ms: Option<u64>,
 }
 
 /// Where a backend's capacity comes from.
@@ -47,8 +70,17 @@ pub struct Backend {
     /// `max_in_flight: N`; 0 means `auto`.
     fixed_capacity: AtomicU32,
     default_capacity: AtomicU32,
-    /// Usher replicas sharing this backend; this one takes `ceil(cap / share)`.
-    share: AtomicU32,
+    /// Usher replicas sharing this backend (`proxy_replicas`).
+    replicas: AtomicU32,
+    /// `share::stable_hash` of `key`: where the static split's remainder starts.
+    key_hash: u64,
+    /// Under sharing: the threads the other replicas held at the last load
+    /// report, and when it came (ms since `epoch`, plus one; 0: none yet).
+    others: AtomicU32,
+    report_at_ms: AtomicU64,
+    /// The last of those came from a refusal (which counts even when this
+    /// Usher thinks it is alone: something else holds the threads).
+    refused: std::sync::atomic::AtomicBool,
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
@@ -83,7 +115,11 @@ impl Backend {
             weight: AtomicU32::new(weight.max(1)),
             fixed_capacity: AtomicU32::new(fixed_capacity.unwrap_or(0)),
             default_capacity: AtomicU32::new(default_capacity.max(1)),
-            share: AtomicU32::new(1),
+            replicas: AtomicU32::new(1),
+            key_hash: super::share::stable_hash(addr.to_string().as_bytes()),
+            others: AtomicU32::new(0),
+            report_at_ms: AtomicU64::new(0),
+            refused: Default::default(),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
@@ -120,16 +156,96 @@ impl Backend {
             .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// This Usher's share of the backend's threads when `replicas` Ushers
-    /// send to it.
+    /// `replicas` Ushers (this one included) send to this backend.
     pub fn set_share(&self, replicas: u32) {
-        self.share.store(replicas.max(1), Ordering::Relaxed);
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
     }
 
-    /// Full capacity (this replica's share), before slow start.
+    fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The other replicas' threads at the last report, while it is fresh.
+    fn fresh_others(&self) -> Option<(u32, u64)> {
+        let at = self.report_at_ms.load(Ordering::Acquire);
+        if at == 0 {
+            return None;
+        }
+        let age = self.now_ms().saturating_sub(at - 1);
+        (age <= super::share::REPORT_TTL.as_millis() as u64)
+            .then(|| (self.others.load(Ordering::Acquire), age))
+    }
+
+    /// Full capacity (this replica's part), before slow start: all the
+    /// threads when it is alone; under sharing, what the others left free at
+    /// the last fresh report, else the static split (which may be 0 when
+    /// there are fewer threads than replicas).
     pub fn full_capacity(&self) -> u32 {
-        let share = self.share.load(Ordering::Relaxed).max(1);
-        self.threads().div_ceil(share).max(1)
+        let threads = self.threads();
+        let alone = self.replicas() == 1;
+        if alone && !self.refused.load(Ordering::Relaxed) {
+            return threads;
+        }
+        if let Some((others, _)) = self.fresh_others() {
+            return threads.saturating_sub(others);
+        }
+        if alone {
+            return threads;
+        }
+        self.static_share()
+    }
+
+    /// This replica's static split of the threads.
+    pub fn static_share(&self) -> u32 {
+        let replicas = self.replicas();
+        let index = super::share::ReplicaId::get().index(replicas);
+        super::share::static_share(self.threads(), replicas, index, self.key_hash)
+    }
+
+    /// Under sharing, how this replica's part is decided now.
+    pub fn share_view(&self) -> Option<ShareView> {
+        let replicas = self.replicas();
+        (replicas > 1).then(|| {
+            let fresh = self.fresh_others();
+            ShareView {
+                replicas,
+                by: if fresh.is_some() { "report" } else { "static" },
+                others: fresh.map(|(o, _)| o),
+                report_age_ms: fresh.map(|(_, age)| age),
+            }
+        })
+    }
+
+    /// Takes in a worker's load report. `own` is this replica's requests
+    /// holding one of its threads when the report was made (on a response,
+    /// the answered request no longer does). Returns true if this replica's
+    /// capacity grew, so that queued requests may go.
+    pub fn note_load(&self, load: Load, own: u32) -> bool {
+        let before = self.full_capacity();
+        self.report_threads_quietly(load.threads);
+        if let Some(taken) = load.taken {
+            let others = super::share::others_from_report(taken, 0, own);
+            self.others.store(others, Ordering::Release);
+            self.refused.store(false, Ordering::Relaxed);
+            self.report_at_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+        }
+        self.full_capacity() > before
+    }
+
+    /// The worker refused a request for lack of a free thread: every thread
+    /// not this replica's is taken, whatever the last report said.
+    pub fn note_refused(&self, own: u32) {
+        let threads = self.threads();
+        self.others
+            .store(threads.saturating_sub(own), Ordering::Release);
+        self.refused.store(true, Ordering::Relaxed);
+        self.report_at_ms
+            .store(self.now_ms() + 1, Ordering::Release);
     }
 
     /// The backend's own capacity: configured, reported or default.
@@ -170,7 +286,7 @@ impl Backend {
         let full = self.full_capacity();
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
         let span = self.slow_start_ms.load(Ordering::Relaxed);
-        if until == 0 || span == 0 {
+        if until == 0 || span == 0 || full == 0 {
             return full;
         }
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -182,27 +298,40 @@ impl Backend {
         ramp.clamp(1, full)
     }
 
-    /// While a slow start ramps: when capacity takes its next step.
+    /// When capacity next changes on its own: a slow start's next step, or
+    /// (under sharing) the moment the last load report goes stale.
     pub fn next_capacity_step(&self, now: Instant) -> Option<Instant> {
+        let stale = self
+            .fresh_others()
+            .filter(|_| self.replicas() > 1 || self.refused.load(Ordering::Relaxed))
+            .map(|(_, age)| {
+                let ttl = super::share::REPORT_TTL.as_millis() as u64;
+                now + Duration::from_millis(ttl.saturating_sub(age) + 1)
+            });
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
         let span = self.slow_start_ms.load(Ordering::Relaxed);
         let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if until == 0 || span == 0 || at >= until {
-            return None;
+            return stale;
         }
         let steps = u64::from(self.full_capacity().max(2) - 1);
         let step = (span / steps).max(10);
-        Some(now + Duration::from_millis(step.min(until - at)))
+        let ramp = now + Duration::from_millis(step.min(until - at));
+        Some(stale.map_or(ramp, |s| s.min(ramp)))
     }
 
     /// Records the worker's own thread count. Returns true if capacity grew.
     pub fn report_threads(&self, threads: u32) -> bool {
-        if threads == 0 || threads > 100_000 {
-            return false;
-        }
         let before = self.full_capacity();
-        self.reported_capacity.store(threads, Ordering::Relaxed);
+        self.report_threads_quietly(threads);
         self.full_capacity() > before
+    }
+
+    fn report_threads_quietly(&self, threads: u32) {
+        if threads == 0 || threads > 100_000 {
+            return;
+        }
+        self.reported_capacity.store(threads, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -271,8 +400,10 @@ impl crate::health::Target for Backend {
     fn health(&self) -> &Health {
         &self.health
     }
-    fn report_threads(&self, threads: u32) -> bool {
-        Backend::report_threads(self, threads)
+    fn report_load(&self, load: Load) -> bool {
+        // A check is no request of this replica's: all its in-flight
+        // requests hold threads.
+        self.note_load(load, self.in_flight())
     }
     fn came_up(&self) {
         self.start_slow();
@@ -290,9 +421,11 @@ mod tests {
     /// The format's own cases are tested in `worker/src/load.rs`.
     #[test]
     fn the_load_header_gives_a_capacity() {
-        assert_eq!(parse_load_threads("threads=4, busy=3, queued=0"), Some(4));
-        assert_eq!(parse_load_threads("busy=3"), None);
-        assert_eq!(parse_load_threads("threads=4294967296"), None);
+        let load = parse_load("threads=4, busy=3, queued=1").unwrap();
+        assert_eq!((load.threads, load.taken), (4, Some(4)));
+        assert_eq!(parse_load("busy=3"), None);
+        assert_eq!(parse_load("threads=4294967296"), None);
+        assert_eq!(parse_load("threads=2, queued=1").unwrap().taken, None);
     }
 
     #[test]
@@ -307,15 +440,61 @@ mod tests {
     }
 
     #[test]
-    fn replicas_share_the_threads() {
+    fn replicas_split_the_threads_statically_without_reports() {
         let a = b();
         a.report_threads(8);
         a.set_share(2);
         assert_eq!(a.capacity(), 4);
+        // 8 threads for 3: 2 or 3 each, never ceil(8/3) = 3 for everyone.
         a.set_share(3);
-        assert_eq!(a.capacity(), 3);
+        assert!((2..=3).contains(&a.capacity()));
+        assert_eq!(a.capacity(), a.static_share());
         a.set_share(16);
+        assert!(a.capacity() <= 1);
+    }
+
+    #[test]
+    fn a_fresh_report_gives_what_the_others_leave() {
+        let a = b();
+        a.set_share(3);
+        // 4 threads: 3 busy, none of them ours (a health check).
+        let load = parse_load("threads=4, busy=3, queued=0").unwrap();
+        a.note_load(load, 0);
         assert_eq!(a.capacity(), 1);
+        assert_eq!(a.share_view().unwrap().by, "report");
+        // On a response: busy=1 and we held 2 besides the answered one.
+        assert!(a.note_load(parse_load("threads=4, busy=1, queued=0").unwrap(), 1));
+        assert_eq!(a.capacity(), 4);
+        // Queued requests count as taken: someone over-filled it.
+        a.note_load(parse_load("threads=4, busy=4, queued=2").unwrap(), 0);
+        assert_eq!(a.capacity(), 0);
+        // A refusal says every thread not ours is taken.
+        a.note_refused(1);
+        assert_eq!(a.capacity(), 1);
+        assert!(a.next_capacity_step(Instant::now()).is_some());
+    }
+
+    #[test]
+    fn alone_only_a_refusal_lowers_capacity() {
+        let a = b();
+        a.note_load(parse_load("threads=4, busy=3, queued=0").unwrap(), 0);
+        assert_eq!(a.capacity(), 4);
+        assert!(a.share_view().is_none());
+        a.note_refused(2);
+        assert_eq!(a.capacity(), 2);
+        a.note_load(parse_load("threads=4, busy=3, queued=0").unwrap(), 0);
+        assert_eq!(a.capacity(), 4);
+    }
+
+    #[test]
+    fn a_report_without_busy_decides_no_share() {
+        let a = b();
+        a.set_share(3);
+        let load = parse_load("threads=6").unwrap();
+        assert_eq!(load.taken, None);
+        a.note_load(load, 0);
+        assert_eq!(a.capacity(), 2);
+        assert_eq!(a.share_view().unwrap().by, "static");
     }
 
     #[test]

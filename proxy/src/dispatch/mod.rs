@@ -28,6 +28,7 @@ pub mod backend;
 pub mod balance;
 pub mod estimate;
 pub mod overload;
+pub mod share;
 
 pub use backend::Backend;
 use balance::Balancer;

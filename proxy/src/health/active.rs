@@ -23,14 +23,25 @@ use crate::health::{Health, Threshold};
 use crate::observe::metrics::Metrics;
 use crate::tls::connector::HttpClient;
 
+/// What a worker says about its load (`X-Usher-Load`, or `/healthz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub threads: u32,
+    /// `busy + queued`, when the report says how busy it is: the threads
+    /// taken at the moment of the report (on a response: not counting the
+    /// request answered).
+    pub taken: Option<usize>,
+}
+
 /// What the checker needs of a backend.
 pub trait Target: Send + Sync + 'static {
     fn addr(&self) -> SocketAddr;
     /// The backend's name in logs and metrics.
     fn key(&self) -> &str;
     fn health(&self) -> &Health;
-    /// The worker reported its thread count; true if capacity grew.
-    fn report_threads(&self, threads: u32) -> bool;
+    /// The worker reported its load (thread count, and how busy it is);
+    /// true if capacity grew.
+    fn report_load(&self, load: Load) -> bool;
     /// The active check brought it back up (slow start begins).
     fn came_up(&self);
 }
@@ -51,8 +62,9 @@ pub struct Checker<T> {
 #[derive(Debug, Clone)]
 pub struct ProbeResult {
     pub ok: bool,
-    /// The worker's thread count, from a `usher-worker`-style `/healthz`.
-    pub threads: Option<u32>,
+    /// The worker's load, from a `usher-worker`-style `/healthz`
+    /// (`{"threads": 4, "busy": 1, "queued": 0, …}`).
+    pub load: Option<Load>,
     /// Why it failed.
     pub failure: Option<Failure>,
 }
@@ -144,7 +156,7 @@ pub async fn probe(
 ) -> ProbeResult {
     let fail = |f: Failure| ProbeResult {
         ok: false,
-        threads: None,
+        load: None,
         failure: Some(f),
     };
     let uri = format!("http://{addr}{}", spec.cfg.path);
@@ -189,18 +201,28 @@ pub async fn probe(
                     expected: spec.cfg.expect_text(),
                 });
             }
-            let threads = (status == StatusCode::OK)
+            let load = (status == StatusCode::OK)
                 .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
                 .flatten()
-                .and_then(|v| v.get("threads")?.as_u64())
-                .and_then(|t| u32::try_from(t).ok());
+                .and_then(|v| healthz_load(&v));
             ProbeResult {
                 ok: true,
-                threads,
+                load,
                 failure: None,
             }
         }
     }
+}
+
+/// The load in a `/healthz` JSON body: `threads`, and `busy` (+ `queued`)
+/// when it says them.
+fn healthz_load(v: &serde_json::Value) -> Option<Load> {
+    let count = |k: &str| v.get(k)?.as_u64().and_then(|n| usize::try_from(n).ok());
+    let threads = u32::try_from(v.get("threads")?.as_u64()?).ok()?;
+    Some(Load {
+        threads,
+        taken: count("busy").map(|busy| busy.saturating_add(count("queued").unwrap_or(0))),
+    })
 }
 
 /// Checks every target each `interval` (jittered by ±10%) until `cancel`
@@ -245,8 +267,8 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
                     .inc();
             }
             health.record_check(r.failure.as_ref().map(ToString::to_string));
-            if let Some(threads) = r.threads {
-                changed |= b.report_threads(threads);
+            if let Some(load) = r.load {
+                changed |= b.report_load(load);
             }
             if r.ok && health.check_passed(std::time::Instant::now()) {
                 tracing::info!(upstream = %c.upstream, backend = %b.key(), "health check passed: readmitting a backend ejected for refused connections");

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-pub use active::{probe, ProbeSpec, Target};
+pub use active::{probe, Load, ProbeSpec, Target};
 pub use outlier::{Policy, Verdict};
 pub use threshold::Threshold;
 

@@ -7,7 +7,7 @@ use http::{Method, StatusCode};
 
 /// The worker's load report (`threads=4, busy=3, queued=0`, the worker's
 /// [`usher_worker::LoadReport`]), consumed here and never passed to clients.
-pub use usher_worker::X_USHER_LOAD;
+pub use usher_worker::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 
 /// Takes a backend's framing headers off its response, so that the framing
 /// the client sees is Usher's own, made from the body Usher really read

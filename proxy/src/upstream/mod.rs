@@ -21,13 +21,13 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::dispatch::backend::{parse_load_threads, Backend};
+use crate::dispatch::backend::{parse_load, Backend};
 use crate::dispatch::{Dispatcher, Slot};
 use crate::error::Error;
 use crate::health::{self, Verdict};
 use crate::observe::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
-use framing::X_USHER_LOAD;
+use framing::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 
 pub mod body;
 pub mod framing;
@@ -81,7 +81,16 @@ pub enum Attempt<T> {
     /// the backend's thread (retrying would pile more work on a fleet that
     /// is already too slow), and a tunnel cannot be replayed.
     Final(Error),
+    /// The worker refused it at once for lack of a free thread
+    /// (`X-Usher-Refused: busy`): nothing of it ran. It queues again at the
+    /// head, without counting an attempt or a failure.
+    Refused,
 }
+
+/// How many times one request may be refused for lack of a thread before
+/// it is answered 503 (each refusal also lowers this replica's part of that
+/// worker, so the next try waits for a thread to free).
+const MAX_REFUSALS: u32 = 64;
 
 /// What admission to a backend hands an attempt: a request slot, or an
 /// upgraded connection's ticket.
@@ -201,8 +210,10 @@ impl Upstream {
         let mut last: Option<Arc<Backend>> = None;
         let max_attempts = 1 + self.cfg.retries.attempts;
         self.retry_budget.deposit();
-        for n in 1..=max_attempts {
-            let admitted = match exchange.admit(&avoid, n > 1).await {
+        let (started, mut refusals) = (tokio::time::Instant::now(), 0u32);
+        let mut n = 1;
+        while n <= max_attempts {
+            let admitted = match exchange.admit(&avoid, n > 1 || refusals > 0).await {
                 Ok(a) => a,
                 Err(error) => {
                     return Err(Failed {
@@ -217,6 +228,19 @@ impl Upstream {
             last = Some(backend.clone());
             let (error, reason) = match exchange.attempt(admitted).await {
                 Attempt::Done(value) => return Ok((value, backend, queue_wait)),
+                Attempt::Refused => {
+                    refusals += 1;
+                    if refusals >= MAX_REFUSALS || started.elapsed() >= self.cfg.queue.timeout.0 {
+                        return Err(Failed {
+                            error: Error::QueueTimeout {
+                                upstream: self.name.clone(),
+                            },
+                            backend: last,
+                            queue_wait,
+                        });
+                    }
+                    continue;
+                }
                 Attempt::NotSent(e) => (e, "connect"),
                 Attempt::Sent(e) if is_idempotent(method) => (e, "error"),
                 Attempt::Sent(e) | Attempt::Final(e) => {
@@ -240,6 +264,7 @@ impl Upstream {
                 .retries
                 .with_label_values(&[&self.name, reason])
                 .inc();
+            n += 1;
         }
         unreachable!("the loop returns on its last attempt")
     }
@@ -316,15 +341,34 @@ impl Upstream {
         };
 
         // The worker's load report is for Usher: consume it here, so it
-        // never reaches the client.
-        if let Some(threads) = response
+        // never reaches the client. This replica's other requests on the
+        // backend hold threads; this one no longer does.
+        let own = backend.in_flight().saturating_sub(1);
+        let load = response
             .headers_mut()
             .remove(&X_USHER_LOAD)
             .as_ref()
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_load_threads)
+            .and_then(parse_load);
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE
+            && response
+                .headers()
+                .get(&X_USHER_REFUSED)
+                .is_some_and(|v| v == REFUSED_BUSY)
         {
-            if backend.report_threads(threads) {
+            if let Some(load) = load {
+                backend.report_threads(load.threads);
+            }
+            backend.note_refused(own);
+            self.count(&backend, "refused");
+            // Read the short refusal so the connection stays reusable.
+            let body = response.into_body().collect();
+            let _ = tokio::time::timeout_at(deadline, body).await;
+            drop(slot);
+            return Attempt::Refused;
+        }
+        if let Some(load) = load {
+            if backend.note_load(load, own) {
                 self.dispatcher.kick();
             }
         } else if backend.first_default_fallback() {
