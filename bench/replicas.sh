@@ -50,12 +50,11 @@ SAMPLE_MS="${SAMPLE_MS:-10}"
 BACKEND="${BACKEND:-usher-worker}"
 RPY="python3 $BENCH_DIR/replicas.py"
 
-TASKSET=(taskset -c)
-command -v taskset >/dev/null 2>&1 || { log "no taskset: nothing is pinned"; TASKSET=(); }
-pin() {  # CPU CMD... : runs CMD pinned to CPU when taskset exists
-  local cpu="$1"; shift
-  if ((${#TASKSET[@]})); then "${TASKSET[@]}" "$cpu" "$@"; else "$@"; fi
-}
+# Command prefixes (not a shell function: a function run with `&` would be a
+# subshell whose pid is not the process's, and stopping it would orphan the process).
+PIN_PROXY=(taskset -c "$PROXY_CPU")
+PIN_LOAD=(taskset -c "$LOAD_CPU")
+command -v taskset >/dev/null 2>&1 || { log "no taskset: nothing is pinned"; PIN_PROXY=(); PIN_LOAD=(); }
 
 build
 raise_nofile
@@ -157,7 +156,7 @@ print(' '.join(str(x/sum(w)) for x in w))")"
     port="$(free_port)"; admin="$(free_port)"; cfg="$WORK/usher-$case-$k.yaml"
     write_replica_cfg "$cfg" "$port" "$admin" "$n"
     export USHER_REPLICA_ID="usher-$k"
-    start_bg "usher-$case-$round-$k" pin "$PROXY_CPU" "$BIN/usher" -c "$cfg"
+    start_bg "usher-$case-$round-$k" "${PIN_PROXY[@]}" "$BIN/usher" -c "$cfg"
     upids+=("$LAST_PID"); ports+=("$port"); admins+=("$admin")
     k=$((k + 1))
   done
@@ -176,16 +175,17 @@ print(' '.join(str(x/sum(w)) for x in w))")"
     worker_503s >"$WORK/w503-after"
   ) &
   local sampler=$!
+  PIDS+=("$sampler")
   local lpids=() outs=() rates=() sharel=()
   k=0
   for share in $shares; do
     local rate out
     rate="$(python3 -c "print(round($TOTAL_RATE * $share, 3))")"
     out="$WORK/load-$case-$round-$k.json"
-    pin "$LOAD_CPU" "$BIN/usher-load" --rate "$rate" --duration "${SECS}s" --warmup "${WARMUP}s" \
+    "${PIN_LOAD[@]}" "$BIN/usher-load" --rate "$rate" --duration "${SECS}s" --warmup "${WARMUP}s" \
       --connections "$CONNECTIONS" --timeout 30s --seed "$((round * 10 + k + 1))" \
       --url "http://127.0.0.1:${ports[$k]}/sleep?ms=$SLEEP_MS" --json >"$out" 2>"$out.err" &
-    lpids+=("$!"); outs+=("$out"); rates+=("$rate"); sharel+=("$share")
+    lpids+=("$!"); PIDS+=("$!"); outs+=("$out"); rates+=("$rate"); sharel+=("$share")
     k=$((k + 1))
   done
   log "$case round $round: $n x usher, rates ${rates[*]} req/s, ${SECS}s (+${WARMUP}s warm-up)"
