@@ -56,6 +56,8 @@ from collections import deque
 INF = float("inf")
 ARR, WARR, WDONE, RESP, HC, EXP, EXPB = range(7)
 POLICIES = ("single", "ceil", "static", "dynamic")
+SWEEP = [0.005, 0.02, 0.05, 0.1, 0.3, 1.0]
+MIX = "90:10,10:200"
 
 
 # ---------------------------------------------------------------- parameters
@@ -474,7 +476,7 @@ def table(args):
             scales.append((int(p), int(w), sp))
     ttl = args.ttl_list[0]
     preamble(args, f", dynamic TTL {ttl * 1e3:g} ms")
-    print(f"## Policies at {args.load:.0%} load, uneven traffic "
+    print(f"## Policies at {args.load:.0%} load, dynamic TTL {ttl * 1e3:g} ms, uneven traffic "
           f"(3x2: 70/15/15; larger: hot:0.3 = one replica 30 %, the rest equal)")
     print()
     print(HEAD)
@@ -486,16 +488,27 @@ def table(args):
                 r = run(args, P, W, sp, policy, exact, ttl, requests=reqs)
                 print(row(r), flush=True)
     print()
-    sweep = [0.02, 0.1, 0.3, 1.0] if len(args.ttl_list) == 1 else args.ttl_list
-    print(f"## TTL sweep, dynamic, hc every {args.hc_interval:g} s")
+    sweep = SWEEP if len(args.ttl_list) == 1 else args.ttl_list
+    print(f"## TTL sweep, dynamic, hc every {args.hc_interval:g} s, service {args.service} ms")
     print()
     print(HEAD)
     for P, W, sp in scales[:2]:
+        print(row(run(args, P, W, sp, "single", True, 0)), flush=True)
         for exact in (True, False):
             for t in sweep:
                 r = run(args, P, W, sp, "dynamic", exact, t)
                 print(row(r), flush=True)
     print()
+    if args.service != MIX:
+        args.service = MIX
+        print(f"## TTL sweep, dynamic, exact admission, service mix {MIX} ms (as bench/threaded.sh)")
+        print()
+        print(HEAD)
+        for P, W, sp in scales[:2]:
+            print(row(run(args, P, W, sp, "single", True, 0)), flush=True)
+            for t in sweep:
+                print(row(run(args, P, W, sp, "dynamic", True, t)), flush=True)
+        print()
 
 
 def main(argv=None):
@@ -511,7 +524,7 @@ def main(argv=None):
                          "(default 70,15,15 for P=3, hot:0.3 otherwise)")
     ap.add_argument("--service", default="50", help="ms: 50 | exp:50 | 90:10,10:200 (50)")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--ttl", default="0.3", help="seconds, comma-separated for a sweep (0.3)")
+    ap.add_argument("--ttl", default="0.02", help="seconds, comma-separated for a sweep (0.02)")
     ap.add_argument("--exact", default="on", choices=("on", "off", "both"),
                     help="exact admission (usher-worker --queue 0): on | off | both")
     ap.add_argument("--hc-interval", type=float, default=1.0, help="seconds; 0 = no checks")
