@@ -70,17 +70,13 @@ start_worker() {  # PORT
   local port="$1"
   if [[ "$BACKEND" == "waitress" ]]; then
     command -v waitress-serve >/dev/null || { log "no waitress-serve"; exit 1; }
-    # The app module wrapped in the load-reporting middleware (unless it already is).
+    # The app module's WSGI app in the load-reporting middleware (`application` is
+    # already wrapped; a bare `app` gets wrapped here). Its /healthz needs a free
+    # waitress thread, so with all threads busy a sample waits.
     cat >"$WORK/replicas_wsgi.py" <<EOF
 import usher_wsgi, usher_wsgi_app
-_app = getattr(usher_wsgi_app, "app")
-if isinstance(_app, usher_wsgi.UsherLoad):
-    app = _app
-else:
-    try:
-        app = usher_wsgi.UsherLoad(_app, threads=$THREADS)
-    except TypeError:
-        app = usher_wsgi.UsherLoad(_app)
+_app = getattr(usher_wsgi_app, "application", None) or usher_wsgi_app.app
+app = _app if isinstance(_app, usher_wsgi.UsherLoad) else usher_wsgi.UsherLoad(_app, threads=$THREADS)
 EOF
     start_bg "worker-$port" env PYTHONPATH="$WORK:$REPO/worker/python:$REPO/tests/python" \
       waitress-serve --threads="$THREADS" --listen="127.0.0.1:$port" --backlog=2048 \
@@ -100,6 +96,7 @@ log "workers: $BACKEND x $WORKERS on ports ${BPORTS[*]} (threads $THREADS$([[ $B
 
 worker_503s() {  # the sum of the 503s all workers have sent (empty if unknown)
   local b v sum=0
+  [[ "$BACKEND" == "waitress" ]] && { echo ""; return; }  # no /metrics; it queues, never refuses
   for b in "${BPORTS[@]}"; do
     v="$($RPY metric-sum "http://127.0.0.1:$b/metrics" usher_worker_requests_total code=503)"
     [[ -n "$v" ]] || { echo ""; return; }
