@@ -114,7 +114,12 @@ async fn past_capacity_the_excess_is_shed_fast_and_the_admitted_barely_wait() {
 
     // The excess is shed: 503 + Retry-After, saying why, long before the
     // 5 s queue timeout.
-    assert!(shed.len() >= 20, "only {} of {} shed", shed.len(), seen.len());
+    assert!(
+        shed.len() >= 20,
+        "only {} of {} shed",
+        shed.len(),
+        seen.len()
+    );
     for s in &shed {
         assert_eq!(s.retry_after.as_deref(), Some("1"));
         assert!(s.body.contains("queue overloaded"), "{}", s.body);
