@@ -431,16 +431,21 @@ impl Dispatcher {
     /// target, never the newest one per slot, never while a slot is free.
     fn shed(&self, inner: &mut Inner, now: Instant, tnow: tokio::time::Instant) {
         let reserve = Self::slots(inner, now);
-        let slot_free = inner
-            .backends
-            .iter()
-            .any(|b| b.health.is_available(now) && b.in_flight() < b.capacity());
+        let slot_free = Self::slot_free(inner, now);
         let range = inner.overload.shed(&inner.queue, reserve, slot_free, tnow);
         for w in inner.queue.drain(range) {
             if w.tx.send(Err(Rejected::Overloaded)).is_ok() {
                 self.metrics.rejected_overload.inc();
             }
         }
+    }
+
+    /// Whether an available backend has room for one more request.
+    fn slot_free(inner: &Inner, now: Instant) -> bool {
+        inner
+            .backends
+            .iter()
+            .any(|b| b.health.is_available(now) && b.in_flight() < b.capacity())
     }
 
     /// How many requests the available backends take at once.
@@ -527,11 +532,12 @@ impl Dispatcher {
             })
             .min()
             .map(tokio::time::Instant::from_std);
-        let reserve = Self::slots(&inner, now);
+        let (reserve, slot_free) = (Self::slots(&inner, now), Self::slot_free(&inner, now));
         let inner = &mut *inner;
+        let tnow = tokio::time::Instant::now();
         let shed = inner
             .overload
-            .next_shed(&inner.queue, reserve, tokio::time::Instant::now());
+            .next_shed(&inner.queue, reserve, slot_free, tnow);
         capacity.into_iter().chain(shed).min()
     }
 

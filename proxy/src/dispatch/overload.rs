@@ -159,14 +159,17 @@ impl Codel {
 
     /// When [`Codel::shed`] next has something to shed (the oldest waiter
     /// outside the reserve turns `target` old), if the queue stays as it is.
+    /// None while a slot is free: the grant or release that follows decides
+    /// again (and a timer in the past would spin).
     pub fn next_shed<Q: Queued>(
         &mut self,
         queue: &VecDeque<Q>,
         reserve: usize,
+        slot_free: bool,
         now: Instant,
     ) -> Option<Instant> {
         let s = self.settings?;
-        if !self.overloaded(now) {
+        if slot_free || !self.overloaded(now) {
             return None;
         }
         let first = queue.iter().take_while(|w| w.retry()).count();
@@ -283,7 +286,7 @@ mod tests {
         let t = Instant::now() - ms(4000);
         let q: VecDeque<W> = (0..10).map(|_| W(t, false)).collect();
         assert_eq!(c.shed(&q, 0, false, Instant::now()), 0..0);
-        assert_eq!(c.next_shed(&q, 0, Instant::now()), None);
+        assert_eq!(c.next_shed(&q, 0, false, Instant::now()), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -336,15 +339,24 @@ mod tests {
         advance(ms(1000)).await;
         let mut c = codel();
         let q0: VecDeque<W> = [W(Instant::now(), false)].into_iter().collect();
-        assert_eq!(c.next_shed(&q0, 0, Instant::now()), None, "not overloaded");
+        assert_eq!(
+            c.next_shed(&q0, 0, false, Instant::now()),
+            None,
+            "not overloaded"
+        );
         window(&mut c, &[80, 90]).await;
         let now = Instant::now();
         let mut q: VecDeque<W> = [W(now, false), W(now + ms(5), false)].into_iter().collect();
-        assert_eq!(c.next_shed(&q, 2, now), None, "all in the reserve");
-        let at = c.next_shed(&q, 1, now).unwrap();
+        assert_eq!(c.next_shed(&q, 2, false, now), None, "all in the reserve");
+        assert_eq!(c.next_shed(&q, 1, true, now), None, "a slot is free");
+        let at = c.next_shed(&q, 1, false, now).unwrap();
         assert_eq!(at, now + ms(51));
         q.push_front(W(now - ms(900), true));
-        assert_eq!(c.next_shed(&q, 1, now), Some(at), "retries do not count");
+        assert_eq!(
+            c.next_shed(&q, 1, false, now),
+            Some(at),
+            "retries do not count"
+        );
         tokio::time::advance(at - now).await;
         assert_eq!(c.shed(&q, 1, false, Instant::now()), 1..2);
     }
