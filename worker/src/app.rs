@@ -13,9 +13,11 @@
 //!
 //! `/sleep` and `/cpu` return `{"start_us":..,"end_us":..,"thread":".."}`: when the
 //! work started and ended (µs since the UNIX epoch) and which pool thread did it, so
-//! tests can see which requests ran in parallel. With the GIL on, the interval starts
-//! once the GIL is first held, and `"gil_wait_us"` says how long the request waited
-//! for the GIL in all (at the start, between time slices and after the sleep).
+//! tests can see which requests ran in parallel. With the GIL on they also carry
+//! `"gil_wait_us"`, how long the request waited for the GIL in all (to start, between
+//! its time slices and back from its sleep), and `"gil_takes"`, how many times it
+//! took the GIL (1 if it ran uninterrupted). The interval starts when the pool thread
+//! starts the request, before it waits for the GIL.
 //!
 //! `N` must be an integer from 0 to 60000; anything else is a `400`.
 //!
@@ -64,6 +66,8 @@ struct Timing {
     thread: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     gil_wait_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gil_takes: Option<u32>,
 }
 
 impl App {
@@ -112,10 +116,10 @@ struct View<'a> {
 impl<'a> View<'a> {
     /// Takes the GIL (if any) before the request's first line of "Python".
     fn enter(python: Option<&'a Python>) -> Self {
-        let gil = python.map(|p| p.gil.acquire());
+        let start_us = now_us();
         Self {
-            gil,
-            start_us: now_us(),
+            gil: python.map(|p| p.gil.acquire()),
+            start_us,
         }
     }
 
@@ -150,6 +154,7 @@ impl<'a> View<'a> {
                 .unwrap_or("unnamed")
                 .to_owned(),
             gil_wait_us: self.gil.as_ref().map(|g| g.waited().as_micros() as u64),
+            gil_takes: self.gil.as_ref().map(GilGuard::takes),
         };
         drop(self);
         let mut resp = Response::new(Bytes::from(serde_json::to_vec(&t).expect("plain struct")));
@@ -328,6 +333,7 @@ mod tests {
             "5 ms asleep and 2 ms of CPU in {took} µs: {v}"
         );
         assert_eq!(v["gil_wait_us"], 0, "nobody else held the GIL: {v}");
+        assert_eq!(v["gil_takes"], 2, "to start and back from the sleep: {v}");
         assert_eq!(get(&app, "/status/418").status(), StatusCode::IM_A_TEAPOT);
         assert_eq!(app.gil().unwrap().switches(), 1, "one thread took it");
 

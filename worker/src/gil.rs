@@ -101,6 +101,7 @@ impl Gil {
             gil: self,
             held: true,
             waited,
+            takes: 1,
         }
     }
 
@@ -177,6 +178,7 @@ pub struct GilGuard<'a> {
     /// release a GIL this thread no longer holds.
     held: bool,
     waited: Duration,
+    takes: u32,
 }
 
 impl GilGuard<'_> {
@@ -188,6 +190,7 @@ impl GilGuard<'_> {
         }
         let state = self.gil.release();
         self.waited += self.gil.take(state);
+        self.takes += 1;
         true
     }
 
@@ -214,6 +217,7 @@ impl GilGuard<'_> {
         self.held = false;
         let out = io();
         self.waited += self.gil.take(self.gil.lock());
+        self.takes += 1;
         self.held = true;
         out
     }
@@ -222,6 +226,12 @@ impl GilGuard<'_> {
     /// each hand-over and after each [`allow_threads`](Self::allow_threads).
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// How many times this guard has taken the GIL: once at [`Gil::acquire`], then
+    /// once after each hand-over and each [`allow_threads`](Self::allow_threads).
+    pub fn takes(&self) -> u32 {
+        self.takes
     }
 }
 
