@@ -77,11 +77,17 @@ impl Usher {
     /// Starts Usher on `yaml` (with `LISTEN`/`ADMIN` placeholders) and waits
     /// until `/livez` answers. Does not wait for readiness: see [`Usher::wait_ready`].
     pub fn start(yaml: &str) -> Usher {
+        Usher::start_with_env(yaml, &[])
+    }
+
+    /// [`Usher::start`] with more environment variables (e.g. `USHER_REPLICA_ID`).
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Usher {
         let dir = TempDir::new("usher");
         let config_path = dir.0.join("usher.yaml");
         std::fs::write(&config_path, concrete(yaml)).expect("write config");
         let mut cmd = Command::new(bin_path("usher"));
         cmd.arg("-c").arg(&config_path).env("RUST_LOG", "info");
+        cmd.envs(env.iter().copied());
         let mut proc = Proc::spawn(cmd);
         let mut line = None;
         wait_until(START_TIMEOUT, || {

@@ -80,10 +80,11 @@ impl Front {
         match self.shared.queue.push(job) {
             Ok(()) => {}
             Err(PushError::Full(_)) => {
+                self.shared.load.refused();
                 return Err(Rejection::QueueFull {
                     threads: self.shared.load.threads(),
                     queue: self.queue_capacity,
-                })
+                });
             }
             Err(PushError::Closed(_)) => return Err(Rejection::ShuttingDown),
         }

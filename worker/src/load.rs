@@ -35,6 +35,7 @@ pub(crate) struct Load {
     busy: AtomicUsize,
     peak_busy: AtomicUsize,
     served: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl Load {
@@ -44,6 +45,7 @@ impl Load {
             busy: AtomicUsize::new(0),
             peak_busy: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -58,6 +60,11 @@ impl Load {
         BusyGuard { load: self }
     }
 
+    /// Counts a request refused for lack of a thread.
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub(crate) fn snapshot(&self, queued: usize) -> LoadSnapshot {
         LoadSnapshot {
             threads: self.threads,
@@ -65,6 +72,7 @@ impl Load {
             queued,
             served: self.served.load(Ordering::SeqCst),
             peak_busy: self.peak_busy.load(Ordering::SeqCst),
+            refused: self.refused.load(Ordering::SeqCst),
         }
     }
 }
@@ -104,6 +112,10 @@ pub struct LoadSnapshot {
     pub served: u64,
     /// The highest `busy` seen since the server started.
     pub peak_busy: usize,
+    /// Requests refused for lack of a thread (503, `X-Usher-Refused: busy`)
+    /// since the server started.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 impl LoadSnapshot {
@@ -113,6 +125,7 @@ impl LoadSnapshot {
             threads: self.threads,
             busy: self.busy,
             queued: self.queued,
+            refused: self.refused,
         }
     }
 }
@@ -138,6 +151,10 @@ pub struct LoadReport {
     pub busy: usize,
     /// Requests waiting for a thread.
     pub queued: usize,
+    /// Requests refused for lack of a thread since the worker started: when
+    /// it grows, some proxy sharing this worker wanted a thread and found
+    /// none (0 when missing). Written only when not 0.
+    pub refused: u64,
 }
 
 impl fmt::Display for LoadReport {
@@ -146,7 +163,11 @@ impl fmt::Display for LoadReport {
             f,
             "threads={}, busy={}, queued={}",
             self.threads, self.busy, self.queued
-        )
+        )?;
+        if self.refused != 0 {
+            write!(f, ", refused={}", self.refused)?;
+        }
+        Ok(())
     }
 }
 
@@ -170,24 +191,30 @@ impl FromStr for LoadReport {
     type Err = LoadReportError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut threads, mut busy, mut queued) = (None, 0, 0);
+        let (mut threads, mut busy, mut queued, mut refused) = (None, 0, 0, 0);
         for (key, value) in s.split(',').filter_map(|item| item.split_once('=')) {
             let (key, value) = (key.trim(), value.trim());
+            let not_a_number = |key| LoadReportError::NotANumber {
+                key,
+                value: value.to_string(),
+            };
+            if key == "refused" {
+                refused = value.parse().map_err(|_| not_a_number("refused"))?;
+                continue;
+            }
             let (key, slot) = match key {
                 "threads" => ("threads", threads.insert(0)),
                 "busy" => ("busy", &mut busy),
                 "queued" => ("queued", &mut queued),
                 _ => continue,
             };
-            *slot = value.parse().map_err(|_| LoadReportError::NotANumber {
-                key,
-                value: value.to_string(),
-            })?;
+            *slot = value.parse().map_err(|_| not_a_number(key))?;
         }
         Ok(LoadReport {
             threads: threads.ok_or(LoadReportError::NoThreads)?,
             busy,
             queued,
+            refused,
         })
     }
 }
@@ -205,8 +232,10 @@ mod tests {
             assert_eq!(load.snapshot(0).busy, 2);
             a.served();
         }
+        load.refused();
         let s = load.snapshot(3);
         assert_eq!((s.busy, s.peak_busy, s.served, s.queued), (0, 2, 1, 3));
+        assert_eq!(s.refused, 1);
     }
 
     #[test]
@@ -221,13 +250,17 @@ mod tests {
 
     #[test]
     fn the_header_reads_back() {
-        let r = LoadReport {
+        let mut r = LoadReport {
             threads: 4,
             busy: 3,
             queued: 7,
+            refused: 0,
         };
         assert_eq!(report(&r.to_string()), Ok(r));
         assert_eq!(report("threads=4, busy=3, queued=7"), Ok(r));
+        r.refused = 12;
+        assert_eq!(r.to_string(), "threads=4, busy=3, queued=7, refused=12");
+        assert_eq!(report(&r.to_string()), Ok(r));
     }
 
     #[test]
@@ -237,6 +270,7 @@ mod tests {
                 threads,
                 busy,
                 queued,
+                refused: 0,
             })
         };
         assert_eq!(report("busy=3,threads=16"), r(16, 3, 0));
@@ -268,7 +302,7 @@ mod tests {
         let s = Load::new(4).snapshot(0);
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
-            r#"{"threads":4,"busy":0,"queued":0,"served":0,"peak_busy":0}"#
+            r#"{"threads":4,"busy":0,"queued":0,"served":0,"peak_busy":0,"refused":0}"#
         );
     }
 }

@@ -94,6 +94,7 @@ mod tests {
             queued: 2,
             served: 0,
             peak_busy: 1,
+            refused: 0,
         };
         let text = String::from_utf8(m.render(&load)).unwrap();
         assert!(text.contains("usher_worker_threads 4"), "{text}");

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use usher_worker::LoadReport;
 
-pub use crate::health::Load;
 use crate::health::Health;
+pub use crate::health::Load;
 
 /// A worker's `X-Usher-Load` report. The format is the worker's,
 /// [`LoadReport`]; this narrows it to a capacity and, when the report names
@@ -34,6 +34,8 @@ pub fn parse_load(v: &str) -> Option<Load> {
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
         taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
+        queued: report.queued,
+        refused: report.refused,
     })
 }
 
@@ -78,9 +80,17 @@ pub struct Backend {
     /// report, and when it came (ms since `epoch`, plus one; 0: none yet).
     others: AtomicU32,
     report_at_ms: AtomicU64,
+    /// How long that record stands: [`share::REPORT_TTL`] for a report,
+    /// [`share::REFUSAL_BACKOFF`] after a refusal.
+    record_ttl_ms: AtomicU64,
     /// The last of those came from a refusal (which counts even when this
     /// Usher thinks it is alone: something else holds the threads).
     refused: std::sync::atomic::AtomicBool,
+    /// The worker's refusal count at its last report, and when a report
+    /// last showed contention (refusals grew, or requests queued inside
+    /// it; ms since `epoch`, plus one; 0: never).
+    worker_refused: AtomicU64,
+    contended_at_ms: AtomicU64,
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
@@ -119,7 +129,10 @@ impl Backend {
             key_hash: super::share::stable_hash(addr.to_string().as_bytes()),
             others: AtomicU32::new(0),
             report_at_ms: AtomicU64::new(0),
+            record_ttl_ms: AtomicU64::new(0),
             refused: Default::default(),
+            worker_refused: AtomicU64::new(0),
+            contended_at_ms: AtomicU64::new(0),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
@@ -176,8 +189,15 @@ impl Backend {
             return None;
         }
         let age = self.now_ms().saturating_sub(at - 1);
-        (age <= super::share::REPORT_TTL.as_millis() as u64)
+        (age <= self.record_ttl_ms.load(Ordering::Acquire))
             .then(|| (self.others.load(Ordering::Acquire), age))
+    }
+
+    /// Whether a recent report showed replicas contending for its threads.
+    fn contended(&self) -> bool {
+        let at = self.contended_at_ms.load(Ordering::Relaxed);
+        at != 0
+            && self.now_ms().saturating_sub(at - 1) <= super::share::REPORT_TTL.as_millis() as u64
     }
 
     /// Full capacity (this replica's part), before slow start: all the
@@ -191,7 +211,14 @@ impl Backend {
             return threads;
         }
         if let Some((others, _)) = self.fresh_others() {
-            return threads.saturating_sub(others);
+            let free = threads.saturating_sub(others);
+            // Replicas contend for its threads: nobody borrows beyond its
+            // static split until that has passed.
+            return if !alone && self.contended() {
+                free.min(self.static_share())
+            } else {
+                free
+            };
         }
         if alone {
             return threads;
@@ -213,7 +240,11 @@ impl Backend {
             let fresh = self.fresh_others();
             ShareView {
                 replicas,
-                by: if fresh.is_some() { "report" } else { "static" },
+                by: match fresh {
+                    Some(_) if self.contended() => "report, contended",
+                    Some(_) => "report",
+                    None => "static",
+                },
                 others: fresh.map(|(o, _)| o),
                 report_age_ms: fresh.map(|(_, age)| age),
             }
@@ -227,10 +258,19 @@ impl Backend {
     pub fn note_load(&self, load: Load, own: u32) -> bool {
         let before = self.full_capacity();
         self.report_threads_quietly(load.threads);
+        let seen = self.worker_refused.swap(load.refused, Ordering::Relaxed);
+        if load.queued > 0 || load.refused > seen && seen != 0 {
+            self.contended_at_ms
+                .store(self.now_ms() + 1, Ordering::Relaxed);
+        }
         if let Some(taken) = load.taken {
             let others = super::share::others_from_report(taken, 0, own);
             self.others.store(others, Ordering::Release);
             self.refused.store(false, Ordering::Relaxed);
+            self.record_ttl_ms.store(
+                super::share::REPORT_TTL.as_millis() as u64,
+                Ordering::Release,
+            );
             self.report_at_ms
                 .store(self.now_ms() + 1, Ordering::Release);
         }
@@ -244,6 +284,10 @@ impl Backend {
         self.others
             .store(threads.saturating_sub(own), Ordering::Release);
         self.refused.store(true, Ordering::Relaxed);
+        self.record_ttl_ms.store(
+            super::share::REFUSAL_BACKOFF.as_millis() as u64,
+            Ordering::Release,
+        );
         self.report_at_ms
             .store(self.now_ms() + 1, Ordering::Release);
     }
@@ -305,7 +349,7 @@ impl Backend {
             .fresh_others()
             .filter(|_| self.replicas() > 1 || self.refused.load(Ordering::Relaxed))
             .map(|(_, age)| {
-                let ttl = super::share::REPORT_TTL.as_millis() as u64;
+                let ttl = self.record_ttl_ms.load(Ordering::Relaxed);
                 now + Duration::from_millis(ttl.saturating_sub(age) + 1)
             });
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
@@ -472,6 +516,25 @@ mod tests {
         a.note_refused(1);
         assert_eq!(a.capacity(), 1);
         assert!(a.next_capacity_step(Instant::now()).is_some());
+    }
+
+    #[test]
+    fn contention_holds_everyone_to_the_static_split() {
+        let a = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Some(4), 4);
+        a.set_share(3);
+        let statik = a.static_share();
+        let load = |v: &str| parse_load(v).unwrap();
+        a.note_load(load("threads=4, busy=0, queued=0, refused=5"), 0);
+        assert_eq!(a.capacity(), 4, "idle: borrow everything");
+        // Someone was refused since: back to the static split.
+        a.note_load(load("threads=4, busy=0, queued=0, refused=6"), 0);
+        assert_eq!(a.capacity(), statik);
+        assert_eq!(a.share_view().unwrap().by, "report, contended");
+        // Requests queued inside it are contention too.
+        let b = Backend::new("127.0.0.1:2".parse().unwrap(), 1, Some(4), 4);
+        b.set_share(3);
+        b.note_load(load("threads=4, busy=1, queued=1"), 0);
+        assert_eq!(b.capacity(), b.static_share().min(2));
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //!   use `threads − others`, so a busy replica uses what the quiet ones leave.
 //!   A report goes stale after [`REPORT_TTL`]: the others may have grown into
 //!   what they left, so the replica falls back to its static share.
+//! - **Contention**: when a report shows that someone wanted a thread and
+//!   found none (the worker's `refused` count grew, or requests queue inside
+//!   it), every replica holds itself to its static share of that worker for
+//!   a [`REPORT_TTL`]: borrowing is for idle threads, and a replica that
+//!   wants its own share back gets it within about one service time.
 //! - **A static split** (a worker that reports nothing, or a stale report):
 //!   `floor(threads / replicas)` each, and the remainder to `threads mod
 //!   replicas` of the replicas, chosen per backend by the replica's index so
@@ -28,6 +33,13 @@ use std::time::Duration;
 /// light traffic, short enough that a stale "the others are idle" does not
 /// outlive the others' next burst. `bench/sharesim.py` sweeps it.
 pub const REPORT_TTL: Duration = Duration::from_millis(250);
+
+/// After a worker refused a request for lack of a thread, how long this
+/// replica takes that as "every thread not mine is taken" before it tries
+/// its static share there again. Short: a refusal costs one round trip, and
+/// the refused replica waits for a thread that the others, seeing the
+/// worker's refusal count grow, stop refilling.
+pub const REFUSAL_BACKOFF: Duration = Duration::from_millis(10);
 
 /// This replica's name among the Ushers that share a fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]

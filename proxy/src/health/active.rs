@@ -31,6 +31,10 @@ pub struct Load {
     /// taken at the moment of the report (on a response: not counting the
     /// request answered).
     pub taken: Option<usize>,
+    /// Requests waiting inside the worker: someone over-filled it.
+    pub queued: usize,
+    /// The worker's count of requests it refused for lack of a thread.
+    pub refused: u64,
 }
 
 /// What the checker needs of a backend.
@@ -219,9 +223,12 @@ pub async fn probe(
 fn healthz_load(v: &serde_json::Value) -> Option<Load> {
     let count = |k: &str| v.get(k)?.as_u64().and_then(|n| usize::try_from(n).ok());
     let threads = u32::try_from(v.get("threads")?.as_u64()?).ok()?;
+    let queued = count("queued").unwrap_or(0);
     Some(Load {
         threads,
-        taken: count("busy").map(|busy| busy.saturating_add(count("queued").unwrap_or(0))),
+        taken: count("busy").map(|busy| busy.saturating_add(queued)),
+        queued,
+        refused: v.get("refused").and_then(|r| r.as_u64()).unwrap_or(0),
     })
 }
 
