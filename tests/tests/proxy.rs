@@ -755,9 +755,11 @@ fn a_client_that_hangs_up_does_not_free_a_busy_thread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_usher_replicas_share_each_workers_threads() {
     // Two Usher replicas in front of the same two 4-thread workers, as in
-    // Kubernetes: with `proxy_replicas: 2` each takes 2 threads per worker,
-    // so together they never overfill one. The workers have no queue of their
-    // own: a request sent to a worker whose threads are all busy gets its 503.
+    // Kubernetes: with `proxy_replicas: 2` each uses what the worker's last
+    // load report leaves free, or half while it has no fresh report, and a
+    // request the
+    // worker refuses for lack of a thread (`--queue 0`) is sent again, never
+    // answered 503: together they never overfill one, and no client notices.
     let workers: Vec<(Proc, SocketAddr)> = (0..2)
         .map(|_| spawn_worker(["--threads", "4", "--queue", "0"]))
         .collect();
@@ -769,7 +771,16 @@ async fn two_usher_replicas_share_each_workers_threads() {
             .as_array()
             .unwrap()
         {
-            assert_eq!(b["capacity"], 2, "half of the worker's 4 threads: {b}");
+            assert_eq!(b["share"]["replicas"], 2, "{b}");
+            // A fresh report leaves what the other replica holds (nothing
+            // yet); once it is stale, the static split: half of 4 each.
+            let others = b["share"]["others"].as_u64().unwrap_or(0);
+            let expected = if b["share"]["by"] == "report" {
+                4 - others
+            } else {
+                2
+            };
+            assert_eq!(b["capacity"], expected, "{b}");
         }
     }
     let client = Client::new();

@@ -59,6 +59,11 @@ async fn counting_backend(hold: Duration) -> Counting {
     Counting { addr, now, peak }
 }
 
+/// The upstream's keys beyond the backends. `overload: off`: these tests
+/// keep more clients waiting than there are threads on purpose, a standing
+/// queue the default overload control would shed (see `overload.rs`).
+const SHARED: &str = "    proxy_replicas: 3\n    queue: { overload: \"off\" }";
+
 /// `count` replicas of `yaml`, named `usher-0` … as a StatefulSet names them.
 fn replicas(yaml: &str, count: usize) -> Vec<Usher> {
     (0..count)
@@ -120,12 +125,7 @@ async fn in_flight(client: &Client, u: &Usher) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_static_split_never_over_fills_a_worker_that_reports_nothing() {
     let backend = counting_backend(Duration::from_millis(80)).await;
-    let yaml = Config::app(
-        &[backend.addr],
-        ", max_in_flight: 4",
-        "    proxy_replicas: 3\n    queue: { overload: \"off\" }",
-    )
-    .yaml();
+    let yaml = Config::app(&[backend.addr], ", max_in_flight: 4", SHARED).yaml();
     let ushers = tokio::task::spawn_blocking(move || replicas(&yaml, 3))
         .await
         .unwrap();
@@ -174,12 +174,7 @@ async fn the_static_split_never_over_fills_a_worker_that_reports_nothing() {
 async fn a_busy_replica_borrows_the_idle_threads_and_refusals_stay_invisible() {
     let (_w1, a1) = spawn_worker(["--threads", "4", "--queue", "0"]);
     let (_w2, a2) = spawn_worker(["--threads", "4", "--queue", "0"]);
-    let yaml = Config::app(
-        &[a1, a2],
-        "",
-        "    proxy_replicas: 3\n    queue: { overload: \"off\" }",
-    )
-    .yaml();
+    let yaml = Config::app(&[a1, a2], "", SHARED).yaml();
     let ushers = tokio::task::spawn_blocking(move || replicas(&yaml, 3))
         .await
         .unwrap();

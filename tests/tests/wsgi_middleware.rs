@@ -389,3 +389,57 @@ fn without_a_thread_count_there_is_no_header_and_one_warning() {
     );
     assert_eq!(num(&healthz(told.addr), "threads"), 1);
 }
+
+/// A waitress app whose 4 threads all hold long requests cannot answer
+/// `/healthz` until one frees: the check times out. Usher sees that every
+/// thread holds its requests and that they are being answered, and keeps
+/// the backend up — it does not take a busy app for a dead one (which
+/// would turn full load into 503s for everyone).
+#[test]
+fn a_waitress_app_busy_with_long_requests_is_not_marked_down() {
+    let app = start(Server::Waitress, &[]);
+    let u = Usher::start_ready(
+        &Config::app(
+            &[app.addr],
+            "",
+            "    health_check: { path: /healthz, interval: 200ms, timeout: 100ms, rise: 1, fall: 2 }",
+        )
+        .top("access_log: { format: off }")
+        .yaml(),
+    );
+    let target = u.url("/sleep?ms=1000");
+    let clients: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|_| blocking::get(&target).map_or(0, |r| r.status.as_u16()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // While they run: the checks time out, and the backend stays up.
+    let mut states = Vec::new();
+    let busy_checks = || {
+        u.metric(
+            "usher_health_checks_total",
+            &[("upstream", "app"), ("result", "busy")],
+        )
+    };
+    while clients.iter().any(|c| !c.is_finished()) {
+        states.push(u.status()["upstreams"]["app"]["backends"][0]["state"].clone());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let busy = busy_checks();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![200; THREADS * 3], "{}", u.proc.output());
+    assert!(
+        states.iter().all(|s| s == "up"),
+        "the backend left `up` under load: {states:?}\n{}",
+        u.proc.output()
+    );
+    assert!(busy >= 2.0, "checks counted busy: {busy}");
+}

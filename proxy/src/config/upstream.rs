@@ -230,10 +230,10 @@ pub struct QueueConfig {
     pub overload: Overload,
     /// The wait that counts as "too long" while overloaded, and the shortest
     /// wait that, held for a whole `overload_interval`, means overload.
-    /// Default 50ms (about one short view of a threaded app).
+    /// Default 100ms (a few short views of a threaded app).
     pub overload_target: Dur,
     /// How long the shortest wait must stay above `overload_target`.
-    /// Default 100ms.
+    /// Default 200ms.
     pub overload_interval: Dur,
 }
 
@@ -245,8 +245,8 @@ impl Default for QueueConfig {
             discipline: Discipline::default(),
             classify: Classify::default(),
             overload: Overload::default(),
-            overload_target: Dur(Duration::from_millis(50)),
-            overload_interval: Dur(Duration::from_millis(100)),
+            overload_target: Dur(Duration::from_millis(100)),
+            overload_interval: Dur(Duration::from_millis(200)),
         }
     }
 }

@@ -366,8 +366,8 @@ mod tests {
         let c = parse(&with_queue("max_depth: 10"), "t.yaml").unwrap();
         let q = &c.upstreams["app"].queue;
         assert_eq!(q.overload, super::Overload::Codel);
-        assert_eq!(q.overload_target.0.as_millis(), 50);
-        assert_eq!(q.overload_interval.0.as_millis(), 100);
+        assert_eq!(q.overload_target.0.as_millis(), 100);
+        assert_eq!(q.overload_interval.0.as_millis(), 200);
 
         let c = parse(&with_queue("overload: off, overload_target: 0s"), "t.yaml").unwrap();
         assert_eq!(c.upstreams["app"].queue.overload, super::Overload::Off);
@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(e[0].key, "upstreams.app.queue.overload_target");
         assert!(e[0].message.contains("above zero"), "{e:?}");
 
-        let e = parse(&with_queue("overload_target: 200ms"), "t.yaml").unwrap_err();
+        let e = parse(&with_queue("overload_target: 300ms"), "t.yaml").unwrap_err();
         assert_eq!(e[0].key, "upstreams.app.queue.overload_interval");
         assert!(
             e[0].message.contains("longer than overload_target"),

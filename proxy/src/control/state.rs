@@ -294,7 +294,8 @@ async fn ask_threads(
     b: Arc<Backend>,
 ) -> bool {
     let r = crate::health::probe(&up.client, b.addr, &spec, Duration::from_secs(1)).await;
-    r.load.is_some_and(|l| crate::health::Target::report_load(&*b, l))
+    r.load
+        .is_some_and(|l| crate::health::Target::report_load(&*b, l))
 }
 
 /// The backends `ucfg` wants: static ones, then discovered and fleet

@@ -193,11 +193,22 @@ impl Backend {
             .then(|| (self.others.load(Ordering::Acquire), age))
     }
 
+    /// Report TTL, refusal backoff and contention hold, in ms (see
+    /// `share.rs`); unit tests stretch them so a slow test machine cannot
+    /// outlast them between two lines.
+    fn timing(&self) -> (u64, u64, u64) {
+        use super::share::{CONTENTION_HOLD, REFUSAL_BACKOFF, REPORT_TTL};
+        let ms = |d: Duration| d.as_millis() as u64;
+        let base = (ms(REPORT_TTL), ms(REFUSAL_BACKOFF), ms(CONTENTION_HOLD));
+        #[cfg(test)]
+        let base = (base.0 * 1000, base.1 * 1000, base.2 * 1000);
+        base
+    }
+
     /// Whether a recent report showed replicas contending for its threads.
     fn contended(&self) -> bool {
         let at = self.contended_at_ms.load(Ordering::Relaxed);
-        at != 0
-            && self.now_ms().saturating_sub(at - 1) <= super::share::REPORT_TTL.as_millis() as u64
+        at != 0 && self.now_ms().saturating_sub(at - 1) <= self.timing().2
     }
 
     /// Full capacity (this replica's part), before slow start: all the
@@ -267,10 +278,7 @@ impl Backend {
             let others = super::share::others_from_report(taken, 0, own);
             self.others.store(others, Ordering::Release);
             self.refused.store(false, Ordering::Relaxed);
-            self.record_ttl_ms.store(
-                super::share::REPORT_TTL.as_millis() as u64,
-                Ordering::Release,
-            );
+            self.record_ttl_ms.store(self.timing().0, Ordering::Release);
             self.report_at_ms
                 .store(self.now_ms() + 1, Ordering::Release);
         }
@@ -284,10 +292,7 @@ impl Backend {
         self.others
             .store(threads.saturating_sub(own), Ordering::Release);
         self.refused.store(true, Ordering::Relaxed);
-        self.record_ttl_ms.store(
-            super::share::REFUSAL_BACKOFF.as_millis() as u64,
-            Ordering::Release,
-        );
+        self.record_ttl_ms.store(self.timing().1, Ordering::Release);
         self.report_at_ms
             .store(self.now_ms() + 1, Ordering::Release);
     }
@@ -448,6 +453,9 @@ impl crate::health::Target for Backend {
         // A check is no request of this replica's: all its in-flight
         // requests hold threads.
         self.note_load(load, self.in_flight())
+    }
+    fn is_full(&self) -> bool {
+        self.in_flight() >= self.capacity()
     }
     fn came_up(&self) {
         self.start_slow();

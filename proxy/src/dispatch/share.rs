@@ -12,7 +12,7 @@
 //! - **Contention**: when a report shows that someone wanted a thread and
 //!   found none (the worker's `refused` count grew, or requests queue inside
 //!   it), every replica holds itself to its static share of that worker for
-//!   a [`REPORT_TTL`]: borrowing is for idle threads, and a replica that
+//!   a [`CONTENTION_HOLD`]: borrowing is for idle threads, and a replica that
 //!   wants its own share back gets it within about one service time.
 //! - **A static split** (a worker that reports nothing, or a stale report):
 //!   `floor(threads / replicas)` each, and the remainder to `threads mod
@@ -29,10 +29,20 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long a worker's load report stands for the other replicas' use of it.
-/// Long enough to cover the gap between two responses of a replica with
-/// light traffic, short enough that a stale "the others are idle" does not
-/// outlive the others' next burst. `bench/sharesim.py` sweeps it.
-pub const REPORT_TTL: Duration = Duration::from_millis(250);
+/// A report is a snapshot of requests that finish within about one service
+/// time; kept longer it only keeps a replica (a quiet one, which sees few
+/// responses) away from threads that are free again, and kept much shorter
+/// the busy replica falls back to its static split between its own
+/// responses. `bench/sharesim.py` swept 5 ms … 1 s (50 ms views, 3×2 and
+/// 10×20 replicas × workers, 80% load, uneven traffic): 20 ms had the lowest
+/// or within 1% of the lowest p99 in every case but one.
+pub const REPORT_TTL: Duration = Duration::from_millis(20);
+
+/// How long a sign of contention (the worker's refusal count grew, or
+/// requests queued inside it) holds every replica to its static split there.
+/// A refused replica retries every [`REFUSAL_BACKOFF`], and each refusal
+/// renews it; this only has to outlast a few of those.
+pub const CONTENTION_HOLD: Duration = Duration::from_millis(100);
 
 /// After a worker refused a request for lack of a thread, how long this
 /// replica takes that as "every thread not mine is taken" before it tries

@@ -48,6 +48,10 @@ pub trait Target: Send + Sync + 'static {
     fn report_load(&self, load: Load) -> bool;
     /// The active check brought it back up (slow start begins).
     fn came_up(&self);
+    /// Every thread this replica may use on it holds a request: a check
+    /// that needs a thread of its own (a WSGI app answering `/healthz`)
+    /// waits behind them.
+    fn is_full(&self) -> bool;
 }
 
 /// One upstream's checker.
@@ -259,6 +263,19 @@ pub async fn run<T: Target>(c: Checker<T>, cancel: CancellationToken) {
         let mut changed = false;
         for (b, r) in results {
             let health = b.health();
+            // A check that timed out while every thread held this
+            // replica's requests saw a busy backend, not a dead one: a
+            // threaded server answers a check only from a free thread. It
+            // counts neither way (`result="busy"`). A backend that is hung
+            // rather than busy shows when those requests time out
+            // (`timeouts.response`): then it is no longer full.
+            if matches!(r.failure, Some(Failure::Timeout)) && b.is_full() {
+                c.metrics
+                    .health_checks
+                    .with_label_values(&[&c.upstream, b.key(), "busy"])
+                    .inc();
+                continue;
+            }
             let t = thresholds
                 .entry(b.key().to_string())
                 .or_insert_with(|| Threshold::new(hc.rise, hc.fall, health.is_up()));

@@ -134,7 +134,7 @@ impl Metrics {
             queue_rejections: counter(
                 &r,
                 QUEUE_REJECTIONS,
-                "Requests refused with 503 by the queue, by reason (full, timeout).",
+                "Requests refused with 503 by the queue, by reason (full, timeout, overload).",
                 &["upstream", "reason"],
             ),
             backend_in_flight: gauge(
@@ -258,7 +258,7 @@ impl Metrics {
     /// and `rate()` see zeros rather than nothing.
     pub fn init_upstream(&self, upstream: &str) {
         self.queue_depth.with_label_values(&[upstream]);
-        for reason in ["full", "timeout"] {
+        for reason in ["full", "timeout", "overload"] {
             self.queue_rejections.with_label_values(&[upstream, reason]);
         }
         for reason in ["connect", "error"] {

@@ -360,6 +360,9 @@ impl Upstream {
                 backend.report_threads(load.threads);
             }
             backend.note_refused(own);
+            // Its part there comes back when the backoff ends: the waker
+            // must know that deadline.
+            self.dispatcher.wake();
             self.count(&backend, "refused");
             // Read the short refusal so the connection stays reusable.
             let body = response.into_body().collect();
@@ -370,6 +373,9 @@ impl Upstream {
         if let Some(load) = load {
             if backend.note_load(load, own) {
                 self.dispatcher.kick();
+            } else if self.cfg.proxy_replicas > 1 {
+                // The report's expiry is a new capacity deadline.
+                self.dispatcher.wake();
             }
         } else if backend.first_default_fallback() {
             tracing::warn!(
