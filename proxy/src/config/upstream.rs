@@ -32,10 +32,10 @@ pub struct UpstreamConfig {
     /// Default 4 (waitress's default thread count).
     pub default_capacity: u32,
     /// How many Usher replicas send to these same backends (e.g. the
-    /// Deployment's replicas in Kubernetes). Each replica takes its share of
-    /// every backend's threads, `ceil(capacity / proxy_replicas)`: exact when
-    /// the replicas divide the threads; otherwise together they may hold up
-    /// to `proxy_replicas - 1` more than a worker has. Default 1.
+    /// Deployment's replicas in Kubernetes). Together they never hold more
+    /// requests on a backend than it has threads: by the worker's load
+    /// reports where it sends them, else a static split (see
+    /// `dispatch/share.rs`). Default 1.
     pub proxy_replicas: u32,
     pub queue: QueueConfig,
     /// Active health checks. Default: none (only passive ejection).
