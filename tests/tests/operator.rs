@@ -584,6 +584,10 @@ fn startup_summary_names_config_listeners_and_capacity_sources() {
         .top("access_log: { format: off }")
         .yaml();
     let u = Usher::start_ready(&yaml);
+    // The summary's last line: everything before it has been read too.
+    let _ = u
+        .proc
+        .wait_for_output("usher is serving", Duration::from_secs(10));
     let log = u.proc.output();
     let line = |needle: &str| -> String {
         log.lines()
