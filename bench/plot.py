@@ -195,25 +195,41 @@ def save(fig, out_dir, name, svg):
         print(f"wrote {p}")
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def plot_threaded(meta, rows, path, out_dir, svg):
-    series, unavailable = {}, {}
+    # threaded.sh writes one row per run and round (and the unloaded runs, skipped
+    # here); a point is the median over the rounds. With several backends, one
+    # line per target and backend.
+    backends = list(dict.fromkeys(r.get("backend", "") for r in rows))
+    runs, unavailable = {}, {}
     for r in rows:
+        if r.get("unloaded"):
+            continue
         t = r.get("target", "?")
+        if len(backends) > 1:
+            t = f"{t} ({r.get('backend', '?')})"
         if r.get("unavailable"):
             unavailable[t] = r.get("why", "")
             continue
         rep = r["report"]
         sc = short_class(rep)
         ov = rep.get("overall", {})
-        sent = ov.get("sent") or 0
         s503 = ov.get("s503", 0)
         other = ov.get("non_2xx", 0) - s503 + ov.get("errors", {}).get("total", 0)
-        pts = series.setdefault(t, {})
-        if r["load"] in pts:
-            print(f"{path}: {t} at load {r['load']} twice; plotting the last", file=sys.stderr)
-        pts[r["load"]] = dict(p50=sc["latency_ms"].get("p50") if sc else None,
-                              p99=sc["latency_ms"].get("p99") if sc else None,
-                              s503=s503, other=other, sent=sent)
+        runs.setdefault(t, {}).setdefault(r["load"], []).append(dict(
+            p50=sc["latency_ms"].get("p50") if sc else None,
+            p99=sc["latency_ms"].get("p99") if sc else None,
+            s503=s503, other=other, sent=ov.get("sent") or 0))
+    series = {t: {x: {k: _median([v[k] for v in vs]) for k in ("p50", "p99", "s503", "other", "sent")}
+                  for x, vs in pts.items()}
+              for t, pts in runs.items()}
     if not series:
         sys.exit(f"{path}: no threaded.sh results to plot")
 
@@ -277,6 +293,8 @@ def plot_threaded(meta, rows, path, out_dir, svg):
         setup.append(mix_text(meta.get("mix")))
     if meta.get("secs") is not None:
         setup.append(f"{meta['secs']} s per run")
+    if meta.get("rounds"):
+        setup.append(f"median of {meta['rounds']} rounds")
     title = ("bench/threaded.sh: short-request latency vs offered load"
              + (("\n" + ", ".join(setup)) if setup else ""))
 
@@ -368,6 +386,10 @@ def main():
     NOTES.extend(args.note)
     for path in args.files:
         meta, rows = read(path)
+        if meta.get("bench") not in (None, "threaded", "overhead"):
+            # e.g. bench/gil.sh: a table (benchlib.py gil-table), no chart
+            print(f"{path}: {meta['bench']} results have no chart; skipped", file=sys.stderr)
+            continue
         k = kind(meta, rows)
         if k == "threaded":
             plot_threaded(meta, rows, path, args.out_dir, args.svg)
