@@ -403,6 +403,12 @@ def _ratio(a, b):
     return f"{a / b:.2f}"
 
 
+def _span(xs):
+    if not xs:
+        return "-"
+    return f"{min(xs):g}" if min(xs) == max(xs) else f"{min(xs):g}-{max(xs):g}"
+
+
 def gil_table(path):
     rows = _rows(path)
     cells = _cells(rows, lambda r: (r.get("backend", "-"), r["workload"], r["config"]))
@@ -410,13 +416,17 @@ def gil_table(path):
     for r in rows:
         if "report" in r:
             k = (r.get("backend", "-"), r["workload"], r["config"])
-            i = info.setdefault(k, {"rate": r.get("rate"), "path": r.get("path"), "caps": []})
+            i = info.setdefault(k, {"rate": r.get("rate"), "path": r.get("path"),
+                                    "caps": [], "learned": []})
             if r.get("capacity_seen") is not None:
                 i["caps"].append(r["capacity_seen"])
+            if r.get("learned_seen") is not None:
+                i["learned"].append(r["learned_seen"])
     head = (f"{'backend':<14} {'workload':<8} {'usher config':<16} {'rate':>5} {'ok/s':>7} "
-            f"{'p50':>7} {'p99':>7} {'p99.9':>7} {'fail':>5} {'cap':>7} {'gen bl':>6} {'n':>2}")
-    print("medians over rounds (n = rounds); latencies in ms; cap = usher_backend_capacity"
-          " at the end of each run (min-max over rounds)")
+            f"{'p50':>7} {'p99':>7} {'p99.9':>7} {'fail':>5} {'cap':>7} {'learned':>7} {'gen bl':>6} {'n':>2}")
+    print("medians over rounds (n = rounds); latencies in ms; cap / learned ="
+          " usher_backend_capacity / usher_backend_learned_capacity at the end of each run"
+          " (min-max over rounds; '-' = not reported)")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -430,13 +440,11 @@ def gil_table(path):
         m["gen_bad"] = any(x["gen_bad"] for x in runs)
         m["backlog"] = max(x["backlog"] for x in runs)
         med[k] = m
-        caps = info[k]["caps"]
-        cap = "-" if not caps else (f"{min(caps):g}" if min(caps) == max(caps)
-                                    else f"{min(caps):g}-{max(caps):g}")
+        cap, learned = (_span(info[k]["caps"]), _span(info[k]["learned"]))
         flag = "!" if m["gen_bad"] else " "
         print(f"{b:<14} {w:<8} {c:<16} {_fmt(info[k]['rate'], '5.0f')} {_fmt(m['ok_s'], '7.1f')} "
               f"{_fmt(m['p50'], '7.2f')} {_fmt(m['p99'], '7.2f')} {_fmt(m['p999'], '7.2f')} "
-              f"{_fmt(m['fail'], '5.0f')} {cap:>7} {m['backlog']:>5}{flag} {len(runs):>2}")
+              f"{_fmt(m['fail'], '5.0f')} {cap:>7} {learned:>7} {m['backlog']:>5}{flag} {len(runs):>2}")
     print("latencies from the scheduled send time, of 2xx answers; fail = non-2xx + errors;"
           f" '!' = the generator was a bottleneck in some run")
     print()
