@@ -156,7 +156,7 @@ const FRAGMENTS: &[&str] = &[
     "command", "processes", "base_port", "env", "backends", "max_in_flight", "weight", "dns",
     "port", "refresh", "resolver", "balance", "slow_start", "default_capacity", "proxy_replicas",
     "queue", "max_depth", "timeout", "discipline", "classify", "overload", "overload_target",
-    "overload_interval", "codel", "health_check", "path", "interval",
+    "overload_interval", "codel", "prefetch", "health_check", "path", "interval",
     "rise", "fall", "outlier", "max_ejected_percent", "retries", "attempts", "timeouts", "connect",
     "response", "pool", "idle_timeout", "protocol", "upgrades", "limits", "max_request_body",
     "max_response_buffer", "client_header", "client_body", "shutdown_grace", "access_log", "format",
@@ -420,6 +420,16 @@ fn max_in_flight(bad: u32) -> S {
     )
 }
 
+fn prefetch(bad: u32) -> S {
+    let common = prop_oneof![raw(&["auto"]), num(0u32..=64)].boxed();
+    typed(
+        bad,
+        common,
+        raw(&["0", "64"]),
+        &["Auto", "65", "-1", "\"1\"", "1.5"],
+    )
+}
+
 fn file_path() -> S {
     raw(&[
         "/nonexistent/usher-fuzz/a.pem",
@@ -680,6 +690,7 @@ fn upstream(bad: u32) -> S {
             ),
             opt("overload_target", duration(bad)),
             opt("overload_interval", duration(bad)),
+            opt("prefetch", prefetch(bad)),
         ],
     );
     let health_check = map(

@@ -235,6 +235,14 @@ pub struct QueueConfig {
     /// How long the shortest wait must stay above `overload_target`.
     /// Default 200ms.
     pub overload_interval: Dur,
+    /// While requests are queued, how many more than its capacity a backend
+    /// may hold, waiting in the worker's own queue so that a freed thread
+    /// finds its next request at once (RabbitMQ's `prefetch_count`): `auto`
+    /// (the default: 1, or 0 under `proxy_replicas > 1`), 0 (a strict cap)
+    /// or N (at most one per thread counts). The extra request goes only to
+    /// a backend whose next thread is expected to free within the request's
+    /// own expected service time; see `dispatch/prefetch.rs`.
+    pub prefetch: Prefetch,
 }
 
 impl Default for QueueConfig {
@@ -247,7 +255,47 @@ impl Default for QueueConfig {
             overload: Overload::default(),
             overload_target: Dur(Duration::from_millis(100)),
             overload_interval: Dur(Duration::from_millis(200)),
+            prefetch: Prefetch::default(),
         }
+    }
+}
+
+/// `queue.prefetch: auto` or a number (0 is a strict cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prefetch {
+    /// 1 where it pays and is safe, 0 under `proxy_replicas > 1`.
+    #[default]
+    Auto,
+    Fixed(u32),
+}
+
+impl<'de> Deserialize<'de> for Prefetch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Prefetch;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto` or a number (0 for none)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Prefetch, E> {
+                if v == "auto" {
+                    Ok(Prefetch::Auto)
+                } else {
+                    Err(E::custom(format!("expected `auto` or a number, got `{v}`")))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Prefetch, E> {
+                u32::try_from(v)
+                    .map(Prefetch::Fixed)
+                    .map_err(|_| E::custom("prefetch must be between 0 and 2^32-1"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Prefetch, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("prefetch must not be negative"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

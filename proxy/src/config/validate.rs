@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::locate::{find_line, Locations};
 use super::schema::{
     AdminConfig, BackendConfig, Config, DnsConfig, FleetConfig, HealthCheckConfig, ListenerConfig,
-    Overload, QueueConfig, RouteConfig, UpstreamConfig,
+    Overload, Prefetch, QueueConfig, RouteConfig, UpstreamConfig,
 };
 use super::{resolve_addr, ConfigError};
 
@@ -193,6 +193,18 @@ fn upstream(name: &str, u: &UpstreamConfig, r: &mut Report) {
     if u.queue.overload == Overload::Codel {
         overload(&u.queue, &k, r);
     }
+    if let Prefetch::Fixed(n) = u.queue.prefetch {
+        if n > MAX_PREFETCH {
+            r.err(
+                k("queue.prefetch"),
+                &["prefetch"],
+                format!(
+                    "must be at most {MAX_PREFETCH} (usher-worker's default --queue); \
+                     beyond one per thread it never helps"
+                ),
+            );
+        }
+    }
     if let Some(h) = &u.health_check {
         health_check(h, &k, r);
     }
@@ -204,6 +216,11 @@ fn upstream(name: &str, u: &UpstreamConfig, r: &mut Report) {
         );
     }
 }
+
+/// The most `queue.prefetch` may say: usher-worker's default `--queue`, far
+/// above the one request per thread that can ever help (the dispatcher also
+/// caps it at each backend's capacity).
+const MAX_PREFETCH: u32 = 64;
 
 /// A target at or above `queue.timeout` is allowed (a waiter then times out
 /// before it is old enough to shed): refusing it would reject configs with a
@@ -386,5 +403,22 @@ mod tests {
 
         let e = parse(&with_queue("overload: lifo"), "t.yaml").unwrap_err();
         assert!(e[0].to_string().contains("overload"), "{e:?}");
+    }
+
+    #[test]
+    fn prefetch_is_auto_zero_or_a_bounded_number() {
+        use super::Prefetch;
+        let q =
+            |s: &str| parse(&with_queue(s), "t.yaml").map(|c| c.upstreams["app"].queue.prefetch);
+        assert_eq!(q("max_depth: 10").unwrap(), Prefetch::Auto);
+        assert_eq!(q("prefetch: auto").unwrap(), Prefetch::Auto);
+        assert_eq!(q("prefetch: 0").unwrap(), Prefetch::Fixed(0));
+        assert_eq!(q("prefetch: 2").unwrap(), Prefetch::Fixed(2));
+        let e = q("prefetch: 65").unwrap_err();
+        assert_eq!(e[0].key, "upstreams.app.queue.prefetch");
+        assert!(e[0].message.contains("at most 64"), "{e:?}");
+        for bad in ["-1", "on", "1.5", "\"1\""] {
+            assert!(q(&format!("prefetch: {bad}")).is_err(), "{bad}");
+        }
     }
 }

@@ -402,6 +402,7 @@ fn build_upstream(
             interval: q.overload_interval.0,
         },
     );
+    let prefetch = crate::dispatch::prefetch::limit(q.prefetch, ucfg.proxy_replicas);
     let dispatcher = match old {
         Some(u) => {
             let d = u.dispatcher.clone();
@@ -411,6 +412,7 @@ fn build_upstream(
                 d.set_limits(balance, depth, timeout);
                 d.set_discipline(discipline);
                 d.set_overload(overload);
+                d.set_prefetch(prefetch);
                 d.set_backends(backends);
             });
             u.dispatcher.clone()
@@ -435,6 +437,7 @@ fn build_upstream(
             );
             d.set_discipline(q.discipline);
             d.set_overload(overload);
+            d.set_prefetch(prefetch);
             d
         }
     };

@@ -8,6 +8,11 @@
 //! release hands the slot straight to the head of the queue. Nobody can forget
 //! to decrement, and a freed slot never sits idle while requests wait.
 //!
+//! While requests wait, a backend whose next thread is expected to free soon
+//! may hold one more than its capacity, waiting in the worker's own queue so
+//! that the thread finds it at once (`prefetch.rs` decides; the dispatcher
+//! keeps what it needs: each in-flight request's start and expected time).
+//!
 //! Past capacity, `overload.rs` decides when the queue is a standing one;
 //! then the newest waiter is served first and stale ones are shed (503), so
 //! admitted requests wait about `overload_target` rather than `timeout`.
@@ -28,6 +33,7 @@ pub mod backend;
 pub mod balance;
 pub mod estimate;
 pub mod overload;
+pub mod prefetch;
 pub mod share;
 
 pub use backend::Backend;
@@ -102,7 +108,44 @@ struct Inner {
     /// Ranks are seconds since this (tokio's clock, so paused-time tests see it).
     epoch: tokio::time::Instant,
     overload: Codel,
+    /// Extras a backend may hold while requests wait (`queue.prefetch`, resolved).
+    prefetch: u32,
+    /// Per backend, in the order of `backends`: its requests in flight.
+    tracks: Vec<Track>,
 }
+
+/// What the dispatcher knows of one backend's requests in flight, for
+/// prefetch: when each went out and how long its class is expected to take.
+struct Track {
+    backend: Arc<Backend>,
+    running: Vec<InFlight>,
+    /// A prefetched request came back before any thread had freed: the
+    /// worker refuses what it cannot run at once (usher-worker `--queue 0`).
+    /// No extras to it until then.
+    no_extras_until: Option<tokio::time::Instant>,
+}
+
+impl Track {
+    fn new(backend: Arc<Backend>) -> Self {
+        Track {
+            backend,
+            running: Vec::new(),
+            no_extras_until: None,
+        }
+    }
+}
+
+struct InFlight {
+    id: u64,
+    /// When it went out, or (an extra) when a thread freed for it.
+    since: tokio::time::Instant,
+    expected: f64,
+    on_thread: bool,
+}
+
+/// How long a backend that refused an extra gets none: one refused request
+/// (requeued at the head, not failed) per this is what probing costs.
+const NO_EXTRAS_HOLD: Duration = Duration::from_secs(10);
 
 /// The queue holds retries at the front, then the rest in arrival order
 /// (whatever the discipline: it picks by scanning). `overload.rs` relies on it.
@@ -112,6 +155,8 @@ struct Waiter {
     rank: f64,
     since: tokio::time::Instant,
     retry: bool,
+    /// Its class's expected service time, in seconds (0: unknown).
+    expected: f64,
     avoid: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<Slot, Rejected>>,
 }
@@ -152,6 +197,8 @@ impl Drop for Tunnel {
 pub struct Slot {
     backend: Arc<Backend>,
     dispatcher: Arc<Dispatcher>,
+    /// Its entry in the backend's [`Track`].
+    id: u64,
     armed: bool,
 }
 
@@ -164,7 +211,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            self.dispatcher.release(&self.backend);
+            self.dispatcher.release(&self.backend, self.id);
         }
     }
 }
@@ -212,6 +259,7 @@ impl Dispatcher {
         timeout: Duration,
         metrics: QueueMetrics,
     ) -> Arc<Self> {
+        let tracks = backends.iter().cloned().map(Track::new).collect();
         Arc::new(Dispatcher {
             inner: Mutex::new(Inner {
                 backends,
@@ -224,6 +272,8 @@ impl Dispatcher {
                 estimates: Estimates::default(),
                 epoch: tokio::time::Instant::now(),
                 overload: Codel::new(None, tokio::time::Instant::now()),
+                prefetch: 0,
+                tracks,
             }),
             metrics,
             recent_wait_us: Default::default(),
@@ -261,10 +311,15 @@ impl Dispatcher {
             if !retry {
                 inner.overload.arrived(tnow);
             }
+            let expected = if inner.learns() {
+                inner.estimates.get(class)
+            } else {
+                0.0
+            };
             // Waiters already queued go first: a newcomer only takes a slot
             // directly when nobody is waiting.
             if inner.queue.is_empty() || retry {
-                if let Some(slot) = self.take(&mut inner, avoid, now) {
+                if let Some(slot) = self.take(&mut inner, avoid, expected, now, tnow) {
                     if !retry {
                         inner.overload.admitted(Duration::ZERO, tnow);
                     }
@@ -287,13 +342,14 @@ impl Dispatcher {
             let rank = match (retry, inner.discipline) {
                 (true, _) => f64::NEG_INFINITY,
                 (false, Discipline::Fifo) => waited,
-                (false, Discipline::ShortestFirst) => waited + inner.estimates.get(class),
+                (false, Discipline::ShortestFirst) => waited + expected,
             };
             let waiter = Waiter {
                 id,
                 rank,
                 since: tnow,
                 retry,
+                expected,
                 avoid: avoid.to_vec(),
                 tx,
             };
@@ -307,6 +363,11 @@ impl Dispatcher {
                 // shed it now, and let the waker recompute the next shed.
                 self.shed(&mut inner, now, tnow);
                 self.changed.notify_one();
+            }
+            if inner.prefetch > 0 {
+                // Time alone brings threads near their end: the head (maybe
+                // this one) may go as an extra now.
+                self.serve_queue(&mut inner);
             }
             self.metrics.depth.set(inner.queue.len() as i64);
             (rx, id, inner.timeout)
@@ -369,27 +430,116 @@ impl Dispatcher {
         Ok(Tunnel::open(inner.backends[i].clone()))
     }
 
-    /// Reserves a slot under the lock.
+    /// Reserves a slot under the lock for a request that would otherwise
+    /// wait: a free one, else (prefetch) an extra where a thread frees soon.
     fn take(
         self: &Arc<Self>,
         inner: &mut Inner,
         avoid: &[SocketAddr],
+        expected: f64,
         now: Instant,
+        tnow: tokio::time::Instant,
     ) -> Option<Slot> {
-        let i = inner.balancer.pick(&inner.backends, avoid, now)?;
+        let (i, on_thread) = match inner.balancer.pick(&inner.backends, avoid, now) {
+            Some(i) => (i, true),
+            None => (Self::pick_extra(inner, avoid, expected, now, tnow)?, false),
+        };
         let backend = inner.backends[i].clone();
         backend.inc();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.tracks[i].running.push(InFlight {
+            id,
+            since: tnow,
+            expected,
+            on_thread,
+        });
         Some(Slot {
             backend,
             dispatcher: self.clone(),
+            id,
             armed: true,
         })
     }
 
-    fn release(self: &Arc<Self>, backend: &Arc<Backend>) {
+    /// The backend (index) an extra request goes to, if any: among those
+    /// `prefetch::fit` accepts, the one whose thread is expected to free first.
+    fn pick_extra(
+        inner: &Inner,
+        avoid: &[SocketAddr],
+        expected: f64,
+        now: Instant,
+        tnow: tokio::time::Instant,
+    ) -> Option<usize> {
+        if inner.prefetch == 0 {
+            return None;
+        }
+        let mut best: Option<(usize, f64)> = None;
+        for (i, t) in inner.tracks.iter().enumerate() {
+            let b = &t.backend;
+            if !b.health.is_available(now)
+                || avoid.contains(&b.addr)
+                || t.no_extras_until.is_some_and(|u| tnow < u)
+            {
+                continue;
+            }
+            // A backend whose capacity is held down for now (slow start, a
+            // refusal's backoff) gets no extras.
+            let capacity = b.capacity();
+            if capacity < b.full_capacity() {
+                continue;
+            }
+            let running = t.running.iter().map(|r| prefetch::Running {
+                elapsed: tnow.saturating_duration_since(r.since).as_secs_f64(),
+                expected: r.expected,
+                on_thread: r.on_thread,
+            });
+            let fit = prefetch::fit(capacity, b.in_flight(), inner.prefetch, running, expected);
+            match (fit, best) {
+                (Some(soon), Some((_, s))) if soon >= s => {}
+                (Some(soon), _) => best = Some((i, soon)),
+                (None, _) => {}
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    fn release(self: &Arc<Self>, backend: &Arc<Backend>, id: u64) {
         let mut inner = self.inner.lock().unwrap();
         backend.dec();
+        Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
         self.serve_queue(&mut inner);
+    }
+
+    /// Drops slot `id` from its backend's track. The thread it held takes
+    /// the oldest extra waiting in the worker. An extra that comes back
+    /// before any thread freed was refused (or failed at once): the
+    /// worker takes no extras, so it gets none for [`NO_EXTRAS_HOLD`].
+    fn finished(inner: &mut Inner, backend: &Arc<Backend>, id: u64, tnow: tokio::time::Instant) {
+        let Some(t) = inner
+            .tracks
+            .iter_mut()
+            .find(|t| Arc::ptr_eq(&t.backend, backend))
+        else {
+            return;
+        };
+        let Some(pos) = t.running.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let done = t.running.swap_remove(pos);
+        if !done.on_thread {
+            t.no_extras_until = Some(tnow + NO_EXTRAS_HOLD);
+            return;
+        }
+        let next = t
+            .running
+            .iter_mut()
+            .filter(|r| !r.on_thread)
+            .min_by_key(|r| r.since);
+        if let Some(r) = next {
+            r.on_thread = true;
+            r.since = tnow;
+        }
     }
 
     /// Hands free slots to the head of the queue, in order; then, if the
@@ -405,7 +555,8 @@ impl Dispatcher {
         }
         while let Some(next) = Self::next_waiter(inner, tnow) {
             let avoid = inner.queue[next].avoid.clone();
-            let Some(slot) = self.take(inner, &avoid, now) else {
+            let expected = inner.queue[next].expected;
+            let Some(slot) = self.take(inner, &avoid, expected, now, tnow) else {
                 break;
             };
             let waiter = inner.queue.remove(next).expect("waiter exists");
@@ -418,6 +569,13 @@ impl Dispatcher {
                 // without re-entering the lock we hold.
                 slot.armed = false;
                 slot.backend.dec();
+                if let Some(t) = inner
+                    .tracks
+                    .iter_mut()
+                    .find(|t| Arc::ptr_eq(&t.backend, &slot.backend))
+                {
+                    t.running.retain(|r| r.id != slot.id);
+                }
             }
         }
         self.shed(inner, now, tnow);
@@ -483,8 +641,17 @@ impl Dispatcher {
     /// Records how long a request of `class` took at the backend.
     pub fn observe(&self, class: &str, secs: f64) {
         let mut inner = self.inner.lock().unwrap();
-        if inner.discipline == Discipline::ShortestFirst {
+        if inner.learns() {
             inner.estimates.observe(class, secs);
+        }
+    }
+
+    /// `queue.prefetch`, resolved (see `prefetch::limit`).
+    pub fn set_prefetch(self: &Arc<Self>, limit: u32) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.prefetch = limit;
+        if !inner.queue.is_empty() {
+            self.serve_queue(&mut inner);
         }
     }
 
@@ -571,6 +738,16 @@ impl Dispatcher {
     /// their own `Arc<Backend>`.
     pub fn set_backends(self: &Arc<Self>, backends: Vec<Arc<Backend>>) {
         let mut inner = self.inner.lock().unwrap();
+        let mut old = std::mem::take(&mut inner.tracks);
+        inner.tracks = backends
+            .iter()
+            .map(
+                |b| match old.iter().position(|t| Arc::ptr_eq(&t.backend, b)) {
+                    Some(i) => old.swap_remove(i),
+                    None => Track::new(b.clone()),
+                },
+            )
+            .collect();
         inner.backends = backends;
         self.serve_queue(&mut inner);
         drop(inner);
@@ -590,6 +767,14 @@ impl Dispatcher {
 
     pub fn queue_len(&self) -> usize {
         self.inner.lock().unwrap().queue.len()
+    }
+}
+
+impl Inner {
+    /// Whether service times are learned: for the order under
+    /// `shortest_first`, and for prefetch's horizon under any discipline.
+    fn learns(&self) -> bool {
+        self.discipline == Discipline::ShortestFirst || self.prefetch > 0
     }
 }
 
@@ -975,6 +1160,141 @@ mod tests {
         assert_eq!(d.metrics.rejected_overload.get(), shed);
         assert_eq!(d.metrics.rejected_timeout.get(), 0);
         cancel.cancel();
+    }
+
+    /// One backend of 2 threads, prefetch 1, with learned times: /short
+    /// 10 ms, /long 1500 ms.
+    fn prefetching(discipline: Discipline) -> Arc<Dispatcher> {
+        let d = dispatcher(&[2], 100, 60_000);
+        d.set_discipline(discipline);
+        d.set_prefetch(1);
+        for _ in 0..20 {
+            d.observe("/long", 1.5);
+            d.observe("/short", 0.010);
+        }
+        d
+    }
+
+    fn queue_for(d: &Arc<Dispatcher>, class: &'static str) -> tokio::task::JoinHandle<Admitted> {
+        let d = d.clone();
+        tokio::spawn(async move { d.acquire_as(&[], false, class).await.unwrap() })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_request_goes_as_an_extra_where_a_short_one_is_nearly_done() {
+        // Under fifo too: prefetch learns the service times it needs.
+        let d = prefetching(Discipline::Fifo);
+        let a = d.acquire_as(&[], false, "/short").await.unwrap();
+        let b = d.acquire_as(&[], false, "/long").await.unwrap();
+        tokio::time::advance(Duration::from_millis(8)).await;
+        // Both threads busy, one 2 ms from done: the next waits in the worker.
+        let extra = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(extra.waited, Duration::ZERO);
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        // One extra at most: the next waits in Usher.
+        let waiting = queue_for(&d, "/short");
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 1);
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        // The short one ends: its thread takes the extra, which is now the
+        // request nearly done... in 10 ms; the waiter goes as the new extra.
+        drop(a);
+        let second = waiting.await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        drop((b, extra, second));
+        assert_eq!(d.backends()[0].in_flight(), 0);
+        assert!(d.inner.lock().unwrap().tracks[0].running.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_request_never_waits_behind_threads_that_all_run_long_ones() {
+        let d = prefetching(Discipline::ShortestFirst);
+        let a = d.acquire_as(&[], false, "/long").await.unwrap();
+        let b = d.acquire_as(&[], false, "/long").await.unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let short = queue_for(&d, "/short");
+        tokio::task::yield_now().await;
+        // Arrivals and time do not change it while both run long.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            d.kick();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(d.queue_len(), 1);
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        // It goes to the first thread that frees.
+        drop(a);
+        let got = short.await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        drop((b, got));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_head_of_the_queue_goes_as_an_extra() {
+        // The short head may not go behind two long ones; the long request
+        // queued after it could, but would then take the next thread before it.
+        let d = prefetching(Discipline::ShortestFirst);
+        let a = d.acquire_as(&[], false, "/long").await.unwrap();
+        let b = d.acquire_as(&[], false, "/long").await.unwrap();
+        tokio::time::advance(Duration::from_millis(1400)).await;
+        let short = queue_for(&d, "/short");
+        tokio::task::yield_now().await;
+        let long = queue_for(&d, "/long");
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 2);
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        drop(a);
+        let s = short.await.unwrap();
+        // Now the long one heads the queue, and a thread (the other long)
+        // is due within its horizon.
+        let l = long.await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        drop((b, s, l));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_queue_or_without_prefetch_the_cap_is_strict() {
+        let d = prefetching(Discipline::ShortestFirst);
+        let a = d.acquire_as(&[], false, "/short").await.unwrap();
+        let b = d.acquire_as(&[], false, "/short").await.unwrap();
+        tokio::time::advance(Duration::from_millis(9)).await;
+        // Nobody waits: nothing beyond capacity.
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        d.set_prefetch(0);
+        let waiting = queue_for(&d, "/short");
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 1);
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        drop(a);
+        let c = waiting.await.unwrap();
+        drop((b, c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_refuses_an_extra_gets_no_more_for_a_while() {
+        let d = prefetching(Discipline::ShortestFirst);
+        let a = d.acquire_as(&[], false, "/short").await.unwrap();
+        let b = d.acquire_as(&[], false, "/short").await.unwrap();
+        tokio::time::advance(Duration::from_millis(8)).await;
+        let extra = d.acquire_as(&[], false, "/short").await.unwrap();
+        // It comes back before either thread freed: refused (`--queue 0`).
+        drop(extra);
+        let waiting = queue_for(&d, "/short");
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 1);
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        drop(a);
+        let c = waiting.await.unwrap();
+        // After the hold, extras again.
+        tokio::time::advance(NO_EXTRAS_HOLD).await;
+        drop((b, c));
+        let e = d.acquire_as(&[], false, "/short").await.unwrap();
+        let f = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 2);
+        tokio::time::advance(Duration::from_millis(9)).await;
+        let g = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        drop((e, f, g));
     }
 
     #[test]
