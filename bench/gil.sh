@@ -27,7 +27,8 @@
 #      BACKENDS ("waitress usher-worker"), THREADS (4), CPU_MS (5), CPU_RATE (150),
 #      IO_MS (20), IO_RATE (150), CPU_CAPS ("auto 1 THREADS"), IO_CAPS ("auto
 #      THREADS"), WORKLOADS ("cpu io"), CONNECTIONS (1024), GAP_SECS (0.5), FORCE=1,
-#      NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a metadata line, then one JSON line
+#      PLAN_ONLY=1 (print the plan and its duration, run nothing), NO_BUILD=1,
+#      KEEP_WORK=1, RESULTS_OUT=FILE (a metadata line, then one JSON line
 #      per run; `bench/benchlib.py gil-table FILE` prints the table again).
 set -euo pipefail
 # shellcheck source=bench/lib.sh
@@ -75,6 +76,17 @@ for w in $WORKLOADS; do
   case "$w" in cpu | io) ;; *) log "unknown workload $w (cpu | io)"; exit 2 ;; esac
 done
 
+caps_of() { if [[ "$1" == cpu ]]; then echo "$CPU_CAPS"; else echo "$IO_CAPS"; fi; }
+NRUNS=0
+for _ in $BACKENDS; do for w in $WORKLOADS; do for _ in $(caps_of "$w"); do
+  NRUNS=$((NRUNS + ROUNDS)); done; done; done
+# Per run: warm-up + measured + ~1.3 s to start Usher, drain and read its metrics + the gap.
+EST="$(python3 -c "print(round($NRUNS * ($WARMUP + $SECS + 1.3 + $GAP_SECS) + 5))")"
+log "plan: backends [$BACKENDS] x workloads [$WORKLOADS] x max_in_flight (cpu: $CPU_CAPS; io: $IO_CAPS) x $ROUNDS rounds = $NRUNS runs of ${WARMUP}+${SECS} s"
+log "expected duration: ~$((EST / 60)) min $((EST % 60)) s (BENCH_SECS trades precision for time)"
+log "pinning: usher on cpu $PROXY_CPU, usher-load on cpu $LOAD_CPU, the worker unpinned"
+[[ -n "${PLAN_ONLY:-}" ]] && exit 0
+
 quiet_or_refuse "before the build"
 build
 quiet_or_refuse "after the build"
@@ -86,15 +98,6 @@ if [[ " $BACKENDS " == *" usher-worker "* && ! -x "$BIN/usher-worker" ]]; then
   log "missing $BIN/usher-worker"; exit 1
 fi
 
-caps_of() { if [[ "$1" == cpu ]]; then echo "$CPU_CAPS"; else echo "$IO_CAPS"; fi; }
-NRUNS=0
-for _ in $BACKENDS; do for w in $WORKLOADS; do for _ in $(caps_of "$w"); do
-  NRUNS=$((NRUNS + ROUNDS)); done; done; done
-# Per run: warm-up + measured + ~1.3 s to start Usher, drain and read its metrics + the gap.
-EST="$(python3 -c "print(round($NRUNS * ($WARMUP + $SECS + 1.3 + $GAP_SECS) + 5))")"
-log "plan: backends [$BACKENDS] x workloads [$WORKLOADS] x max_in_flight (cpu: $CPU_CAPS; io: $IO_CAPS) x $ROUNDS rounds = $NRUNS runs of ${WARMUP}+${SECS} s"
-log "expected duration: ~$((EST / 60)) min $((EST % 60)) s (BENCH_SECS trades precision for time)"
-log "pinning: usher on cpu $PROXY_CPU, usher-load on cpu $LOAD_CPU, the worker unpinned"
 
 RESULTS="$WORK/gil.jsonl"
 : >"$RESULTS"

@@ -21,21 +21,25 @@
 # are not pinned. Refuses to start while cargo/rustc/cc/ld runs (FORCE=1: anyway),
 # and notes compilers seen during the run (sampled every 2 s).
 #
-# Env: BENCH_SECS (20) measured seconds per run, WARMUP_SECS (2), ROUNDS (3),
-#      LOADS ("0.90 0.96 1.10"), BACKENDS ("waitress"; "waitress usher-worker" for
+# Env: SCENARIO (threaded | gil: runs bench/gil.sh), BENCH_SECS (30) measured
+#      seconds per run, WARMUP_SECS (2), ROUNDS (3), LOADS ("0.90 0.96 1.10"), BACKENDS ("waitress"; "waitress usher-worker" for
 #      both; BACKEND=X is the same as BACKENDS=X), WORKERS (4), THREADS (4), MIX,
 #      TARGETS ("usher usher-sef nginx haproxy", also direct), USHER_CAP (THREADS;
 #      or auto), CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
 #      usher-worker --queue, UNLOADED_LOAD (0.05), UNLOADED_SECS (8), GAP_SECS (2)
-#      pause after each run, FORCE=1, NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
+#      pause after each run, PLAN_ONLY=1 (print the plan and its duration, run
+#      nothing), FORCE=1, NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
 #      metadata line, then one JSON line per run and round, and the unloaded runs;
 #      `bench/benchlib.py threaded-table FILE` prints the tables again, bench/plot.py
 #      draws the medians).
 set -euo pipefail
+# SCENARIO=gil: the CPU-bound/GIL scenario, bench/gil.sh (its own env, see there).
+[[ "${SCENARIO:-threaded}" == gil ]] && exec "$(dirname "$0")/gil.sh"
+[[ "${SCENARIO:-threaded}" == threaded ]] || { echo "unknown SCENARIO ${SCENARIO} (threaded | gil)" >&2; exit 2; }
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SECS="${BENCH_SECS:-20}"
+SECS="${BENCH_SECS:-30}"
 WARMUP="${WARMUP_SECS:-2}"
 ROUNDS="${ROUNDS:-3}"
 LOADS="${LOADS:-0.90 0.96 1.10}"
@@ -78,21 +82,6 @@ for b in $BACKENDS; do
   esac
 done
 
-quiet_or_refuse "before the build"
-ensure_tools
-build
-quiet_or_refuse "after the build"
-raise_nofile
-[[ -x "$BIN/usher-load" ]] || { log "missing $BIN/usher-load"; exit 1; }
-if [[ " $BACKENDS " == *" usher-worker "* && ! -x "$BIN/usher-worker" ]]; then
-  log "missing $BIN/usher-worker"; exit 1
-fi
-NOFILE="$(ulimit -n)"
-if [[ "$NOFILE" != unlimited ]] && ((NOFILE < CONNECTIONS + 256)); then
-  log "open-file limit $NOFILE is below CONNECTIONS=$CONNECTIONS + 256: lower CONNECTIONS or raise the hard limit"
-  exit 1
-fi
-
 read -r CAPACITY MEAN_MS < <($PY capacity "$((WORKERS * THREADS))" "$MIX")
 UNLOADED_RATE="$(python3 -c "print(round($UNLOADED_LOAD * $CAPACITY, 1))")"
 NB=0; for _ in $BACKENDS; do NB=$((NB + 1)); done
@@ -109,7 +98,25 @@ print(round(runs * ($WARMUP + $SECS + $GAP_SECS + 0.6) + over * 2.5
 log "capacity: $WORKERS workers x $THREADS threads / mean service ${MEAN_MS} ms = $CAPACITY req/s"
 log "plan: backends [$BACKENDS] x $ROUNDS rounds x targets [$TARGETS] x loads [$LOADS] = $NRUNS runs of ${WARMUP}+${SECS} s"
 log "expected duration: ~$((EST / 60)) min $((EST % 60)) s (BENCH_SECS trades precision for time)"
-log "pinning: proxy on cpu $PROXY_CPU, usher-load on cpu $LOAD_CPU, workers unpinned; open-file limit $NOFILE"
+log "pinning: proxy on cpu $PROXY_CPU, usher-load on cpu $LOAD_CPU, workers unpinned"
+[[ -n "${PLAN_ONLY:-}" ]] && exit 0
+
+quiet_or_refuse "before the build"
+ensure_tools
+build
+quiet_or_refuse "after the build"
+raise_nofile
+[[ -x "$BIN/usher-load" ]] || { log "missing $BIN/usher-load"; exit 1; }
+if [[ " $BACKENDS " == *" usher-worker "* && ! -x "$BIN/usher-worker" ]]; then
+  log "missing $BIN/usher-worker"; exit 1
+fi
+NOFILE="$(ulimit -n)"
+if [[ "$NOFILE" != unlimited ]] && ((NOFILE < CONNECTIONS + 256)); then
+  log "open-file limit $NOFILE is below CONNECTIONS=$CONNECTIONS + 256: lower CONNECTIONS or raise the hard limit"
+  exit 1
+fi
+log "open-file limit $NOFILE (usher-load may hold up to $CONNECTIONS connections)"
+
 
 RESULTS="$WORK/threaded.jsonl"
 : >"$RESULTS"
