@@ -452,6 +452,8 @@ def gil_table(path):
           " I/O-bound (io) auto p99 <= 1.3 x max_in_flight = threads")
     for b in dict.fromkeys(k[0] for k in med):
         for w, ref in (("cpu", "max_in_flight 1"), ("io", None)):
+            if not any(k[0] == b and k[1] == w for k in med):
+                continue
             auto = med.get((b, w, "auto"))
             if ref is None:
                 refs = [k[2] for k in med if k[0] == b and k[1] == w and k[2] != "auto"]

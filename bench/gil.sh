@@ -133,25 +133,14 @@ for backend in $BACKENDS; do
   log "backend $backend on port $p ($THREADS threads$([[ $backend == waitress ]] && echo ", reports its load: $WAITRESS_REPORTS"))"
 done
 
-gauges() {  # ADMIN_PORT: the capacity gauges as KEY=VALUE for emit
-  python3 - "$1" <<'EOF'
-import sys, urllib.request
-want = {"usher_backend_capacity": "capacity_seen", "usher_backend_learned_capacity": "learned_seen"}
-try:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=2).read().decode()
-except OSError:
-    sys.exit(0)
-for line in text.splitlines():
-    name = line.split("{")[0].split(" ")[0]
-    if name in want:
-        print(f"{want[name]}={float(line.rsplit(' ', 1)[1]):g}")
-EOF
-}
-
-emit() {  # KEY=VALUE... REPORT_FILE
-  python3 - "$@" >>"$RESULTS" <<'EOF'
-import json, sys
-*pairs, path = sys.argv[1:]
+# record ADMIN_PORT|- KEY=VALUE... REPORT_FILE|- : one JSON line into $RESULTS, with
+# Usher's capacity gauges (usher_backend_capacity, and usher_backend_learned_capacity
+# if the binary has it) read from its admin /metrics, and the run's headline on
+# stderr. One Python start per run: on a busy machine each costs ~0.3 s.
+record() {
+  python3 - "$RESULTS" "$@" <<'EOF'
+import json, sys, urllib.request
+out, admin, *pairs, path = sys.argv[1:]
 row = {}
 for p in pairs:
     k, _, v = p.partition("=")
@@ -160,9 +149,26 @@ for p in pairs:
     except ValueError:
         pass
     row[k] = v
+want = {"usher_backend_capacity": "capacity_seen", "usher_backend_learned_capacity": "learned_seen"}
+if admin != "-":
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2).read().decode()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in want:
+            row[want[name]] = float(line.rsplit(" ", 1)[1])
 if path != "-":
-    row["report"] = json.load(open(path))
-print(json.dumps(row))
+    r = row["report"] = json.load(open(path))
+    o = r["overall"]
+    l = o["latency_ms"]
+    print("==    ok/s %.1f p50 %s p99 %s ms, fail %d; generator backlog max %d, lag max %.1f ms; cap %s, learned %s"
+          % (o["throughput_ok"], l["p50"], l["p99"], o["non_2xx"] + o["errors"]["total"],
+             r["backlog_max"], r["scheduler_lag_max_ms"], row.get("capacity_seen", "-"),
+             row.get("learned_seen", "-")), file=sys.stderr)
+with open(out, "a") as f:
+    f.write(json.dumps(row) + "\n")
 EOF
 }
 
@@ -176,11 +182,11 @@ for round in $(seq "$ROUNDS"); do
       for cap in $(caps_of "$w"); do
         RUN_NO=$((RUN_NO + 1))
         config="max_in_flight $cap"; [[ "$cap" == auto ]] && config=auto
-        port="$(free_port)"; admin="$(free_port)"; cfg="$WORK/usher-$backend-$w-$cap.yaml"
+        read -r port admin < <($PY free-port 2 | xargs); cfg="$WORK/usher-$backend-$w-$cap.yaml"
         write_usher "$cfg" "$port" "$admin" "$cap" "${WPORT[$backend]}"
         if ! start_usher "$cfg" "$port" "$admin"; then
           log "usher not available: $UNAVAILABLE_WHY"
-          emit backend="$backend" workload="$w" config="$config" round="$round" \
+          record - backend="$backend" workload="$w" config="$config" round="$round" \
             unavailable=true why="${UNAVAILABLE_WHY:0:120}" -
           continue
         fi
@@ -190,16 +196,12 @@ for round in $(seq "$ROUNDS"); do
         taskset -c "$LOAD_CPU" "$BIN/usher-load" --rate "$rate" --duration "${SECS}s" \
           --warmup "${WARMUP}s" --connections "$CONNECTIONS" --timeout 30s \
           --target "127.0.0.1:$port" --mix "1:$path" --json >"$out"
-        mapfile -t g < <(gauges "$admin")
+        record "$admin" backend="$backend" workload="$w" config="$config" path="$path" \
+          rate="$rate" round="$round" threads="$THREADS" "$out"
         # Usher takes ~2 s to exit after SIGTERM; it is idle meanwhile, so don't wait
         # for it here (reaped after the round).
         kill -TERM "$upid" 2>/dev/null || true
         EXITING+=("$upid")
-        emit backend="$backend" workload="$w" config="$config" path="$path" rate="$rate" \
-          round="$round" threads="$THREADS" "${g[@]}" "$out"
-        log "   $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); o=r["overall"]; l=o["latency_ms"]
-print("ok/s %.1f p50 %s p99 %s ms, fail %d, generator backlog max %d" % (o["throughput_ok"], l["p50"], l["p99"],
-      o["non_2xx"] + o["errors"]["total"], r["backlog_max"]))' "$out") ${g[*]}"
         sleep "$GAP_SECS"
       done
     done
@@ -212,7 +214,7 @@ BUSY_SAMPLES=0
 [[ -s "$WORK/busy.log" ]] && BUSY_SAMPLES="$(wc -l <"$WORK/busy.log")"
 
 echo
-echo "gil: 1 worker x $THREADS threads per backend [$BACKENDS] (waitress reports its load: $WAITRESS_REPORTS; usher-worker --gil), one Usher per run"
+echo "gil: 1 worker x $THREADS threads per backend [$BACKENDS]$([[ " $BACKENDS " == *" waitress "* ]] && echo " (waitress reports its load: $WAITRESS_REPORTS)"), one Usher per run"
 echo "cpu: /cpu?ms=$CPU_MS at $CPU_RATE req/s; io: /sleep?ms=$IO_MS at $IO_RATE req/s; $ROUNDS rounds of ${SECS}s measured after ${WARMUP}s warm-up"
 echo "usher pinned to cpu $PROXY_CPU, usher-load to cpu $LOAD_CPU; took $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
 if ((BUSY_SAMPLES)); then

@@ -203,10 +203,13 @@ load_run() {
     --target "127.0.0.1:$port" --mix "$mix" --json >"$out"
 }
 
-emit() {  # JSON fields as KEY=VALUE (numbers as such), REPORT_FILE last
-  python3 - "$@" >>"$RESULTS" <<'EOF'
+# record KEY=VALUE... REPORT_FILE|- : one JSON line into $RESULTS (numbers as
+# numbers) and, with a report, the run's headline and the generator's own numbers on
+# stderr. One Python start per run: on a busy machine each costs ~0.3 s.
+record() {
+  python3 - "$RESULTS" "$@" <<'EOF'
 import json, sys
-*pairs, path = sys.argv[1:]
+out, *pairs, path = sys.argv[1:]
 row = {}
 for p in pairs:
     k, _, v = p.partition("=")
@@ -216,30 +219,28 @@ for p in pairs:
         pass
     row[k] = v
 if path != "-":
-    row["report"] = json.load(open(path))
-print(json.dumps(row))
-EOF
-}
-
-gen_note() {  # REPORT_FILE: the run's headline and the generator's own numbers, for the log
-  python3 - "$1" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-o = r["overall"]
-print("ok/s %.1f, short p99 %s ms, fail %d; generator: backlog max %d, lag max %.1f ms, %d connections opened"
-      % (o["throughput_ok"], r["classes"][0]["latency_ms"]["p99"], o["non_2xx"] + o["errors"]["total"],
-         r["backlog_max"], r["scheduler_lag_max_ms"], r["connections_opened"]))
+    r = row["report"] = json.load(open(path))
+    o = r["overall"]
+    print("==    ok/s %.1f, short p99 %s ms, fail %d; generator: backlog max %d, lag max %.1f ms,"
+          " %d connections opened" % (o["throughput_ok"], r["classes"][0]["latency_ms"]["p99"],
+                                      o["non_2xx"] + o["errors"]["total"], r["backlog_max"],
+                                      r["scheduler_lag_max_ms"], r["connections_opened"]),
+          file=sys.stderr)
+with open(out, "a") as f:
+    f.write(json.dumps(row) + "\n")
 EOF
 }
 
 unavailable_rows() {  # BACKEND TARGET ROUND WHY
   local l
   for l in $LOADS; do
-    emit backend="$1" target="$2" load="$l" round="$3" unavailable=true why="${4:0:120}" - 
+    record backend="$1" target="$2" load="$l" round="$3" unavailable=true why="${4:0:120}" -
   done
 }
 
 # ---- the measurement
+declare -A RATE
+for l in $LOADS; do RATE[$l]="$(python3 -c "print(round($l * $CAPACITY, 1))")"; done
 for backend in $BACKENDS; do
   start_workers "$backend"
   targets=($TARGETS)
@@ -256,18 +257,16 @@ for backend in $BACKENDS; do
         out="$WORK/$backend-$target-unloaded.json"
         log "$backend/$target: unloaded, $SHORT_PATH alone at $UNLOADED_RATE req/s for ${UNLOADED_SECS}s"
         load_run "$out" "$UNLOADED_RATE" "1:$SHORT_PATH" "$UNLOADED_SECS" 1 "$PORT"
-        emit backend="$backend" target="$target" unloaded=true rate="$UNLOADED_RATE" "$out"
-        log "   $(gen_note "$out")"
+        record backend="$backend" target="$target" unloaded=true rate="$UNLOADED_RATE" "$out"
         sleep "$GAP_SECS"
       fi
       for l in $LOADS; do
         RUN_NO=$((RUN_NO + 1))
-        rate="$(python3 -c "print(round($l * $CAPACITY, 1))")"
+        rate="${RATE[$l]}"
         out="$WORK/$backend-$target-$l-$round.json"
         log "[$RUN_NO/$NRUNS, $((SECONDS - T0)) s] $backend/$target round $round: load $l -> $rate req/s for ${SECS}s (+${WARMUP}s warm-up)"
         load_run "$out" "$rate" "$MIX" "$SECS" "$WARMUP" "$PORT"
-        emit backend="$backend" target="$target" load="$l" rate="$rate" round="$round" "$out"
-        log "   $(gen_note "$out")"
+        record backend="$backend" target="$target" load="$l" rate="$rate" round="$round" "$out"
         # usher-load returns once every request is answered; let the rest settle.
         sleep "$GAP_SECS"
       done
