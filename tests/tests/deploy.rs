@@ -993,6 +993,11 @@ const PINNED_CONTRACT: &[(&str, &str, &[&str])] = &[
         &["upstream", "backend", "reason"],
     ),
     ("usher_access_log_dropped_total", "counter", &[]),
+    (
+        "usher_backend_learned_capacity",
+        "gauge",
+        &["upstream", "backend"],
+    ),
 ];
 
 /// The worker's metrics (DESIGN.md names them in prose, without labels).

@@ -55,6 +55,11 @@ pub struct UpstreamConfig {
     /// and `X-Usher-Queue-Ms` (its wait in Usher's queue), so an APM agent
     /// or autoscaler in the app sees request queueing. Default true.
     pub request_start_header: bool,
+    /// With `max_in_flight: auto`, learn per backend the number of requests
+    /// at once past which its throughput stops rising (CPU-bound views under
+    /// a GIL), and send no more than that; never above its threads (see
+    /// `dispatch/learn.rs`). Default true.
+    pub learn_concurrency: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -77,6 +82,7 @@ impl Default for UpstreamConfig {
             tls: None,
             upgrades: UpgradesConfig::default(),
             request_start_header: true,
+            learn_concurrency: true,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /livez` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving; 503 while draining or before any backend is up |
-//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, upgraded, share (under `proxy_replicas`) |
+//! | `GET /status` | JSON: every upstream, its queue, each backend's state, in_flight, capacity, learned_capacity and why (`learned`), upgraded, share (under `proxy_replicas`) |
 //! | `POST /reload` | reload the config file: 200 and a summary of what changed, or 422 and the errors (`usher reload` calls it) |
 //! | `POST /upstreams/{u}/backends/{addr}/drain` | stop sending new requests to a backend |
 //! | `POST /upstreams/{u}/backends/{addr}/undrain` | resume it |
@@ -128,11 +128,14 @@ impl Admin {
                 .backends()
                 .iter()
                 .map(|b| {
+                    let learned = b.learned_view();
                     serde_json::json!({
                         "address": b.key,
                         "state": b.health.state(now),
                         "in_flight": b.in_flight(),
                         "capacity": b.capacity(),
+                        "learned_capacity": learned.capacity,
+                        "learned": learned.why,
                         "weight": b.weight(),
                         "upgraded": b.upgraded(),
                         "share": b.share_view(),

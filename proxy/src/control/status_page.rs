@@ -176,6 +176,12 @@ fn row(out: &mut String, b: &Value, now_ms: u64, fleet: bool) {
     out.push_str("<td class=s>");
     esc(out, str_of(b, "state"));
     let _ = write!(out, "<td class=f>{}{n}/{cap}", bar(n, cap));
+    // Say why when learning holds it below the threads (or is finding out).
+    let learned = str_of(b, "learned");
+    if !matches!(learned, "" | "off" | "learning" | "scales") {
+        out.push_str(" · ");
+        esc(out, learned);
+    }
     let upgraded = u64_of(b, "upgraded");
     if upgraded > 0 {
         let _ = write!(out, " · {upgraded} upgraded");

@@ -10,12 +10,20 @@
 //! threads: what the worker's last load report leaves free, or a static
 //! split (see `share.rs`).
 //!
+//! With `auto` capacity, `learn.rs` may find that fewer requests at once
+//! serve as many per second (CPU-bound views under a GIL), and caps the
+//! threads there; `max_in_flight: N` is never second-guessed. To learn, a
+//! backend keeps the integral of its in-flight count over time, so a
+//! response's *level* is its average in-flight count over its life
+//! ([`Backend::load_mark`]).
+//!
 //! Its health (active verdict, ejection, draining) is [`Health`], owned by
 //! the `health` module; a backend takes new requests only when that says it
 //! is available.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use usher_worker::LoadReport;
@@ -48,6 +56,20 @@ pub struct ShareView {
     /// Threads the other replicas held at the last report.
     pub others: Option<u32>,
     pub report_age_ms: Option<u64>,
+/// A point of a backend's in-flight integral ([`Backend::load_mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadMark {
+    area: u64,
+    at_us: u64,
+}
+
+/// The learned capacity (`/status`): at most the threads, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LearnedView {
+    pub capacity: u32,
+    pub why: &'static str,
+}
+
 }
 
 /// Where a backend's capacity comes from.
@@ -87,6 +109,16 @@ pub struct Backend {
     /// Usher thinks it is alone: something else holds the threads).
     refused: std::sync::atomic::AtomicBool,
     /// The worker's refusal count at its last report, and when a report
+    /// ∫ in_flight dt in request·µs up to `.1` (µs since `epoch`); changed
+    /// with `in_flight`, under the dispatcher's lock.
+    load_area: Mutex<(u64, u64)>,
+    /// The learned cap (see `learn.rs`); 0 while none (the threads).
+    learned: AtomicU32,
+    learner: Mutex<super::learn::Learner>,
+    /// The upstream's `learn_concurrency`, as of the last response.
+    learn_enabled: AtomicBool,
+    /// The last learned cap logged (outside windows); 0 before any.
+    learned_verdict: AtomicU32,
     /// last showed contention (refusals grew, or requests queued inside
     /// it; ms since `epoch`, plus one; 0: never).
     worker_refused: AtomicU64,
@@ -126,6 +158,11 @@ impl Backend {
             fixed_capacity: AtomicU32::new(fixed_capacity.unwrap_or(0)),
             default_capacity: AtomicU32::new(default_capacity.max(1)),
             replicas: AtomicU32::new(1),
+            load_area: Mutex::new((0, 0)),
+            learned: AtomicU32::new(0),
+            learner: Mutex::default(),
+            learn_enabled: AtomicBool::new(true),
+            learned_verdict: AtomicU32::new(0),
             key_hash: super::share::stable_hash(addr.to_string().as_bytes()),
             others: AtomicU32::new(0),
             report_at_ms: AtomicU64::new(0),
@@ -216,7 +253,7 @@ impl Backend {
     /// the last fresh report, else the static split (which may be 0 when
     /// there are fewer threads than replicas).
     pub fn full_capacity(&self) -> u32 {
-        let threads = self.threads();
+        let threads = self.usable_threads();
         let alone = self.replicas() == 1;
         if alone && !self.refused.load(Ordering::Relaxed) {
             return threads;
@@ -241,7 +278,7 @@ impl Backend {
     pub fn static_share(&self) -> u32 {
         let replicas = self.replicas();
         let index = super::share::ReplicaId::get().index(replicas);
-        super::share::static_share(self.threads(), replicas, index, self.key_hash)
+        super::share::static_share(self.usable_threads(), replicas, index, self.key_hash)
     }
 
     /// Under sharing, how this replica's part is decided now.
@@ -278,6 +315,16 @@ impl Backend {
             let others = super::share::others_from_report(taken, 0, own);
             self.others.store(others, Ordering::Release);
             self.refused.store(false, Ordering::Relaxed);
+    /// The threads that help: with `auto` capacity, at most the learned cap.
+    fn usable_threads(&self) -> u32 {
+        let threads = self.threads();
+        match self.learned.load(Ordering::Relaxed) {
+            0 => threads,
+            _ if self.fixed_capacity.load(Ordering::Relaxed) != 0 => threads,
+            n => n.min(threads),
+        }
+    }
+
             self.record_ttl_ms.store(self.timing().0, Ordering::Release);
             self.report_at_ms
                 .store(self.now_ms() + 1, Ordering::Release);
@@ -358,13 +405,117 @@ impl Backend {
                 now + Duration::from_millis(ttl.saturating_sub(age) + 1)
             });
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
+        let _area = self.advance_area();
         let span = self.slow_start_ms.load(Ordering::Relaxed);
         let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if until == 0 || span == 0 || at >= until {
+        let _area = self.advance_area();
             return stale;
         }
         let steps = u64::from(self.full_capacity().max(2) - 1);
         let step = (span / steps).max(10);
+    fn micros(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Brings the in-flight integral up to now; the count may change while
+    /// the returned guard is held.
+    fn advance_area(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        let now = self.micros();
+        let mut a = self.load_area.lock().unwrap_or_else(|e| e.into_inner());
+        let n = u64::from(self.in_flight.load(Ordering::Relaxed));
+        a.0 = a.0.saturating_add(n * now.saturating_sub(a.1));
+        a.1 = now;
+        a
+    }
+
+    /// Where the in-flight integral stands now: two marks give the average
+    /// in-flight count between them (see [`Backend::learn`]).
+    pub fn load_mark(&self) -> LoadMark {
+        let a = self.advance_area();
+        LoadMark {
+            area: a.0,
+            at_us: a.1,
+        }
+    }
+
+    /// Takes in a response that started at `mark` (`class` as in
+    /// `estimate.rs`), for learning the backend's concurrency; `enabled` is
+    /// the upstream's `learn_concurrency`. Returns true if capacity grew, so
+    /// that queued requests may go.
+    pub fn learn(&self, class: &str, mark: LoadMark, enabled: bool) -> bool {
+        let end = self.load_mark();
+        let threads = self.threads();
+        self.learn_enabled.store(enabled, Ordering::Relaxed);
+        let on = enabled && self.learns();
+        let before = self.learned.load(Ordering::Relaxed);
+        let now_ms = end.at_us / 1000;
+        let (limit, verdict) = {
+            let mut l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
+            if on {
+                let span = end.at_us.saturating_sub(mark.at_us);
+                let level = if span == 0 {
+                    f64::from(self.in_flight())
+                } else {
+                    end.area.saturating_sub(mark.area) as f64 / span as f64
+                };
+                let sample = super::learn::Sample {
+                    class: super::share::stable_hash(class.as_bytes()),
+                    secs: span as f64 / 1e6,
+                    level,
+                };
+                l.sample(sample, threads, now_ms);
+            } else if before != 0 {
+                *l = super::learn::Learner::default();
+            }
+            (l.limit(threads), l.verdict(threads))
+        };
+        let learned = if on && limit < threads { limit } else { 0 };
+        self.learned.store(learned, Ordering::Relaxed);
+        // Said when the verdict changes, not at each probing or measuring window.
+        let verdict = if on { verdict } else { threads };
+        let said = self.learned_verdict.swap(verdict, Ordering::Relaxed);
+        // 0: nothing said yet, and the threads go without saying.
+        if said != verdict && !(said == 0 && verdict == threads) {
+            tracing::info!(
+                backend = %self.key,
+                capacity = verdict,
+                threads,
+                why = self.learned_view().why,
+                "learned capacity changed"
+            );
+        }
+        if let Some(m) = self.metrics() {
+            m.learned_capacity.set(i64::from(self.usable_threads()));
+        }
+        match (before, learned) {
+            (0, _) => false,
+            (_, 0) => true,
+            (b, l) => l > b,
+        }
+    }
+
+    /// Whether learning applies: `auto` capacity and this Usher alone.
+    fn learns(&self) -> bool {
+        self.fixed_capacity.load(Ordering::Relaxed) == 0 && self.replicas() == 1
+    }
+
+    /// The learned capacity and why it is that (`/status`).
+    pub fn learned_view(&self) -> LearnedView {
+        let threads = self.threads();
+        let why = if self.learns() && self.learn_enabled.load(Ordering::Relaxed) {
+            let now_ms = self.micros() / 1000;
+            let l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
+            l.why(threads, now_ms)
+        } else {
+            super::learn::Why::Off
+        };
+        LearnedView {
+            capacity: self.usable_threads(),
+            why: why.as_str(),
+        }
+    }
+
         let ramp = now + Duration::from_millis(step.min(until - at));
         Some(stale.map_or(ramp, |s| s.min(ramp)))
     }
@@ -417,7 +568,8 @@ impl Backend {
     /// Attaches the metric handles; the first call wins (a backend keeps its
     /// labels for life).
     pub fn attach_metrics(&self, m: impl FnOnce() -> crate::observe::metrics::BackendMetrics) {
-        self.metrics.get_or_init(m);
+        let m = self.metrics.get_or_init(m);
+        m.learned_capacity.set(i64::from(self.usable_threads()));
     }
 
     pub fn metrics(&self) -> Option<&crate::observe::metrics::BackendMetrics> {

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 pub mod backend;
 pub mod balance;
 pub mod estimate;
+pub mod learn;
 pub mod overload;
 pub mod prefetch;
 pub mod share;

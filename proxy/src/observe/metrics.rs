@@ -19,6 +19,8 @@ pub const QUEUE_WAIT: &str = "usher_queue_wait_seconds";
 pub const QUEUE_REJECTIONS: &str = "usher_queue_rejections_total";
 pub const BACKEND_IN_FLIGHT: &str = "usher_backend_in_flight";
 pub const BACKEND_CAPACITY: &str = "usher_backend_capacity";
+/// The learned concurrency cap per backend (the threads while none).
+pub const BACKEND_LEARNED_CAPACITY: &str = "usher_backend_learned_capacity";
 pub const BACKEND_UP: &str = "usher_backend_up";
 pub const BACKEND_REQUESTS: &str = "usher_backend_requests_total";
 pub const BACKEND_RESPONSE: &str = "usher_backend_response_seconds";
@@ -56,6 +58,7 @@ pub struct Metrics {
     pub queue_rejections: IntCounterVec,
     pub backend_in_flight: IntGaugeVec,
     pub backend_capacity: IntGaugeVec,
+    pub backend_learned_capacity: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub backend_requests: IntCounterVec,
     pub backend_response: HistogramVec,
@@ -147,6 +150,12 @@ impl Metrics {
                 &r,
                 BACKEND_CAPACITY,
                 "Requests the backend may hold at once (its threads).",
+                ub,
+            ),
+            backend_learned_capacity: gauge(
+                &r,
+                BACKEND_LEARNED_CAPACITY,
+                "Requests at once past which the backend's throughput stops rising, as learned (its threads while nothing says fewer).",
                 ub,
             ),
             backend_up: gauge(
@@ -283,6 +292,7 @@ impl Metrics {
         let l = &[upstream, backend];
         let _ = self.backend_in_flight.remove_label_values(l);
         let _ = self.backend_capacity.remove_label_values(l);
+        let _ = self.backend_learned_capacity.remove_label_values(l);
         let _ = self.backend_up.remove_label_values(l);
         let _ = self.upgraded_connections.remove_label_values(l);
     }
@@ -340,6 +350,8 @@ impl CodeCounters {
 pub struct BackendMetrics {
     pub requests: CodeCounters,
     pub response: Histogram,
+    /// Set by the backend when it learns (see `dispatch/learn.rs`).
+    pub learned_capacity: IntGauge,
 }
 
 impl std::fmt::Debug for BackendMetrics {
@@ -353,6 +365,9 @@ impl BackendMetrics {
         BackendMetrics {
             requests: CodeCounters::new(&m.backend_requests, &[upstream, backend]),
             response: m.backend_response.with_label_values(&[upstream, backend]),
+            learned_capacity: m
+                .backend_learned_capacity
+                .with_label_values(&[upstream, backend]),
         }
     }
 }

@@ -289,6 +289,7 @@ impl Upstream {
         (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(head);
+        let mark = backend.load_mark();
         let backend = slot.backend().clone();
         let started = Instant::now();
         let mut req = match self.outgoing(head, body, &backend) {
@@ -462,6 +463,10 @@ impl Upstream {
             }
         }
         drop(slot);
+        // Server errors say nothing of how fast the backend works.
+        if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
+            self.dispatcher.kick();
+        }
         let took = started.elapsed().as_secs_f64();
         self.dispatcher.observe(class, took);
         self.count(&backend, status.as_str());
