@@ -402,7 +402,7 @@ fn build_upstream(
             interval: q.overload_interval.0,
         },
     );
-    let prefetch = crate::dispatch::prefetch::limit(q.prefetch, ucfg.proxy_replicas);
+    let prefetch = crate::dispatch::prefetch::Policy::new(q.prefetch, ucfg.proxy_replicas);
     let dispatcher = match old {
         Some(u) => {
             let d = u.dispatcher.clone();

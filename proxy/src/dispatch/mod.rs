@@ -109,8 +109,8 @@ struct Inner {
     /// Ranks are seconds since this (tokio's clock, so paused-time tests see it).
     epoch: tokio::time::Instant,
     overload: Codel,
-    /// Extras a backend may hold while requests wait (`queue.prefetch`, resolved).
-    prefetch: u32,
+    /// Extras a backend may hold while requests wait (`queue.prefetch`).
+    prefetch: prefetch::Policy,
     /// Per backend, in the order of `backends`: its requests in flight.
     tracks: Vec<Track>,
 }
@@ -273,7 +273,7 @@ impl Dispatcher {
                 estimates: Estimates::default(),
                 epoch: tokio::time::Instant::now(),
                 overload: Codel::new(None, tokio::time::Instant::now()),
-                prefetch: 0,
+                prefetch: prefetch::Policy::default(),
                 tracks,
             }),
             metrics,
@@ -365,7 +365,7 @@ impl Dispatcher {
                 self.shed(&mut inner, now, tnow);
                 self.changed.notify_one();
             }
-            if inner.prefetch > 0 {
+            if inner.prefetch.limit > 0 {
                 // Time alone brings threads near their end: the head (maybe
                 // this one) may go as an extra now.
                 self.serve_queue(&mut inner);
@@ -472,7 +472,7 @@ impl Dispatcher {
         now: Instant,
         tnow: tokio::time::Instant,
     ) -> Option<usize> {
-        if inner.prefetch == 0 {
+        if !inner.prefetch.sends(expected, true) {
             return None;
         }
         let mut best: Option<(usize, f64)> = None;
@@ -487,7 +487,8 @@ impl Dispatcher {
             // A backend whose capacity is held down for now (slow start, a
             // refusal's backoff) gets no extras.
             let capacity = b.capacity();
-            if capacity < b.full_capacity() {
+            let reported = b.capacity_source() == backend::CapacitySource::Reported;
+            if capacity < b.full_capacity() || !inner.prefetch.sends(expected, reported) {
                 continue;
             }
             let running = t.running.iter().map(|r| prefetch::Running {
@@ -495,7 +496,8 @@ impl Dispatcher {
                 expected: r.expected,
                 on_thread: r.on_thread,
             });
-            let fit = prefetch::fit(capacity, b.in_flight(), inner.prefetch, running, expected);
+            let limit = inner.prefetch.limit;
+            let fit = prefetch::fit(capacity, b.in_flight(), limit, running, expected);
             match (fit, best) {
                 (Some(soon), Some((_, s))) if soon >= s => {}
                 (Some(soon), _) => best = Some((i, soon)),
@@ -514,8 +516,9 @@ impl Dispatcher {
 
     /// Drops slot `id` from its backend's track. The thread it held takes
     /// the oldest extra waiting in the worker. An extra that comes back
-    /// before any thread freed was refused (or failed at once): the
-    /// worker takes no extras, so it gets none for [`NO_EXTRAS_HOLD`].
+    /// before any thread freed, in less than half its expected time, was
+    /// refused (or failed at once): the worker takes no extras, so it gets
+    /// none for [`NO_EXTRAS_HOLD`].
     fn finished(inner: &mut Inner, backend: &Arc<Backend>, id: u64, tnow: tokio::time::Instant) {
         let Some(t) = inner
             .tracks
@@ -529,7 +532,13 @@ impl Dispatcher {
         };
         let done = t.running.swap_remove(pos);
         if !done.on_thread {
-            t.no_extras_until = Some(tnow + NO_EXTRAS_HOLD);
+            // Usher's view lags the worker's (a stalled task may read an
+            // answer late), so only an extra back well before it could
+            // have run counts as refused.
+            let back_after = tnow.saturating_duration_since(done.since).as_secs_f64();
+            if back_after < done.expected / 2.0 {
+                t.no_extras_until = Some(tnow + NO_EXTRAS_HOLD);
+            }
             return;
         }
         let next = t
@@ -647,10 +656,10 @@ impl Dispatcher {
         }
     }
 
-    /// `queue.prefetch`, resolved (see `prefetch::limit`).
-    pub fn set_prefetch(self: &Arc<Self>, limit: u32) {
+    /// `queue.prefetch`, resolved (see `prefetch::Policy`).
+    pub fn set_prefetch(self: &Arc<Self>, policy: prefetch::Policy) {
         let mut inner = self.inner.lock().unwrap();
-        inner.prefetch = limit;
+        inner.prefetch = policy;
         if !inner.queue.is_empty() {
             self.serve_queue(&mut inner);
         }
@@ -775,7 +784,7 @@ impl Inner {
     /// Whether service times are learned: for the order under
     /// `shortest_first`, and for prefetch's horizon under any discipline.
     fn learns(&self) -> bool {
-        self.discipline == Discipline::ShortestFirst || self.prefetch > 0
+        self.discipline == Discipline::ShortestFirst || self.prefetch.limit > 0
     }
 }
 
@@ -1168,7 +1177,7 @@ mod tests {
     fn prefetching(discipline: Discipline) -> Arc<Dispatcher> {
         let d = dispatcher(&[2], 100, 60_000);
         d.set_discipline(discipline);
-        d.set_prefetch(1);
+        d.set_prefetch(prefetch::Policy::new(crate::config::Prefetch::Fixed(1), 1));
         for _ in 0..20 {
             d.observe("/long", 1.5);
             d.observe("/short", 0.010);
@@ -1261,7 +1270,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(9)).await;
         // Nobody waits: nothing beyond capacity.
         assert_eq!(d.backends()[0].in_flight(), 2);
-        d.set_prefetch(0);
+        d.set_prefetch(prefetch::Policy::new(crate::config::Prefetch::Fixed(0), 1));
         let waiting = queue_for(&d, "/short");
         tokio::task::yield_now().await;
         assert_eq!(d.queue_len(), 1);
@@ -1269,6 +1278,53 @@ mod tests {
         drop(a);
         let c = waiting.await.unwrap();
         drop((b, c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auto_sends_short_extras_only_where_the_worker_reported_its_threads() {
+        let reported = Arc::new(Backend::new("127.0.0.1:2100".parse().unwrap(), 1, None, 4));
+        reported.report_threads(1);
+        let fixed = Arc::new(Backend::new(
+            "127.0.0.1:2101".parse().unwrap(),
+            1,
+            Some(1),
+            4,
+        ));
+        let d = Dispatcher::new(
+            vec![reported.clone(), fixed.clone()],
+            Balance::LeastOutstanding,
+            100,
+            Duration::from_secs(60),
+            metrics(),
+        );
+        d.set_discipline(Discipline::ShortestFirst);
+        d.set_prefetch(prefetch::Policy::new(crate::config::Prefetch::Auto, 1));
+        for _ in 0..20 {
+            d.observe("/short", 0.010);
+            d.observe("/slow", 0.100);
+        }
+        let a = d.acquire_as(&[], false, "/short").await.unwrap();
+        let b = d.acquire_as(&[], false, "/short").await.unwrap();
+        tokio::time::advance(Duration::from_millis(8)).await;
+        // Both are 2 ms from done; only the reporting worker takes an extra
+        // (`max_in_flight: 1` may be below its threads on purpose).
+        let extra = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert!(Arc::ptr_eq(extra.slot.backend(), &reported));
+        assert_eq!((reported.in_flight(), fixed.in_flight()), (2, 1));
+        // A 100 ms view gains too little from an extra under `auto`.
+        drop(extra);
+        tokio::time::advance(NO_EXTRAS_HOLD).await;
+        drop((a, b));
+        let c = d.acquire_as(&[], false, "/slow").await.unwrap();
+        let e = d.acquire_as(&[], false, "/slow").await.unwrap();
+        tokio::time::advance(Duration::from_millis(95)).await;
+        let waiting = queue_for(&d, "/slow");
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_len(), 1);
+        assert_eq!((reported.in_flight(), fixed.in_flight()), (1, 1));
+        drop(c);
+        let f = waiting.await.unwrap();
+        drop((e, f));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1286,6 +1342,20 @@ mod tests {
         assert_eq!(d.backends()[0].in_flight(), 2);
         drop(a);
         let c = waiting.await.unwrap();
+        // An extra answered after its time, before Usher saw a thread free
+        // (a late read), is no refusal.
+        tokio::time::advance(NO_EXTRAS_HOLD).await;
+        drop(c);
+        let c = d.acquire_as(&[], false, "/short").await.unwrap();
+        tokio::time::advance(Duration::from_millis(8)).await;
+        let late = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        tokio::time::advance(Duration::from_millis(12)).await;
+        drop(late);
+        assert!(
+            d.inner.lock().unwrap().tracks[0].no_extras_until.unwrap()
+                < tokio::time::Instant::now()
+        );
         // After the hold, extras again.
         tokio::time::advance(NO_EXTRAS_HOLD).await;
         drop((b, c));
