@@ -1118,7 +1118,7 @@ fn every_deploy_expr() -> Vec<(String, String)> {
 #[test]
 fn contract_parses_from_design_md() {
     let (table, worker) = parse_contract(&design_md());
-    assert_eq!(table.len(), 21, "{table:#?}");
+    assert_eq!(table.len(), 22, "{table:#?}");
     assert_eq!(worker.len(), 4, "{worker:?}");
     let reasons = &table
         .iter()
@@ -1624,6 +1624,7 @@ fn usher_exposition(t: f64) -> String {
         let l = format!("upstream=\"app\",backend=\"{backend}\"");
         let _ = writeln!(o, "usher_backend_in_flight{{{l}}} {}", 3 - i);
         let _ = writeln!(o, "usher_backend_capacity{{{l}}} 4");
+        let _ = writeln!(o, "usher_backend_learned_capacity{{{l}}} {}", 4 - 3 * i);
         let _ = writeln!(o, "usher_backend_up{{{l}}} 1");
         let _ = writeln!(
             o,
