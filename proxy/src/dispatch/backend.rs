@@ -42,8 +42,6 @@ pub fn parse_load(v: &str) -> Option<Load> {
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
         taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
-        queued: report.queued,
-        refused: report.refused,
     })
 }
 
@@ -56,6 +54,8 @@ pub struct ShareView {
     /// Threads the other replicas held at the last report.
     pub others: Option<u32>,
     pub report_age_ms: Option<u64>,
+}
+
 /// A point of a backend's in-flight integral ([`Backend::load_mark`]).
 #[derive(Debug, Clone, Copy)]
 pub struct LoadMark {
@@ -68,8 +68,6 @@ pub struct LoadMark {
 pub struct LearnedView {
     pub capacity: u32,
     pub why: &'static str,
-}
-
 }
 
 /// Where a backend's capacity comes from.
@@ -108,7 +106,9 @@ pub struct Backend {
     /// The last of those came from a refusal (which counts even when this
     /// Usher thinks it is alone: something else holds the threads).
     refused: std::sync::atomic::AtomicBool,
-    /// The worker's refusal count at its last report, and when a report
+    /// Capacity from the worker's load report; 0 while it reported nothing.
+    reported_capacity: AtomicU32,
+    in_flight: AtomicU32,
     /// ∫ in_flight dt in request·µs up to `.1` (µs since `epoch`); changed
     /// with `in_flight`, under the dispatcher's lock.
     load_area: Mutex<(u64, u64)>,
@@ -119,13 +119,6 @@ pub struct Backend {
     learn_enabled: AtomicBool,
     /// The last learned cap logged (outside windows); 0 before any.
     learned_verdict: AtomicU32,
-    /// last showed contention (refusals grew, or requests queued inside
-    /// it; ms since `epoch`, plus one; 0: never).
-    worker_refused: AtomicU64,
-    contended_at_ms: AtomicU64,
-    /// Capacity from the worker's load report; 0 while it reported nothing.
-    reported_capacity: AtomicU32,
-    in_flight: AtomicU32,
     /// Open upgraded (WebSocket) connections; see `upgrade.rs`.
     upgraded: AtomicU32,
     /// Whether it may take requests (active checks, ejection, draining).
@@ -158,20 +151,18 @@ impl Backend {
             fixed_capacity: AtomicU32::new(fixed_capacity.unwrap_or(0)),
             default_capacity: AtomicU32::new(default_capacity.max(1)),
             replicas: AtomicU32::new(1),
-            load_area: Mutex::new((0, 0)),
-            learned: AtomicU32::new(0),
-            learner: Mutex::default(),
-            learn_enabled: AtomicBool::new(true),
-            learned_verdict: AtomicU32::new(0),
             key_hash: super::share::stable_hash(addr.to_string().as_bytes()),
             others: AtomicU32::new(0),
             report_at_ms: AtomicU64::new(0),
             record_ttl_ms: AtomicU64::new(0),
             refused: Default::default(),
-            worker_refused: AtomicU64::new(0),
-            contended_at_ms: AtomicU64::new(0),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
+            load_area: Mutex::new((0, 0)),
+            learned: AtomicU32::new(0),
+            learner: Mutex::default(),
+            learn_enabled: AtomicBool::new(true),
+            learned_verdict: AtomicU32::new(0),
             upgraded: AtomicU32::new(0),
             health: Health::default(),
             warned_default: Default::default(),
@@ -230,22 +221,16 @@ impl Backend {
             .then(|| (self.others.load(Ordering::Acquire), age))
     }
 
-    /// Report TTL, refusal backoff and contention hold, in ms (see
-    /// `share.rs`); unit tests stretch them so a slow test machine cannot
-    /// outlast them between two lines.
-    fn timing(&self) -> (u64, u64, u64) {
-        use super::share::{CONTENTION_HOLD, REFUSAL_BACKOFF, REPORT_TTL};
+    /// Report TTL and refusal backoff, in ms (see `share.rs`); unit tests
+    /// stretch them so a slow test machine cannot outlast them between two
+    /// lines.
+    fn timing(&self) -> (u64, u64) {
+        use super::share::{REFUSAL_BACKOFF, REPORT_TTL};
         let ms = |d: Duration| d.as_millis() as u64;
-        let base = (ms(REPORT_TTL), ms(REFUSAL_BACKOFF), ms(CONTENTION_HOLD));
+        let base = (ms(REPORT_TTL), ms(REFUSAL_BACKOFF));
         #[cfg(test)]
-        let base = (base.0 * 1000, base.1 * 1000, base.2 * 1000);
+        let base = (base.0 * 1000, base.1 * 1000);
         base
-    }
-
-    /// Whether a recent report showed replicas contending for its threads.
-    fn contended(&self) -> bool {
-        let at = self.contended_at_ms.load(Ordering::Relaxed);
-        at != 0 && self.now_ms().saturating_sub(at - 1) <= self.timing().2
     }
 
     /// Full capacity (this replica's part), before slow start: all the
@@ -259,14 +244,7 @@ impl Backend {
             return threads;
         }
         if let Some((others, _)) = self.fresh_others() {
-            let free = threads.saturating_sub(others);
-            // Replicas contend for its threads: nobody borrows beyond its
-            // static split until that has passed.
-            return if !alone && self.contended() {
-                free.min(self.static_share())
-            } else {
-                free
-            };
+            return threads.saturating_sub(others);
         }
         if alone {
             return threads;
@@ -288,11 +266,7 @@ impl Backend {
             let fresh = self.fresh_others();
             ShareView {
                 replicas,
-                by: match fresh {
-                    Some(_) if self.contended() => "report, contended",
-                    Some(_) => "report",
-                    None => "static",
-                },
+                by: if fresh.is_some() { "report" } else { "static" },
                 others: fresh.map(|(o, _)| o),
                 report_age_ms: fresh.map(|(_, age)| age),
             }
@@ -306,25 +280,10 @@ impl Backend {
     pub fn note_load(&self, load: Load, own: u32) -> bool {
         let before = self.full_capacity();
         self.report_threads_quietly(load.threads);
-        let seen = self.worker_refused.swap(load.refused, Ordering::Relaxed);
-        if load.queued > 0 || load.refused > seen && seen != 0 {
-            self.contended_at_ms
-                .store(self.now_ms() + 1, Ordering::Relaxed);
-        }
         if let Some(taken) = load.taken {
             let others = super::share::others_from_report(taken, 0, own);
             self.others.store(others, Ordering::Release);
             self.refused.store(false, Ordering::Relaxed);
-    /// The threads that help: with `auto` capacity, at most the learned cap.
-    fn usable_threads(&self) -> u32 {
-        let threads = self.threads();
-        match self.learned.load(Ordering::Relaxed) {
-            0 => threads,
-            _ if self.fixed_capacity.load(Ordering::Relaxed) != 0 => threads,
-            n => n.min(threads),
-        }
-    }
-
             self.record_ttl_ms.store(self.timing().0, Ordering::Release);
             self.report_at_ms
                 .store(self.now_ms() + 1, Ordering::Release);
@@ -353,6 +312,16 @@ impl Backend {
         match self.reported_capacity.load(Ordering::Relaxed) {
             0 => self.default_capacity.load(Ordering::Relaxed),
             n => n,
+        }
+    }
+
+    /// The threads that help: with `auto` capacity, at most the learned cap.
+    fn usable_threads(&self) -> u32 {
+        let threads = self.threads();
+        match self.learned.load(Ordering::Relaxed) {
+            0 => threads,
+            _ if self.fixed_capacity.load(Ordering::Relaxed) != 0 => threads,
+            n => n.min(threads),
         }
     }
 
@@ -405,15 +374,46 @@ impl Backend {
                 now + Duration::from_millis(ttl.saturating_sub(age) + 1)
             });
         let until = self.slow_start_until_ms.load(Ordering::Relaxed);
-        let _area = self.advance_area();
         let span = self.slow_start_ms.load(Ordering::Relaxed);
         let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if until == 0 || span == 0 || at >= until {
-        let _area = self.advance_area();
             return stale;
         }
         let steps = u64::from(self.full_capacity().max(2) - 1);
         let step = (span / steps).max(10);
+        let ramp = now + Duration::from_millis(step.min(until - at));
+        Some(stale.map_or(ramp, |s| s.min(ramp)))
+    }
+
+    /// Records the worker's own thread count. Returns true if capacity grew.
+    pub fn report_threads(&self, threads: u32) -> bool {
+        let before = self.full_capacity();
+        self.report_threads_quietly(threads);
+        self.full_capacity() > before
+    }
+
+    fn report_threads_quietly(&self, threads: u32) {
+        if threads == 0 || threads > 100_000 {
+            return;
+        }
+        self.reported_capacity.store(threads, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Only the dispatcher calls these, under its lock.
+    pub(crate) fn inc(&self) {
+        let _area = self.advance_area();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec(&self) {
+        let _area = self.advance_area();
+        let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
+    }
+
     fn micros(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
@@ -514,37 +514,6 @@ impl Backend {
             capacity: self.usable_threads(),
             why: why.as_str(),
         }
-    }
-
-        let ramp = now + Duration::from_millis(step.min(until - at));
-        Some(stale.map_or(ramp, |s| s.min(ramp)))
-    }
-
-    /// Records the worker's own thread count. Returns true if capacity grew.
-    pub fn report_threads(&self, threads: u32) -> bool {
-        let before = self.full_capacity();
-        self.report_threads_quietly(threads);
-        self.full_capacity() > before
-    }
-
-    fn report_threads_quietly(&self, threads: u32) {
-        if threads == 0 || threads > 100_000 {
-            return;
-        }
-        self.reported_capacity.store(threads, Ordering::Relaxed);
-    }
-
-    pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Only the dispatcher calls these, under its lock.
-    pub(crate) fn inc(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn dec(&self) {
-        let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
 
     pub fn start_slow(&self) {
@@ -679,25 +648,6 @@ mod tests {
     }
 
     #[test]
-    fn contention_holds_everyone_to_the_static_split() {
-        let a = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Some(4), 4);
-        a.set_share(3);
-        let statik = a.static_share();
-        let load = |v: &str| parse_load(v).unwrap();
-        a.note_load(load("threads=4, busy=0, queued=0, refused=5"), 0);
-        assert_eq!(a.capacity(), 4, "idle: borrow everything");
-        // Someone was refused since: back to the static split.
-        a.note_load(load("threads=4, busy=0, queued=0, refused=6"), 0);
-        assert_eq!(a.capacity(), statik);
-        assert_eq!(a.share_view().unwrap().by, "report, contended");
-        // Requests queued inside it are contention too.
-        let b = Backend::new("127.0.0.1:2".parse().unwrap(), 1, Some(4), 4);
-        b.set_share(3);
-        b.note_load(load("threads=4, busy=1, queued=1"), 0);
-        assert_eq!(b.capacity(), b.static_share().min(2));
-    }
-
-    #[test]
     fn alone_only_a_refusal_lowers_capacity() {
         let a = b();
         a.note_load(parse_load("threads=4, busy=3, queued=0").unwrap(), 0);
@@ -718,6 +668,41 @@ mod tests {
         a.note_load(load, 0);
         assert_eq!(a.capacity(), 2);
         assert_eq!(a.share_view().unwrap().by, "static");
+    }
+
+    #[test]
+    fn a_request_alone_runs_at_level_one_and_learning_needs_auto() {
+        let a = b();
+        a.inc();
+        let mark = a.load_mark();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!a.learn("/x", mark, true));
+        a.dec();
+        assert_eq!(a.capacity(), 4);
+        assert_eq!(a.learned_view().why, "learning");
+        // With company for half its life: level 1.5.
+        a.inc();
+        let mark = a.load_mark();
+        std::thread::sleep(Duration::from_millis(20));
+        a.inc();
+        std::thread::sleep(Duration::from_millis(20));
+        let end = a.load_mark();
+        let level = (end.area - mark.area) as f64 / (end.at_us - mark.at_us) as f64;
+        assert!((1.3..1.7).contains(&level), "{level}");
+        a.dec();
+        a.dec();
+        // max_in_flight: N is never learned; nor with learn_concurrency off.
+        let f = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Some(4), 4);
+        f.learn("/x", f.load_mark(), true);
+        assert_eq!(
+            f.learned_view(),
+            LearnedView {
+                capacity: 4,
+                why: "off"
+            }
+        );
+        a.learn("/x", a.load_mark(), false);
+        assert_eq!(a.learned_view().why, "off");
     }
 
     #[test]
