@@ -289,9 +289,9 @@ impl Upstream {
         (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(head);
-        let mark = backend.load_mark();
         let backend = slot.backend().clone();
         let started = Instant::now();
+        let mark = backend.load_mark();
         let mut req = match self.outgoing(head, body, &backend) {
             Ok(r) => r,
             Err(e) => return Attempt::NotSent(e),
@@ -463,12 +463,12 @@ impl Upstream {
             }
         }
         drop(slot);
+        let took = started.elapsed().as_secs_f64();
+        self.dispatcher.observe(class, took);
         // Server errors say nothing of how fast the backend works.
         if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
             self.dispatcher.kick();
         }
-        let took = started.elapsed().as_secs_f64();
-        self.dispatcher.observe(class, took);
         self.count(&backend, status.as_str());
         match backend.metrics() {
             Some(m) => m.response.observe(took),
