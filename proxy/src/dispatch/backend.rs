@@ -42,8 +42,6 @@ pub fn parse_load(v: &str) -> Option<Load> {
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
         taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
-        queued: report.queued,
-        refused: report.refused,
     })
 }
 
@@ -108,11 +106,6 @@ pub struct Backend {
     /// The last of those came from a refusal (which counts even when this
     /// Usher thinks it is alone: something else holds the threads).
     refused: std::sync::atomic::AtomicBool,
-    /// The worker's refusal count at its last report, and when a report
-    /// last showed contention (refusals grew, or requests queued inside
-    /// it; ms since `epoch`, plus one; 0: never).
-    worker_refused: AtomicU64,
-    contended_at_ms: AtomicU64,
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
@@ -163,8 +156,6 @@ impl Backend {
             report_at_ms: AtomicU64::new(0),
             record_ttl_ms: AtomicU64::new(0),
             refused: Default::default(),
-            worker_refused: AtomicU64::new(0),
-            contended_at_ms: AtomicU64::new(0),
             reported_capacity: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             load_area: Mutex::new((0, 0)),
@@ -230,22 +221,16 @@ impl Backend {
             .then(|| (self.others.load(Ordering::Acquire), age))
     }
 
-    /// Report TTL, refusal backoff and contention hold, in ms (see
-    /// `share.rs`); unit tests stretch them so a slow test machine cannot
-    /// outlast them between two lines.
-    fn timing(&self) -> (u64, u64, u64) {
-        use super::share::{CONTENTION_HOLD, REFUSAL_BACKOFF, REPORT_TTL};
+    /// Report TTL and refusal backoff, in ms (see `share.rs`); unit tests
+    /// stretch them so a slow test machine cannot outlast them between two
+    /// lines.
+    fn timing(&self) -> (u64, u64) {
+        use super::share::{REFUSAL_BACKOFF, REPORT_TTL};
         let ms = |d: Duration| d.as_millis() as u64;
-        let base = (ms(REPORT_TTL), ms(REFUSAL_BACKOFF), ms(CONTENTION_HOLD));
+        let base = (ms(REPORT_TTL), ms(REFUSAL_BACKOFF));
         #[cfg(test)]
-        let base = (base.0 * 1000, base.1 * 1000, base.2 * 1000);
+        let base = (base.0 * 1000, base.1 * 1000);
         base
-    }
-
-    /// Whether a recent report showed replicas contending for its threads.
-    fn contended(&self) -> bool {
-        let at = self.contended_at_ms.load(Ordering::Relaxed);
-        at != 0 && self.now_ms().saturating_sub(at - 1) <= self.timing().2
     }
 
     /// Full capacity (this replica's part), before slow start: all the
@@ -259,14 +244,7 @@ impl Backend {
             return threads;
         }
         if let Some((others, _)) = self.fresh_others() {
-            let free = threads.saturating_sub(others);
-            // Replicas contend for its threads: nobody borrows beyond its
-            // static split until that has passed.
-            return if !alone && self.contended() {
-                free.min(self.static_share())
-            } else {
-                free
-            };
+            return threads.saturating_sub(others);
         }
         if alone {
             return threads;
@@ -288,11 +266,7 @@ impl Backend {
             let fresh = self.fresh_others();
             ShareView {
                 replicas,
-                by: match fresh {
-                    Some(_) if self.contended() => "report, contended",
-                    Some(_) => "report",
-                    None => "static",
-                },
+                by: if fresh.is_some() { "report" } else { "static" },
                 others: fresh.map(|(o, _)| o),
                 report_age_ms: fresh.map(|(_, age)| age),
             }
@@ -306,11 +280,6 @@ impl Backend {
     pub fn note_load(&self, load: Load, own: u32) -> bool {
         let before = self.full_capacity();
         self.report_threads_quietly(load.threads);
-        let seen = self.worker_refused.swap(load.refused, Ordering::Relaxed);
-        if load.queued > 0 || load.refused > seen && seen != 0 {
-            self.contended_at_ms
-                .store(self.now_ms() + 1, Ordering::Relaxed);
-        }
         if let Some(taken) = load.taken {
             let others = super::share::others_from_report(taken, 0, own);
             self.others.store(others, Ordering::Release);
@@ -676,25 +645,6 @@ mod tests {
         a.note_refused(1);
         assert_eq!(a.capacity(), 1);
         assert!(a.next_capacity_step(Instant::now()).is_some());
-    }
-
-    #[test]
-    fn contention_holds_everyone_to_the_static_split() {
-        let a = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Some(4), 4);
-        a.set_share(3);
-        let statik = a.static_share();
-        let load = |v: &str| parse_load(v).unwrap();
-        a.note_load(load("threads=4, busy=0, queued=0, refused=5"), 0);
-        assert_eq!(a.capacity(), 4, "idle: borrow everything");
-        // Someone was refused since: back to the static split.
-        a.note_load(load("threads=4, busy=0, queued=0, refused=6"), 0);
-        assert_eq!(a.capacity(), statik);
-        assert_eq!(a.share_view().unwrap().by, "report, contended");
-        // Requests queued inside it are contention too.
-        let b = Backend::new("127.0.0.1:2".parse().unwrap(), 1, Some(4), 4);
-        b.set_share(3);
-        b.note_load(load("threads=4, busy=1, queued=1"), 0);
-        assert_eq!(b.capacity(), b.static_share().min(2));
     }
 
     #[test]

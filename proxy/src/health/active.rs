@@ -31,10 +31,6 @@ pub struct Load {
     /// taken at the moment of the report (on a response: not counting the
     /// request answered).
     pub taken: Option<usize>,
-    /// Requests waiting inside the worker: someone over-filled it.
-    pub queued: usize,
-    /// The worker's count of requests it refused for lack of a thread.
-    pub refused: u64,
 }
 
 /// What the checker needs of a backend.
@@ -231,8 +227,6 @@ fn healthz_load(v: &serde_json::Value) -> Option<Load> {
     Some(Load {
         threads,
         taken: count("busy").map(|busy| busy.saturating_add(queued)),
-        queued,
-        refused: v.get("refused").and_then(|r| r.as_u64()).unwrap_or(0),
     })
 }
 

@@ -87,11 +87,6 @@ pub enum Attempt<T> {
     Refused,
 }
 
-/// How many times one request may be refused for lack of a thread before
-/// it is answered 503 (each refusal also lowers this replica's part of that
-/// worker, so the next try waits for a thread to free).
-const MAX_REFUSALS: u32 = 64;
-
 /// What admission to a backend hands an attempt: a request slot, or an
 /// upgraded connection's ticket.
 pub trait Admission {
@@ -229,8 +224,11 @@ impl Upstream {
             let (error, reason) = match exchange.attempt(admitted).await {
                 Attempt::Done(value) => return Ok((value, backend, queue_wait)),
                 Attempt::Refused => {
+                    // Each refusal lowers this replica's part of that worker
+                    // for a moment, so the next try waits for a thread; a
+                    // request is refused for at most the queue's timeout.
                     refusals += 1;
-                    if refusals >= MAX_REFUSALS || started.elapsed() >= self.cfg.queue.timeout.0 {
+                    if started.elapsed() >= self.cfg.queue.timeout.0 {
                         return Err(Failed {
                             error: Error::QueueTimeout {
                                 upstream: self.name.clone(),
