@@ -316,6 +316,12 @@ impl Backend {
     }
 
     /// The threads that help: with `auto` capacity, at most the learned cap.
+    /// Whether learned concurrency holds it below its threads (then an
+    /// extra request would run on a thread the learner keeps idle, not wait).
+    pub fn learned_below_threads(&self) -> bool {
+        self.usable_threads() < self.threads()
+    }
+
     fn usable_threads(&self) -> u32 {
         let threads = self.threads();
         match self.learned.load(Ordering::Relaxed) {

@@ -487,7 +487,10 @@ impl Dispatcher {
             // A backend whose capacity is held down for now (slow start, a
             // refusal's backoff) gets no extras.
             let capacity = b.capacity();
-            let reported = b.capacity_source() == backend::CapacitySource::Reported;
+            // `auto` sends extras only where capacity is the worker's own
+            // thread count: not below it by learning (the extra would run).
+            let reported = b.capacity_source() == backend::CapacitySource::Reported
+                && !b.learned_below_threads();
             if capacity < b.full_capacity() || !inner.prefetch.sends(expected, reported) {
                 continue;
             }
