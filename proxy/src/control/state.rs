@@ -449,6 +449,11 @@ fn build_upstream(
         cfg: ucfg.clone(),
         dispatcher,
         client: build_client(ucfg),
+        pool: crate::upstream::pool::Pool::new(
+            crate::tls::connector::UpstreamConnector::new(ucfg),
+            ucfg.pool.idle_timeout.0,
+            ucfg.pool.max_idle_per_backend,
+        ),
         connector: crate::tls::connector::UpstreamConnector::new(ucfg),
         metrics: metrics.clone(),
         max_response_buffer: config.limits.max_response_buffer.0,

@@ -207,6 +207,14 @@ impl Slot {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
+
+    /// Releases the slot of a request of `class` that took `secs` at the
+    /// backend, recording that (see `estimate.rs`) under the same lock.
+    pub fn finish(mut self, class: &str, secs: f64) {
+        self.armed = false;
+        self.dispatcher
+            .release_as(&self.backend, self.id, Some((class, secs)));
+    }
 }
 
 impl Drop for Slot {
@@ -511,7 +519,23 @@ impl Dispatcher {
     }
 
     fn release(self: &Arc<Self>, backend: &Arc<Backend>, id: u64) {
+        self.release_as(backend, id, None);
+    }
+
+    /// Releases a slot on `backend`, learning the service time of the
+    /// request's class if it is given: one lock per release.
+    fn release_as(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        id: u64,
+        took: Option<(&str, f64)>,
+    ) {
         let mut inner = self.inner.lock().unwrap();
+        if let Some((class, secs)) = took {
+            if inner.learns() {
+                inner.estimates.observe(class, secs);
+            }
+        }
         backend.dec();
         Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
         self.serve_queue(&mut inner);
@@ -651,7 +675,9 @@ impl Dispatcher {
         Some(best)
     }
 
-    /// Records how long a request of `class` took at the backend.
+    /// Records how long a request of `class` took at the backend (the
+    /// request path does it as it releases, see [`Slot::finish`]).
+    #[cfg(test)]
     pub fn observe(&self, class: &str, secs: f64) {
         let mut inner = self.inner.lock().unwrap();
         if inner.learns() {

@@ -11,6 +11,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::pool::Conn;
 use crate::dispatch::Slot;
 
 pin_project_lite::pin_project! {
@@ -23,6 +24,9 @@ pin_project_lite::pin_project! {
         trailers: Option<http::HeaderMap>,
         #[pin]
         rest: Option<Incoming>,
+        // The pooled connection `rest` arrives on: back to the pool when
+        // it has all been read.
+        conn: Option<Conn>,
         slot: Option<Slot>,
         timer: Option<(prometheus::Histogram, Instant)>,
     }
@@ -49,6 +53,7 @@ impl ProxyBody {
             remaining: size,
             trailers,
             rest: None,
+            conn: None,
             slot: None,
             timer: None,
         }
@@ -57,6 +62,7 @@ impl ProxyBody {
     pub(crate) fn relay(
         chunks: VecDeque<Bytes>,
         rest: Incoming,
+        conn: Option<Conn>,
         slot: Slot,
         timer: Option<(prometheus::Histogram, Instant)>,
     ) -> Self {
@@ -65,6 +71,7 @@ impl ProxyBody {
             remaining: 0,
             trailers: None,
             rest: Some(rest),
+            conn,
             slot: Some(slot),
             timer,
         }
@@ -96,6 +103,10 @@ impl Body for ProxyBody {
                 if let Some((h, t)) = this.timer.take() {
                     h.observe(t.elapsed().as_secs_f64());
                 }
+                if let (Poll::Ready(None), Some(conn)) = (&polled, this.conn.take()) {
+                    conn.checkin();
+                }
+                this.conn.take();
                 this.slot.take();
             }
             return polled;

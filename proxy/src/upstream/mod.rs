@@ -10,15 +10,16 @@
 //! stream and hold the slot until done.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
-
+use std::pin::Pin;
 use std::sync::Arc;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load, Backend};
@@ -30,12 +31,16 @@ use crate::tls::connector::UpstreamConnector;
 use framing::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 
 pub mod body;
+pub mod detach;
 pub mod framing;
+pub mod pool;
 pub mod retry;
 pub mod stamp;
 
 pub use crate::error::error_chain;
 pub use body::{text, ProxyBody};
+use detach::Detached;
+use pool::{Conn, Pool, SendError};
 use retry::is_idempotent;
 pub use retry::RetryBudget;
 
@@ -45,7 +50,11 @@ pub struct Upstream {
     pub name: String,
     pub cfg: UpstreamConfig,
     pub dispatcher: Arc<Dispatcher>,
+    /// hyper-util's client: requests to `protocol: http2` upstreams, and
+    /// health checks and capacity probes.
     pub client: UpstreamClient,
+    /// Usher's own pool: requests to HTTP/1 upstreams (`pool.rs`).
+    pub pool: Pool,
     /// Connections outside the pool (upgraded requests).
     pub connector: UpstreamConnector,
     pub metrics: Arc<Metrics>,
@@ -146,22 +155,14 @@ impl Exchange for Buffered {
     }
 
     async fn attempt(&mut self, admitted: Self::Admission) -> Attempt<Self::Output> {
-        let key = admitted.slot.backend().key.clone();
-        // Once a slot is granted, the exchange runs in its own task: if the
-        // client goes away, the request still finishes on the backend, and
+        // Once a slot is granted, the exchange must finish: if the client
+        // goes away, the request still runs to its end on the backend, and
         // its slot stays taken until the backend's thread is really free.
-        // (While queued, a vanished client just leaves.)
-        let exchange = tokio::spawn({
-            let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
-            let stamp = (self.read_at, admitted.waited);
-            async move { up.send(&head, body, admitted.slot, stamp).await }
-        });
-        exchange.await.unwrap_or_else(|e| {
-            Attempt::Sent(Error::Upstream {
-                backend: key,
-                reason: format!("internal error in the exchange task: {e}"),
-            })
-        })
+        // `Detached` runs it here and moves only an abandoned remainder to a
+        // task of its own. (While queued, a vanished client just leaves.)
+        let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
+        let stamp = (self.read_at, admitted.waited);
+        Detached::new(async move { up.send(&head, body, admitted.slot, stamp).await }).await
     }
 }
 
@@ -301,9 +302,9 @@ impl Upstream {
         let deadline = tokio::time::Instant::now() + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
-        let mut pending = self.client.request(req);
+        let mut pending = self.transmit(backend.addr, req);
         let result = tokio::time::timeout_at(deadline, &mut pending).await;
-        let mut response = match result {
+        let (mut response, mut conn) = match result {
             Err(_) => {
                 self.count(&backend, "timeout");
                 self.note_failure(&backend, false);
@@ -311,8 +312,10 @@ impl Upstream {
                 // most likely still on this request: keep its slot until the
                 // backend answers after all (capped, see `linger`).
                 linger(slot, timeout, async move {
-                    if let Ok(r) = pending.await {
-                        let _ = r.into_body().collect().await;
+                    if let Ok((r, conn)) = pending.await {
+                        if r.into_body().collect().await.is_ok() {
+                            conn.map(Conn::checkin);
+                        }
                     }
                 });
                 return Attempt::Final(Error::UpstreamTimeout {
@@ -320,20 +323,20 @@ impl Upstream {
                     timeout,
                 });
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(Transmit::Connect(reason))) => {
                 self.count(&backend, "connect_error");
                 self.note_failure(&backend, true);
                 return Attempt::NotSent(Error::Connect {
                     backend: backend.key.clone(),
-                    reason: error_chain(&e),
+                    reason,
                 });
             }
-            Ok(Err(e)) => {
+            Ok(Err(Transmit::Sent(reason))) => {
                 self.count(&backend, "error");
                 self.note_failure(&backend, false);
                 return Attempt::Sent(Error::Upstream {
                     backend: backend.key.clone(),
-                    reason: error_chain(&e),
+                    reason,
                 });
             }
             Ok(Ok(r)) => r,
@@ -365,7 +368,9 @@ impl Upstream {
             self.count(&backend, "refused");
             // Read the short refusal so the connection stays reusable.
             let body = response.into_body().collect();
-            let _ = tokio::time::timeout_at(deadline, body).await;
+            if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, body).await {
+                conn.take().map(Conn::checkin);
+            }
             drop(slot);
             return Attempt::Refused;
         }
@@ -419,7 +424,9 @@ impl Upstream {
                 Err(_) => {
                     self.count(&backend, "timeout");
                     linger(slot, timeout, async move {
-                        let _ = incoming.collect().await;
+                        if incoming.collect().await.is_ok() {
+                            conn.map(Conn::checkin);
+                        }
                     });
                     return Attempt::Final(Error::UpstreamTimeout {
                         backend: backend.key.clone(),
@@ -447,6 +454,7 @@ impl Upstream {
                         let body = ProxyBody::relay(
                             buffered,
                             incoming,
+                            conn,
                             slot,
                             self.backend_timer(&labels, started),
                         );
@@ -460,9 +468,10 @@ impl Upstream {
                 }
             }
         }
-        drop(slot);
+        // The connection first: a waiter the slot goes to finds it idle.
+        conn.map(Conn::checkin);
         let took = started.elapsed().as_secs_f64();
-        self.dispatcher.observe(class, took);
+        slot.finish(class, took);
         // Server errors say nothing of how fast the backend works.
         if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
             self.dispatcher.kick();
@@ -478,6 +487,35 @@ impl Upstream {
         }
         let body = ProxyBody::buffered(buffered, size, trailers);
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
+    }
+
+    /// Sends `req` to `addr` through the upstream's pool (HTTP/1) or client
+    /// (h2); the connection comes back with the response on HTTP/1, to be
+    /// checked in once its body has been read. Owned, so that a timed-out
+    /// exchange can finish it while lingering.
+    fn transmit(&self, addr: SocketAddr, req: Request<Full<Bytes>>) -> Pending {
+        match self.cfg.protocol {
+            UpstreamProtocol::Http1 => {
+                let pool = self.pool.clone();
+                Box::pin(async move {
+                    match pool.send(addr, req).await {
+                        Ok((r, conn)) => Ok((r, Some(conn))),
+                        Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
+                        Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
+                    }
+                })
+            }
+            UpstreamProtocol::Http2 => {
+                let pending = self.client.request(req);
+                Box::pin(async move {
+                    match pending.await {
+                        Ok(r) => Ok((r, None)),
+                        Err(e) if e.is_connect() => Err(Transmit::Connect(error_chain(&e))),
+                        Err(e) => Err(Transmit::Sent(error_chain(&e))),
+                    }
+                })
+            }
+        }
     }
 
     fn backend_timer(
@@ -536,32 +574,46 @@ impl Upstream {
         body: Bytes,
         backend: &Backend,
     ) -> Result<Request<Full<Bytes>>, Error> {
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(if self.cfg.tls.is_some() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        });
-        uri.authority = Some(backend.authority.clone());
-        uri.path_and_query = Some(
-            head.uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        let uri = Uri::from_parts(uri).map_err(|_| Error::BadRequest("invalid request target"))?;
+        let path_and_query = head
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let len = body.len();
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = head.method.clone();
-        *req.uri_mut() = uri;
         *req.headers_mut() = head.headers.clone();
-        if self.cfg.protocol == UpstreamProtocol::Http2 {
-            // h2 names the authority in `:authority`, which hyper takes from
-            // the URI: the backend's address, since the pool dials by it. A
-            // `host` header beside it would disagree, which an h2 server
-            // must refuse (Usher does); the client's host travels in
-            // `X-Forwarded-Host`.
-            req.headers_mut().remove(http::header::HOST);
+        match self.cfg.protocol {
+            UpstreamProtocol::Http1 => {
+                // The pool writes the target as given: origin-form, with the
+                // `Host` the edge set (an HTTP/1.0 request may have none:
+                // then the backend's address, as hyper-util's client did).
+                *req.uri_mut() = Uri::from(path_and_query);
+                req.headers_mut()
+                    .entry(http::header::HOST)
+                    .or_insert_with(|| {
+                        HeaderValue::from_str(backend.authority.as_str())
+                            .expect("an authority is a valid header value")
+                    });
+            }
+            UpstreamProtocol::Http2 => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(if self.cfg.tls.is_some() {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                });
+                uri.authority = Some(backend.authority.clone());
+                uri.path_and_query = Some(path_and_query);
+                *req.uri_mut() = Uri::from_parts(uri)
+                    .map_err(|_| Error::BadRequest("invalid request target"))?;
+                // h2 names the authority in `:authority`, which hyper takes
+                // from the URI: the backend's address, since the pool dials
+                // by it. A `host` header beside it would disagree, which an
+                // h2 server must refuse (Usher does); the client's host
+                // travels in `X-Forwarded-Host`.
+                req.headers_mut().remove(http::header::HOST);
+            }
         }
         if len > 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
             req.headers_mut()
@@ -572,6 +624,16 @@ impl Upstream {
         Ok(req)
     }
 }
+
+/// Where [`Upstream::transmit`] fails: before the request left Usher
+/// (connect, TLS), or after.
+enum Transmit {
+    Connect(String),
+    Sent(String),
+}
+
+type Pending =
+    Pin<Box<dyn Future<Output = Result<(Response<Incoming>, Option<Conn>), Transmit>> + Send>>;
 
 /// Holds `slot` while `rest` (the remainder of a timed-out exchange) runs, so
 /// the backend is not given another request while its thread is still busy
