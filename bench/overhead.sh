@@ -11,8 +11,12 @@
 # Env: BENCH_SECS (10), CONNS (32), LOADGEN (wrk | usher-load; wrk if installed),
 #      BACKEND (auto | waitress), BACKEND_THREADS (4), PATH_Q (/sleep?ms=0),
 #      ONLY (space-separated subset of: direct nginx haproxy haproxy-maxconn
-#      usher usher-uncapped), NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
-#      metadata line, then the JSON lines of the table; bench/plot.py draws them).
+#      usher usher-uncapped base base-uncapped), NO_BUILD=1, KEEP_WORK=1,
+#      RESULTS_OUT=FILE (a metadata line, then the JSON lines of the table;
+#      bench/plot.py draws them), BASELINE_BIN=DIR (a directory holding another
+#      build's `usher`, e.g. main's, copied aside: the rows `base` and
+#      `base-uncapped` run it like `usher` and `usher-uncapped`, so a change and
+#      its baseline are compared within one run).
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -98,12 +102,13 @@ for row in $ROWS; do
       name="$row"; ((mc)) && name="haproxy maxconn=$mc"
       if start_haproxy "$cfg" "$port"; then pid=$LAST_PID; measure "$name" "$port" "$pid"; stop_pid "$pid"
       else unavailable "$name" "$UNAVAILABLE_WHY"; fi ;;
-    usher | usher-uncapped)
+    usher | usher-uncapped | base | base-uncapped)
       port="$(free_port)"; admin="$(free_port)"; cfg="$WORK/$row.yaml"
-      cap="$THREADS"; [[ "$row" == usher-uncapped ]] && cap="$((CONNS * 2))"
+      cap="$THREADS"; [[ "$row" == *-uncapped ]] && cap="$((CONNS * 2))"
       write_usher "$cfg" "$port" "$admin" "$cap" "$BPORT"
-      name="usher cap=$cap"
-      if start_usher "$cfg" "$port" "$admin"; then pid=$LAST_PID; measure "$name" "$port" "$pid"; stop_pid "$pid"
+      bin="$BIN"; name="usher cap=$cap"
+      if [[ "$row" == base* ]]; then bin="${BASELINE_BIN:?BASELINE_BIN is not set}"; name="base cap=$cap"; fi
+      if BIN="$bin" start_usher "$cfg" "$port" "$admin"; then pid=$LAST_PID; measure "$name" "$port" "$pid"; stop_pid "$pid"
       else echo "usher: not available" >&2; unavailable "$name" "$UNAVAILABLE_WHY"; fi ;;
     *) log "unknown row $row"; exit 2 ;;
   esac
