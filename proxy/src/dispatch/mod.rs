@@ -524,12 +524,7 @@ impl Dispatcher {
 
     /// Releases a slot on `backend`, learning the service time of the
     /// request's class if it is given: one lock per release.
-    fn release_as(
-        self: &Arc<Self>,
-        backend: &Arc<Backend>,
-        id: u64,
-        took: Option<(&str, f64)>,
-    ) {
+    fn release_as(self: &Arc<Self>, backend: &Arc<Backend>, id: u64, took: Option<(&str, f64)>) {
         let mut inner = self.inner.lock().unwrap();
         if let Some((class, secs)) = took {
             if inner.learns() {
