@@ -314,7 +314,9 @@ impl Upstream {
                 linger(slot, timeout, async move {
                     if let Ok((r, conn)) = pending.await {
                         if r.into_body().collect().await.is_ok() {
-                            conn.map(Conn::checkin);
+                            if let Some(c) = conn {
+                                c.checkin();
+                            }
                         }
                     }
                 });
@@ -369,7 +371,9 @@ impl Upstream {
             // Read the short refusal so the connection stays reusable.
             let body = response.into_body().collect();
             if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, body).await {
-                conn.take().map(Conn::checkin);
+                if let Some(c) = conn.take() {
+                    c.checkin();
+                }
             }
             drop(slot);
             return Attempt::Refused;
@@ -425,7 +429,9 @@ impl Upstream {
                     self.count(&backend, "timeout");
                     linger(slot, timeout, async move {
                         if incoming.collect().await.is_ok() {
-                            conn.map(Conn::checkin);
+                            if let Some(c) = conn {
+                                c.checkin();
+                            }
                         }
                     });
                     return Attempt::Final(Error::UpstreamTimeout {
@@ -469,7 +475,9 @@ impl Upstream {
             }
         }
         // The connection first: a waiter the slot goes to finds it idle.
-        conn.map(Conn::checkin);
+        if let Some(c) = conn {
+            c.checkin();
+        }
         let took = started.elapsed().as_secs_f64();
         slot.finish(class, took);
         // Server errors say nothing of how fast the backend works.
