@@ -139,8 +139,10 @@ for n in $COUNTS; do
       haproxy)
         port="$(free_port)"; cfg="$WORK/haproxy-$n.cfg"
         write_haproxy "$cfg" "$port" roundrobin 0 "$BPORT"
-        # lib.sh's maxconn 8000 would leave the rest in the backlog.
-        sed -i "s/maxconn 8000/maxconn $((n + 1000))/" "$cfg"
+        # lib.sh's maxconn 8000 would leave the rest in the backlog. HAProxy
+        # wants about 2 file descriptors per maxconn: past half the hard
+        # limit (ulimit -Hn) it refuses to start, and says so.
+        sed -i "s/maxconn 8000/maxconn $((n + 100))/" "$cfg"
         if start_haproxy "$cfg" "$port"; then pid=$LAST_PID; hold haproxy "$port" "$pid" "$n"; stop_pid "$pid"
         else log "haproxy: not available ($UNAVAILABLE_WHY)"; fi ;;
       usher)
