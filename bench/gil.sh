@@ -49,29 +49,8 @@ WORKLOADS="${WORKLOADS:-cpu io}"
 CONNECTIONS="${CONNECTIONS:-1024}"
 GAP_SECS="${GAP_SECS:-0.5}"
 
-BUSY_RE='cargo|rustc|cc1|cc1plus|ld|clippy-driver|rust-analyzer'
-busy() { pgrep -l -x "$BUSY_RE" 2>/dev/null || true; }
-quiet_or_refuse() {  # WHEN
-  local b; b="$(busy)"
-  [[ -z "$b" ]] && return 0
-  if [[ -n "${FORCE:-}" ]]; then
-    log "WARNING: compilers are running $1 (FORCE=1: measuring anyway; the numbers are distorted):"
-    echo "$b" >&2; return 0
-  fi
-  log "refusing to measure: compilers are running $1 (the machine must be quiet):"
-  echo "$b" >&2
-  log "wait for them to finish, or FORCE=1 to measure anyway"
-  exit 3
-}
-
-for b in $BACKENDS; do
-  case "$b" in
-    waitress) command -v waitress-serve >/dev/null 2>&1 || {
-      log "no waitress-serve: python3 -m pip install waitress (or BACKENDS=usher-worker)"; exit 1; } ;;
-    usher-worker) ;;
-    *) log "unknown backend $b (waitress | usher-worker)"; exit 2 ;;
-  esac
-done
+quiet_machine_tools
+check_backends $BACKENDS
 for w in $WORKLOADS; do
   case "$w" in cpu | io) ;; *) log "unknown workload $w (cpu | io)"; exit 2 ;; esac
 done
