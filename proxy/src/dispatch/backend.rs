@@ -281,7 +281,7 @@ impl Backend {
         let before = self.full_capacity();
         self.report_threads_quietly(load.threads);
         if let Some(taken) = load.taken {
-            let others = super::share::others_from_report(taken, 0, own);
+            let others = super::share::others_from_report(taken, own);
             self.others.store(others, Ordering::Release);
             self.refused.store(false, Ordering::Relaxed);
             self.record_ttl_ms.store(self.timing().0, Ordering::Release);

@@ -121,10 +121,13 @@ pub fn static_share(threads: u32, replicas: u32, index: u32, backend_hash: u64) 
 }
 
 /// The threads the other replicas were using when a report was made:
-/// everything busy or queued on the worker that was not this replica's.
-/// `own` is this replica's requests holding a thread at that moment.
-pub fn others_from_report(busy: usize, queued: usize, own: u32) -> u32 {
-    let theirs = busy.saturating_add(queued).saturating_sub(own as usize);
+/// everything taken on the worker (`busy + queued`, [`Load::taken`]) that
+/// was not this replica's. `own` is this replica's requests holding a
+/// thread at that moment.
+///
+/// [`Load::taken`]: crate::health::Load
+pub fn others_from_report(taken: usize, own: u32) -> u32 {
+    let theirs = taken.saturating_sub(own as usize);
     u32::try_from(theirs).unwrap_or(u32::MAX)
 }
 
@@ -182,8 +185,8 @@ mod tests {
 
     #[test]
     fn others_are_what_is_not_ours() {
-        assert_eq!(others_from_report(3, 0, 1), 2);
-        assert_eq!(others_from_report(3, 2, 1), 4);
-        assert_eq!(others_from_report(1, 0, 3), 0);
+        assert_eq!(others_from_report(3, 1), 2);
+        assert_eq!(others_from_report(3 + 2, 1), 4);
+        assert_eq!(others_from_report(1, 3), 0);
     }
 }
