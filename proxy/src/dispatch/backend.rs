@@ -410,9 +410,14 @@ impl Backend {
     }
 
     /// Only the dispatcher calls these, under its lock.
-    pub(crate) fn inc(&self) {
-        let _area = self.advance_area();
+    /// Returns where the in-flight integral stood as it went up.
+    pub(crate) fn inc(&self) -> LoadMark {
+        let a = self.advance_area();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        LoadMark {
+            area: a.0,
+            at_us: a.1,
+        }
     }
     pub(crate) fn dec(&self) {
         let _area = self.advance_area();
@@ -429,8 +434,14 @@ impl Backend {
     fn advance_area(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
         let now = self.micros();
         let mut a = self.load_area.lock().unwrap_or_else(|e| e.into_inner());
-        let n = u64::from(self.in_flight.load(Ordering::Relaxed));
-        a.0 = a.0.saturating_add(n * now.saturating_sub(a.1));
+        // Requests that can be running: past the threads (a prefetched
+        // extra) one waits in the worker's queue and contends with nobody.
+        let running = self
+            .in_flight
+            .load(Ordering::Relaxed)
+            .min(self.threads().max(1));
+        a.0 =
+            a.0.saturating_add(u64::from(running) * now.saturating_sub(a.1));
         a.1 = now;
         a
     }
@@ -709,6 +720,25 @@ mod tests {
         );
         a.learn("/x", a.load_mark(), false);
         assert_eq!(a.learned_view().why, "off");
+    }
+
+    #[test]
+    fn a_prefetched_extra_past_the_threads_does_not_raise_the_level() {
+        // 4 threads, 5 in flight (one prefetched, waiting in the worker's
+        // queue): the level is 4, one the learner can compare with its cap,
+        // not 5, which it never allows.
+        let a = b();
+        for _ in 0..5 {
+            a.inc();
+        }
+        let mark = a.load_mark();
+        std::thread::sleep(Duration::from_millis(20));
+        let end = a.load_mark();
+        let level = (end.area - mark.area) as f64 / (end.at_us - mark.at_us) as f64;
+        assert!((3.9..=4.0).contains(&level), "{level}");
+        for _ in 0..5 {
+            a.dec();
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod prefetch;
 pub mod share;
 
 pub use backend::Backend;
+use backend::LoadMark;
 use balance::Balancer;
 use estimate::Estimates;
 use overload::Codel;
@@ -142,6 +143,9 @@ struct InFlight {
     since: tokio::time::Instant,
     expected: f64,
     on_thread: bool,
+    /// The backend's in-flight integral when it reached a thread (as far as
+    /// Usher can tell): what its time there is learned from.
+    mark: LoadMark,
 }
 
 /// How long a backend that refused an extra gets none: one refused request
@@ -210,10 +214,13 @@ impl Slot {
 
     /// Releases the slot of a request of `class` that took `secs` at the
     /// backend, recording that (see `estimate.rs`) under the same lock.
-    pub fn finish(mut self, class: &str, secs: f64) {
+    /// Returns where the backend's in-flight integral stood when the request
+    /// reached a thread, to learn from ([`Backend::learn`]); none for a
+    /// prefetched extra that came back before a thread freed for it.
+    pub fn finish(mut self, class: &str, secs: f64) -> Option<LoadMark> {
         self.armed = false;
         self.dispatcher
-            .release_as(&self.backend, self.id, Some((class, secs)));
+            .release_as(&self.backend, self.id, Some((class, secs)))
     }
 }
 
@@ -454,7 +461,7 @@ impl Dispatcher {
             None => (Self::pick_extra(inner, avoid, expected, now, tnow)?, false),
         };
         let backend = inner.backends[i].clone();
-        backend.inc();
+        let mark = backend.inc();
         let id = inner.next_id;
         inner.next_id += 1;
         inner.tracks[i].running.push(InFlight {
@@ -462,6 +469,7 @@ impl Dispatcher {
             since: tnow,
             expected,
             on_thread,
+            mark,
         });
         Some(Slot {
             backend,
@@ -523,8 +531,14 @@ impl Dispatcher {
     }
 
     /// Releases a slot on `backend`, learning the service time of the
-    /// request's class if it is given: one lock per release.
-    fn release_as(self: &Arc<Self>, backend: &Arc<Backend>, id: u64, took: Option<(&str, f64)>) {
+    /// request's class if it is given: one lock per release. Returns the
+    /// slot's mark if it ran on a thread.
+    fn release_as(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        id: u64,
+        took: Option<(&str, f64)>,
+    ) -> Option<LoadMark> {
         let mut inner = self.inner.lock().unwrap();
         if let Some((class, secs)) = took {
             if inner.learns() {
@@ -532,8 +546,9 @@ impl Dispatcher {
             }
         }
         backend.dec();
-        Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
+        let mark = Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
         self.serve_queue(&mut inner);
+        mark
     }
 
     /// Drops slot `id` from its backend's track. The thread it held takes
@@ -541,17 +556,17 @@ impl Dispatcher {
     /// before any thread freed, in less than half its expected time, was
     /// refused (or failed at once): the worker takes no extras, so it gets
     /// none for [`NO_EXTRAS_HOLD`].
-    fn finished(inner: &mut Inner, backend: &Arc<Backend>, id: u64, tnow: tokio::time::Instant) {
-        let Some(t) = inner
+    fn finished(
+        inner: &mut Inner,
+        backend: &Arc<Backend>,
+        id: u64,
+        tnow: tokio::time::Instant,
+    ) -> Option<LoadMark> {
+        let t = inner
             .tracks
             .iter_mut()
-            .find(|t| Arc::ptr_eq(&t.backend, backend))
-        else {
-            return;
-        };
-        let Some(pos) = t.running.iter().position(|r| r.id == id) else {
-            return;
-        };
+            .find(|t| Arc::ptr_eq(&t.backend, backend))?;
+        let pos = t.running.iter().position(|r| r.id == id)?;
         let done = t.running.swap_remove(pos);
         if !done.on_thread {
             // Usher's view lags the worker's (a stalled task may read an
@@ -561,7 +576,7 @@ impl Dispatcher {
             if back_after < done.expected / 2.0 {
                 t.no_extras_until = Some(tnow + NO_EXTRAS_HOLD);
             }
-            return;
+            return None;
         }
         let next = t
             .running
@@ -571,7 +586,9 @@ impl Dispatcher {
         if let Some(r) = next {
             r.on_thread = true;
             r.since = tnow;
+            r.mark = backend.load_mark();
         }
+        Some(done.mark)
     }
 
     /// Hands free slots to the head of the queue, in order; then, if the
@@ -1238,6 +1255,27 @@ mod tests {
         drop((b, extra, second));
         assert_eq!(d.backends()[0].in_flight(), 0);
         assert!(d.inner.lock().unwrap().tracks[0].running.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extra_is_learned_from_only_once_it_has_a_thread() {
+        // The learner must see a prefetched request's time on a thread, not
+        // its wait in the worker's queue (else under steady prefetch it sees
+        // nothing it can use: every new request is an extra).
+        let d = prefetching(Discipline::Fifo);
+        let a = d.acquire_as(&[], false, "/short").await.unwrap();
+        let _b = d.acquire_as(&[], false, "/short").await.unwrap();
+        let extra = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        // A thread frees: the extra has it from now on.
+        tokio::time::advance(Duration::from_millis(8)).await;
+        assert!(a.slot.finish("/short", 0.008).is_some());
+        assert!(extra.slot.finish("/short", 0.012).is_some());
+        // Back before any thread freed (refused): nothing to learn from.
+        let _c = d.acquire_as(&[], false, "/short").await.unwrap();
+        let refused = d.acquire_as(&[], false, "/short").await.unwrap();
+        assert_eq!(d.backends()[0].in_flight(), 3);
+        assert!(refused.slot.finish("/short", 0.001).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -290,7 +290,6 @@ impl Upstream {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
-        let mark = backend.load_mark();
         let mut req = match self.outgoing(head, body, &backend) {
             Ok(r) => r,
             Err(e) => return Attempt::NotSent(e),
@@ -479,10 +478,13 @@ impl Upstream {
             c.checkin();
         }
         let took = started.elapsed().as_secs_f64();
-        slot.finish(class, took);
-        // Server errors say nothing of how fast the backend works.
-        if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
-            self.dispatcher.kick();
+        // Learned from its time on a thread: a prefetched extra's wait in
+        // the worker's queue is not contention. Server errors say nothing
+        // of how fast the backend works.
+        if let Some(mark) = slot.finish(class, took) {
+            if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
+                self.dispatcher.kick();
+            }
         }
         self.count(&backend, status.as_str());
         match backend.metrics() {
