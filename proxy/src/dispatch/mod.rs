@@ -1173,7 +1173,7 @@ mod tests {
         let cancel = tokio_util::sync::CancellationToken::new();
         tokio::spawn(d.clone().run_waker(cancel.clone()));
         let mut tasks = Vec::new();
-        for i in 0..60 {
+        for i in 0..120 {
             let d = d.clone();
             tasks.push(tokio::spawn(async move {
                 let t0 = tokio::time::Instant::now();
@@ -1193,9 +1193,12 @@ mod tests {
             let (i, r, took) = t.await.unwrap();
             if let Err(e) = r {
                 assert_eq!(e, Rejected::Overloaded);
-                // Once overload is established, a stale waiter goes at the
-                // target; those queued before it was detected go at once then.
-                let bound = if i >= 20 { 60 } else { 300 };
+                // Once overload is established (the queue stands within 2
+                // intervals, then for STANDING_WINDOWS of 100 ms: by 700 ms,
+                // request 70), a stale waiter goes at the target; those
+                // queued before it was detected go at once then.
+                let detected = 10 * (2 + overload::STANDING_WINDOWS as usize);
+                let bound = if i >= detected { 60 } else { 800 };
                 assert!(
                     took <= Duration::from_millis(bound),
                     "request {i} shed after {took:?}"
