@@ -41,15 +41,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY_COLOR = {"usher": "#1f5fbf", "nginx": "#2e8b3e", "haproxy": "#d9661f",
                 "direct": "#888888"}
 STYLE = {
-    "usher-sef": dict(color="#1f5fbf", ls="-", marker="o"),
-    "usher": dict(color="#6fa0e8", ls="--", marker="s"),
+    "usher": dict(color="#1f5fbf", ls="-", marker="o"),
+    "usher-fifo": dict(color="#6fa0e8", ls="--", marker="s"),
+    "usher-sef": dict(color="#1f5fbf", ls=":", marker="o"),
     "nginx": dict(color="#2e8b3e", ls="-", marker="^"),
     "haproxy": dict(color="#d9661f", ls="-", marker="D"),
     "direct": dict(color="#888888", ls=":", marker="x"),
 }
 LABEL = {
-    "usher-sef": "Usher, queue shortest-first by path+query",
-    "usher": "Usher, default config (FIFO here: one path)",
+    "usher": "Usher, default config (shortest expected first by path)",
+    "usher-fifo": "Usher, discipline: fifo",
+    "usher-sef": "Usher, shortest-first by path+query (older one-path mix)",
     "nginx": "nginx least_conn",
     "haproxy": "HAProxy leastconn + maxconn 4 + queue",
     "direct": "direct to one worker (no proxy)",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Threaded backends under open-loop load (issue 13): 4 worker processes x 4 threads,
-# a mix of 90% /sleep?ms=10 and 10% /sleep?ms=200, at 90%, 96% and 110% of the
+# a mix of 90% /sleep/short?ms=10 and 10% /sleep/long?ms=200 (two views, two paths,
+# as in a real app), at 90%, 96% and 110% of the
 # fleet's capacity, in ROUNDS interleaved rounds (round 1: every target at every
 # load, then round 2, ...), medians per cell, through:
-#   usher      least_outstanding, max_in_flight 4 per backend, central queue (5 s)
-#   usher-sef  the same, queue shortest-first by path and query
+#   usher       least_outstanding, max_in_flight 4 per backend, central queue (5 s),
+#               the default queue (shortest expected first by path, CoDel overload)
+#   usher-fifo  the same, `discipline: fifo`
 #   nginx      least_conn, keepalive upstream (no queue: the workers' own queues fill)
 #   haproxy    balance leastconn, server maxconn 4, timeout queue 5s
 # Backends (BACKENDS, one block each, rows side by side in one table):
@@ -24,7 +26,7 @@
 # Env: SCENARIO (threaded | gil: runs bench/gil.sh), BENCH_SECS (30) measured
 #      seconds per run, WARMUP_SECS (2), ROUNDS (3), LOADS ("0.90 0.96 1.10"), BACKENDS ("waitress"; "waitress usher-worker" for
 #      both; BACKEND=X is the same as BACKENDS=X), WORKERS (4), THREADS (4), MIX,
-#      TARGETS ("usher usher-sef nginx haproxy", also direct), USHER_CAP (THREADS;
+#      TARGETS ("usher usher-fifo nginx haproxy", also direct), USHER_CAP (THREADS;
 #      or auto), CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
 #      usher-worker --queue, UNLOADED_LOAD (0.05), UNLOADED_SECS (8), GAP_SECS (2)
 #      pause after each run, PLAN_ONLY=1 (print the plan and its duration, run
@@ -45,8 +47,8 @@ ROUNDS="${ROUNDS:-3}"
 LOADS="${LOADS:-0.90 0.96 1.10}"
 WORKERS="${WORKERS:-4}"
 THREADS="${THREADS:-4}"
-MIX="${MIX:-90:/sleep?ms=10,10:/sleep?ms=200}"
-TARGETS="${TARGETS:-usher usher-sef nginx haproxy}"
+MIX="${MIX:-90:/sleep/short?ms=10,10:/sleep/long?ms=200}"
+TARGETS="${TARGETS:-usher usher-fifo nginx haproxy}"
 CONNECTIONS="${CONNECTIONS:-4096}"
 WORKER_QUEUE="${WORKER_QUEUE:-1024}"
 USHER_CAP="${USHER_CAP:-$THREADS}"
@@ -150,10 +152,14 @@ start_target() {
       admin="$(free_port)"; cfg="$WORK/$backend-usher.yaml"
       write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
       start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
+    usher-fifo)
+      # What the default queue's shortest-expected-first is worth: plain FIFO.
+      admin="$(free_port)"; cfg="$WORK/$backend-usher-fifo.yaml"
+      USHER_QUEUE_EXTRA=", discipline: fifo" \
+        write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
+      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
     usher-sef)
-      # Usher's default queue is shortest-expected-first by *path*; both request
-      # classes here hit /sleep, so the plain `usher` row behaves as FIFO. This
-      # row tells them apart by path and query.
+      # The older mix (both views on /sleep, told apart by the query only).
       admin="$(free_port)"; cfg="$WORK/$backend-usher-sef.yaml"
       USHER_QUEUE_EXTRA=", discipline: shortest_first, classify: path_and_query" \
         write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"

@@ -12,6 +12,9 @@ GET /cpu?ms=N    burns N milliseconds of this thread's CPU time in a pure-Python
                  waits for the GIL does not count as work.
 GET /healthz     200 "ok"
 
+/sleep/NAME and /cpu/NAME are the same views under a view name: distinct paths
+for distinct views, as in a real app (bench/threaded.sh's mix uses them).
+
 /sleep and /cpu answer {"start_us", "end_us", "thread"} (wall clock, µs).
 """
 import json
@@ -41,6 +44,9 @@ def app(environ, start_response):
     path = environ.get("PATH_INFO")
     if path == "/healthz":
         return _plain(start_response, "200 OK", "ok\n")
+    for route in ("/sleep", "/cpu"):
+        if path.startswith(route + "/"):
+            path = route
     if path not in ("/sleep", "/cpu"):
         return _plain(start_response, "404 Not Found", "not found\n")
     try:

@@ -22,7 +22,7 @@ use crate::{units, App, Error, Server};
     about = "A threaded HTTP worker (the waitress model): an async front reads each \
              request whole and hands it to a fixed pool of threads through a bounded \
              queue.",
-    after_help = "Routes: GET /sleep?ms=N, GET /cpu?ms=N, POST /echo, /status/{code}, \
+    after_help = "Routes: GET /sleep?ms=N, GET /cpu?ms=N (also /sleep/NAME, /cpu/NAME: the same view under a name), POST /echo, /status/{code}, \
                   GET /healthz, GET /metrics.\nSIGTERM or SIGINT: stop accepting, finish \
                   queued and in-flight requests (bounded by --grace), exit 0."
 )]
