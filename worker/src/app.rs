@@ -44,6 +44,11 @@ pub const MAX_MS: u64 = 60_000;
 /// Django view runs at least this much Python around its I/O.
 pub const DEFAULT_IO_CPU: Duration = Duration::from_micros(500);
 
+/// Default CPU work of the server's own I/O thread under the GIL, per step
+/// (`--gil-server-cpu`): waitress's main thread parses each request and sends
+/// each response in Python.
+pub const DEFAULT_SERVER_CPU: Duration = Duration::from_micros(200);
+
 /// The built-in app. See the [module docs](self).
 #[derive(Debug, Default)]
 pub struct App {
@@ -56,6 +61,9 @@ pub struct App {
 struct Python {
     gil: Arc<Gil>,
     io_cpu: Duration,
+    /// The server I/O thread's work per step (`Handler::server_io`); zero:
+    /// no such thread.
+    server_cpu: Duration,
 }
 
 /// When a piece of work ran, and on which thread.
@@ -81,6 +89,7 @@ impl App {
     pub fn with_gil(gil: bool) -> Self {
         if gil {
             Self::under_gil(Arc::new(Gil::default()), DEFAULT_IO_CPU)
+                .with_server_cpu(DEFAULT_SERVER_CPU)
         } else {
             Self::new()
         }
@@ -93,8 +102,25 @@ impl App {
     /// [`Gil::switches`].
     pub fn under_gil(gil: Arc<Gil>, io_cpu: Duration) -> Self {
         Self {
-            python: Some(Python { gil, io_cpu }),
+            python: Some(Python {
+                gil,
+                io_cpu,
+                server_cpu: Duration::ZERO,
+            }),
         }
+    }
+
+    /// Under a GIL, the server's I/O thread also runs Python, `cpu` of it
+    /// when a request has been read and again when its response is written,
+    /// as waitress's main thread does: then even a response whose view has
+    /// ended waits for a CPU-bound view to hand the GIL over (up to a switch
+    /// interval), once to be read and once to be written. Zero: no I/O thread.
+    /// Without a GIL this does nothing.
+    pub fn with_server_cpu(mut self, cpu: Duration) -> Self {
+        if let Some(p) = &mut self.python {
+            p.server_cpu = cpu;
+        }
+        self
     }
 
     /// The GIL, when the app models one.
@@ -175,6 +201,19 @@ fn step(x: &mut u64) {
 }
 
 impl Handler for App {
+    fn has_server_io(&self) -> bool {
+        self.python
+            .as_ref()
+            .is_some_and(|p| !p.server_cpu.is_zero())
+    }
+
+    fn server_io(&self) {
+        if let Some(p) = &self.python {
+            let mut view = View::enter(Some(p));
+            view.cpu(p.server_cpu);
+        }
+    }
+
     fn handle(&self, req: Request<Bytes>) -> Response<Bytes> {
         let mut view = View::enter(self.python.as_ref());
         let io_cpu = self.io_cpu();

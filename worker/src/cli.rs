@@ -60,6 +60,13 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "0.5ms", requires = "gil", value_parser = units::parse_duration)]
     pub gil_io_cpu: Duration,
 
+    /// With --gil: CPU work the server's own I/O thread does holding the GIL for
+    /// each request, once to read it and once to write its response, as waitress's
+    /// main thread does in Python (so a finished response still waits for a
+    /// CPU-bound view to hand the GIL over), e.g. 0.2ms; 0s: no I/O thread.
+    #[arg(long, value_name = "DURATION", default_value = "0.2ms", requires = "gil", value_parser = units::parse_duration)]
+    pub gil_server_cpu: Duration,
+
     /// Largest request body, e.g. 10MiB, 64KiB, 1024. Larger bodies get 413.
     #[arg(long, value_name = "SIZE", default_value = "10MiB", value_parser = parse_max_body)]
     pub max_body: usize,
@@ -137,6 +144,7 @@ pub async fn serve(args: Args) -> Result<(), Error> {
         gil = args.gil,
         gil_switch_interval = ?args.gil_switch_interval,
         gil_io_cpu = ?args.gil_io_cpu,
+        gil_server_cpu = ?args.gil_server_cpu,
         max_body = args.max_body,
         grace = ?args.grace,
         header_timeout = ?args.header_timeout,
@@ -149,6 +157,7 @@ pub async fn serve(args: Args) -> Result<(), Error> {
             Arc::new(Gil::new(args.gil_switch_interval)),
             args.gil_io_cpu,
         )
+        .with_server_cpu(args.gil_server_cpu)
     } else {
         App::new()
     };

@@ -22,6 +22,7 @@ use crate::load::X_USHER_LOAD;
 use crate::metrics::Metrics;
 use crate::pool::{Job, Shared};
 use crate::queue::PushError;
+use crate::Handler;
 
 /// The worker that answered, by default its listen address.
 pub const X_USHER_WORKER: HeaderName = HeaderName::from_static("x-usher-worker");
@@ -35,6 +36,39 @@ pub(crate) struct Front {
     pub(crate) builtin_endpoints: bool,
     pub(crate) queue_capacity: usize,
     pub(crate) worker_id: HeaderValue,
+    /// The handler's server I/O thread, if it has one (`Handler::server_io`).
+    pub(crate) io: Option<ServerIo>,
+}
+
+/// One OS thread that runs `Handler::server_io` for each step it is sent, in
+/// order, and says when each is done.
+#[derive(Debug)]
+pub(crate) struct ServerIo {
+    steps: std::sync::mpsc::Sender<oneshot::Sender<()>>,
+}
+
+impl ServerIo {
+    pub(crate) fn start(handler: Arc<dyn Handler>) -> std::io::Result<ServerIo> {
+        let (steps, rx) = std::sync::mpsc::channel::<oneshot::Sender<()>>();
+        std::thread::Builder::new()
+            .name("usher-worker-io".into())
+            .spawn(move || {
+                // Ends when the front (the only sender) is dropped.
+                for done in rx {
+                    handler.server_io();
+                    let _ = done.send(());
+                }
+            })?;
+        Ok(ServerIo { steps })
+    }
+
+    /// Runs one step on the I/O thread and waits for it.
+    async fn step(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.steps.send(done).is_ok() {
+            let _ = wait.await;
+        }
+    }
 }
 
 impl Front {
@@ -72,6 +106,9 @@ impl Front {
         }
         let (parts, body) = req.into_parts();
         let body = read_body(body, self.max_body, self.body_read_timeout).await?;
+        if let Some(io) = &self.io {
+            io.step().await;
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             req: Request::from_parts(parts, body),
@@ -88,7 +125,11 @@ impl Front {
             }
             Err(PushError::Closed(_)) => return Err(Rejection::ShuttingDown),
         }
-        answer.await.map_err(|_| Rejection::NoAnswer)
+        let resp = answer.await.map_err(|_| Rejection::NoAnswer)?;
+        if let Some(io) = &self.io {
+            io.step().await;
+        }
+        Ok(resp)
     }
 
     fn healthz(&self) -> Response<Bytes> {

@@ -29,6 +29,21 @@ use http::{Request, Response};
 pub trait Handler: Send + Sync + 'static {
     /// Produces the response for one fully read request.
     fn handle(&self, req: Request<Bytes>) -> Response<Bytes>;
+
+    /// Whether the server should run [`Handler::server_io`] on one I/O thread
+    /// of its own for every request. Default: no.
+    fn has_server_io(&self) -> bool {
+        false
+    }
+
+    /// The server's own share of a request, run on its single I/O thread,
+    /// once when the request has been read (before it is queued) and once
+    /// when its response is ready (before it is written), one request at a
+    /// time. This is waitress's main thread, which parses requests and sends
+    /// responses in Python: under the GIL it waits for CPU-bound views like
+    /// any thread (see `App::under_gil`). Only called if
+    /// [`Handler::has_server_io`].
+    fn server_io(&self) {}
 }
 
 impl<F> Handler for F

@@ -14,7 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::front::Front;
+use crate::front::{Front, ServerIo};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Shared};
 use crate::{Error, Handler, LoadSnapshot};
@@ -217,7 +217,18 @@ impl Server {
         let worker_id = config.worker_id.unwrap_or_else(|| local.to_string());
         let worker_id = HeaderValue::from_str(&worker_id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-worker-id"));
-        let pool = Pool::start(shared.clone(), Arc::new(handler), config.threads)?;
+        let handler: Arc<dyn Handler> = Arc::new(handler);
+        let io = if handler.has_server_io() {
+            let started =
+                ServerIo::start(handler.clone()).map_err(|source| Error::SpawnThread {
+                    name: "usher-worker-io".into(),
+                    source,
+                })?;
+            Some(started)
+        } else {
+            None
+        };
+        let pool = Pool::start(shared.clone(), handler, config.threads)?;
         let front = Arc::new(Front {
             shared: shared.clone(),
             metrics: Metrics::new(),
@@ -226,6 +237,7 @@ impl Server {
             builtin_endpoints: config.builtin_endpoints,
             queue_capacity: config.queue,
             worker_id,
+            io,
         });
 
         let mut http = auto::Builder::new(TokioExecutor::new());

@@ -165,3 +165,46 @@ async fn io_bound_request_waits_behind_cpu_bound_ones_but_not_for_their_run() {
         "/sleep finished after the CPU-bound requests: {sleep:?} {cpu:?}"
     );
 }
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waits_for_the_gil_to_be_read_and_written_like_on_waitress() {
+    // The server's I/O thread runs Python too (waitress's main thread parses
+    // and sends under the GIL): behind CPU-bound views, a request waits for
+    // the GIL before its view starts and again after it ended.
+    let (_worker, addr) = gil_worker();
+    let cpu = start_all(&Client::new(), addr, "/cpu?ms=300", 3);
+    let all_busy = wait_until_async(Duration::from_secs(10), || async move {
+        let h = get(&url(addr, "/healthz"))
+            .await
+            .expect("GET /healthz")
+            .json();
+        h["busy"] == 3
+    })
+    .await;
+    assert!(all_busy, "the three /cpu requests never ran");
+
+    let sent = now_us();
+    let view = run_of(&get(&url(addr, "/sleep?ms=0")).await.unwrap());
+    let answered = now_us();
+    let cpu = join_all(cpu).await;
+    let outside = view.start.saturating_sub(sent) + answered.saturating_sub(view.end);
+    eprintln!(
+        "/sleep?ms=0 behind 3 × /cpu: {} µs in the view, {outside} µs before and after it",
+        view.end - view.start
+    );
+    // Two steps on the I/O thread, each a wait for the GIL (about a switch
+    // interval on average, can be short) plus 0.2 ms of work.
+    assert!(
+        outside >= INTERVAL_US / 5,
+        "reading and writing did not wait for the GIL: {outside} µs, {view:?}"
+    );
+    let cpu_done = cpu.iter().map(|r| r.end).min().unwrap();
+    assert!(answered < cpu_done, "answered after the CPU-bound requests");
+}
