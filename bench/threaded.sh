@@ -4,13 +4,17 @@
 # as in a real app), at 90%, 96% and 110% of the
 # fleet's capacity, in ROUNDS interleaved rounds (round 1: every target at every
 # load, then round 2, ...), medians per cell, through:
-#   usher       least_outstanding, max_in_flight 4 per backend, central queue (5 s),
-#               the default queue (shortest expected first by path, CoDel overload)
+#   usher       Usher's defaults: least_outstanding, max_in_flight auto (the threads
+#               the workers report; learned concurrency; prefetch auto), central
+#               queue (5 s, shortest expected first by path, CoDel overload)
 #   usher-fifo  the same, `discipline: fifo`
-#   nginx      least_conn, keepalive upstream (no queue: the workers' own queues fill)
-#   haproxy    balance leastconn, server maxconn 4, timeout queue 5s
+#   usher-cap   max_in_flight 4 set by hand (no learning, no prefetch); not by default
+#   nginx       least_conn, keepalive upstream (no queue: the workers' own queues fill)
+#   haproxy     balance leastconn, server maxconn 4, timeout queue 5s
 # Backends (BACKENDS, one block each, rows side by side in one table):
 #   waitress      real Python: waitress-serve --threads=4 running bench/worker_wsgi_app.py
+#                 in usher_wsgi.UsherLoad (worker/python: reports threads/busy/queued,
+#                 as README tells users to deploy; the same backends for every proxy)
 #   usher-worker  usher-worker --threads 4 --queue 1024 (Rust, no GIL)
 # Before round 1 each proxy is measured unloaded (the short view alone at 5% of
 # capacity): its short p50 is the view's own time through that proxy, and the
@@ -26,8 +30,8 @@
 # Env: SCENARIO (threaded | gil: runs bench/gil.sh), BENCH_SECS (30) measured
 #      seconds per run, WARMUP_SECS (2), ROUNDS (3), LOADS ("0.90 0.96 1.10"), BACKENDS ("waitress"; "waitress usher-worker" for
 #      both; BACKEND=X is the same as BACKENDS=X), WORKERS (4), THREADS (4), MIX,
-#      TARGETS ("usher usher-fifo nginx haproxy", also direct), USHER_CAP (THREADS;
-#      or auto), CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
+#      TARGETS ("usher usher-fifo nginx haproxy", also direct), USHER_CAP (auto;
+#      or a number) for the usher and usher-fifo rows, CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
 #      usher-worker --queue, UNLOADED_LOAD (0.05), UNLOADED_SECS (8), GAP_SECS (2)
 #      pause after each run, PLAN_ONLY=1 (print the plan and its duration, run
 #      nothing), FORCE=1, NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
@@ -51,7 +55,7 @@ MIX="${MIX:-90:/sleep/short?ms=10,10:/sleep/long?ms=200}"
 TARGETS="${TARGETS:-usher usher-fifo nginx haproxy}"
 CONNECTIONS="${CONNECTIONS:-4096}"
 WORKER_QUEUE="${WORKER_QUEUE:-1024}"
-USHER_CAP="${USHER_CAP:-$THREADS}"
+USHER_CAP="${USHER_CAP:-auto}"
 UNLOADED_LOAD="${UNLOADED_LOAD:-0.05}"
 UNLOADED_SECS="${UNLOADED_SECS:-8}"
 GAP_SECS="${GAP_SECS:-2}"
@@ -62,6 +66,14 @@ SHORT_PATH="$(python3 -c 'import sys; print(sys.argv[1].split(",")[0].split(":",
 # ---- a quiet machine
 quiet_machine_tools
 check_backends $BACKENDS
+if [[ " $BACKENDS " == *" waitress "* ]]; then
+  python3 -c "import sys; sys.path.insert(0, '$REPO/worker/python'); import usher_wsgi" || {
+    log "no usher_wsgi: python3 -m pip install ./worker/python (./test.sh does)"; exit 1; }
+  cat >"$WORK/threaded_wsgi.py" <<EOF
+import usher_wsgi, worker_wsgi_app
+app = usher_wsgi.UsherLoad(worker_wsgi_app.app, threads=$THREADS)
+EOF
+fi
 
 read -r CAPACITY MEAN_MS < <($PY capacity "$((WORKERS * THREADS))" "$MIX")
 UNLOADED_RATE="$(python3 -c "print(round($UNLOADED_LOAD * $CAPACITY, 1))")"
@@ -121,9 +133,12 @@ start_workers() {  # KIND
     if [[ "$kind" == waitress ]]; then
       # --asyncore-use-poll: nginx opens one connection per request in flight, which
       # past capacity can pass select()'s 1024 descriptors.
-      start_bg "waitress-$i-$p" env PYTHONPATH="$BENCH_DIR" waitress-serve \
+      # Wrapped in usher_wsgi.UsherLoad (worker/python), as README tells Usher's
+      # users to deploy: it reports threads/busy/queued on every response. Every
+      # proxy gets the same backends.
+      start_bg "waitress-$i-$p" env PYTHONPATH="$WORK:$BENCH_DIR:$REPO/worker/python" waitress-serve \
         --threads="$THREADS" --listen="127.0.0.1:$p" --backlog=2048 \
-        --connection-limit=4096 --asyncore-use-poll --channel-timeout=120 worker_wsgi_app:app
+        --connection-limit=4096 --asyncore-use-poll --channel-timeout=120 threaded_wsgi:app
     else
       start_bg "usher-worker-$i-$p" "$BIN/usher-worker" --listen "127.0.0.1:$p" \
         --threads "$THREADS" --queue "$WORKER_QUEUE" --grace 1s
@@ -157,6 +172,12 @@ start_target() {
       admin="$(free_port)"; cfg="$WORK/$backend-usher-fifo.yaml"
       USHER_QUEUE_EXTRA=", discipline: fifo" \
         write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
+      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
+    usher-cap)
+      # The thread cap set by hand (max_in_flight = THREADS): no learning, and
+      # prefetch `auto` sends no extras (the cap is not known to be the threads).
+      admin="$(free_port)"; cfg="$WORK/$backend-usher-cap.yaml"
+      write_usher "$cfg" "$PORT" "$admin" "$THREADS" "${BPORTS[@]}"
       start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
     usher-sef)
       # The older mix (both views on /sleep, told apart by the query only).
