@@ -52,6 +52,19 @@ fn start_all(
         .collect()
 }
 
+/// Waits until `n` of the worker's threads are busy.
+async fn wait_busy(addr: SocketAddr, n: u64) {
+    let all_busy = wait_until_async(Duration::from_secs(10), || async move {
+        let h = get(&url(addr, "/healthz"))
+            .await
+            .expect("GET /healthz")
+            .json();
+        h["busy"] == n
+    })
+    .await;
+    assert!(all_busy, "{n} requests never ran at once");
+}
+
 async fn join_all(tasks: Vec<tokio::task::JoinHandle<Run>>) -> Vec<Run> {
     let mut runs = Vec::new();
     for t in tasks {
@@ -129,15 +142,7 @@ async fn io_bound_request_waits_behind_cpu_bound_ones_but_not_for_their_run() {
     );
 
     let cpu = start_all(&Client::new(), addr, "/cpu?ms=300", 3);
-    let all_busy = wait_until_async(Duration::from_secs(10), || async move {
-        let h = get(&url(addr, "/healthz"))
-            .await
-            .expect("GET /healthz")
-            .json();
-        h["busy"] == 3
-    })
-    .await;
-    assert!(all_busy, "the three /cpu requests never ran");
+    wait_busy(addr, 3).await;
 
     let sleep = run_of(&get(&url(addr, "/sleep?ms=10")).await.unwrap());
     let cpu = join_all(cpu).await;
@@ -180,15 +185,7 @@ async fn a_request_waits_for_the_gil_to_be_read_and_written_like_on_waitress() {
     // the GIL before its view starts and again after it ended.
     let (_worker, addr) = gil_worker();
     let cpu = start_all(&Client::new(), addr, "/cpu?ms=300", 3);
-    let all_busy = wait_until_async(Duration::from_secs(10), || async move {
-        let h = get(&url(addr, "/healthz"))
-            .await
-            .expect("GET /healthz")
-            .json();
-        h["busy"] == 3
-    })
-    .await;
-    assert!(all_busy, "the three /cpu requests never ran");
+    wait_busy(addr, 3).await;
 
     let sent = now_us();
     let view = run_of(&get(&url(addr, "/sleep?ms=0")).await.unwrap());
