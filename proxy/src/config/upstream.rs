@@ -235,11 +235,12 @@ pub struct QueueConfig {
     /// lets waiters wait up to `timeout`. See `dispatch/overload.rs`.
     pub overload: Overload,
     /// The wait that counts as "too long" while overloaded, and the shortest
-    /// wait that, held for a whole `overload_interval`, means overload.
-    /// Default 100ms (a few short views of a threaded app).
+    /// wait that, held for 5 `overload_interval`s in a row
+    /// (`overload::STANDING_WINDOWS`), means overload. Default 100ms (a few
+    /// short views of a threaded app).
     pub overload_target: Dur,
-    /// How long the shortest wait must stay above `overload_target`.
-    /// Default 200ms.
+    /// The window over which the shortest wait is taken; 5 standing windows in
+    /// a row are an overload. Default 200ms.
     pub overload_interval: Dur,
     /// While requests are queued, how many more than its capacity a backend
     /// may hold, waiting in the worker's own queue so that a freed thread

@@ -13,8 +13,9 @@
 //! With `auto` capacity, `learn.rs` may find that fewer requests at once
 //! serve as many per second (CPU-bound views under a GIL), and caps the
 //! threads there; `max_in_flight: N` is never second-guessed. To learn, a
-//! backend keeps the integral of its in-flight count over time, so a
-//! response's *level* is its average in-flight count over its life
+//! backend keeps the integral over time of its requests that can be running
+//! (in flight, at most the threads: a prefetched extra waits), so a
+//! response's *level* is their average count over its time on a thread
 //! ([`Backend::load_mark`]).
 //!
 //! Its health (active verdict, ejection, draining) is [`Health`], owned by
@@ -57,10 +58,26 @@ pub struct ShareView {
 }
 
 /// A point of a backend's in-flight integral ([`Backend::load_mark`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadMark {
     area: u64,
     at_us: u64,
+}
+
+impl LoadMark {
+    /// The later of two marks of one backend.
+    pub fn later(self, other: LoadMark) -> LoadMark {
+        if other.at_us > self.at_us {
+            other
+        } else {
+            self
+        }
+    }
+
+    #[cfg(test)]
+    pub fn at_us(&self) -> u64 {
+        self.at_us
+    }
 }
 
 /// The learned capacity (`/status`): at most the threads, and why.
@@ -109,7 +126,7 @@ pub struct Backend {
     /// Capacity from the worker's load report; 0 while it reported nothing.
     reported_capacity: AtomicU32,
     in_flight: AtomicU32,
-    /// ∫ in_flight dt in request·µs up to `.1` (µs since `epoch`); changed
+    /// ∫ min(in_flight, threads) dt in request·µs up to `.1` (µs since `epoch`); changed
     /// with `in_flight`, under the dispatcher's lock.
     load_area: Mutex<(u64, u64)>,
     /// The learned cap (see `learn.rs`); 0 while none (the threads).
@@ -410,14 +427,9 @@ impl Backend {
     }
 
     /// Only the dispatcher calls these, under its lock.
-    /// Returns where the in-flight integral stood as it went up.
-    pub(crate) fn inc(&self) -> LoadMark {
-        let a = self.advance_area();
+    pub(crate) fn inc(&self) {
+        let _area = self.advance_area();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        LoadMark {
-            area: a.0,
-            at_us: a.1,
-        }
     }
     pub(crate) fn dec(&self) {
         let _area = self.advance_area();
@@ -447,7 +459,8 @@ impl Backend {
     }
 
     /// Where the in-flight integral stands now: two marks give the average
-    /// in-flight count between them (see [`Backend::learn`]).
+    /// count of requests running (in flight, at most the threads) between
+    /// them (see [`Backend::learn`]).
     pub fn load_mark(&self) -> LoadMark {
         let a = self.advance_area();
         LoadMark {
@@ -472,7 +485,7 @@ impl Backend {
             if on {
                 let span = end.at_us.saturating_sub(mark.at_us);
                 let level = if span == 0 {
-                    f64::from(self.in_flight())
+                    f64::from(self.in_flight().min(threads.max(1)))
                 } else {
                     end.area.saturating_sub(mark.area) as f64 / span as f64
                 };
@@ -732,10 +745,15 @@ mod tests {
             a.inc();
         }
         let mark = a.load_mark();
-        std::thread::sleep(Duration::from_millis(20));
-        let end = a.load_mark();
+        let end = loop {
+            let end = a.load_mark();
+            if end.at_us > mark.at_us {
+                break end;
+            }
+            std::hint::spin_loop();
+        };
         let level = (end.area - mark.area) as f64 / (end.at_us - mark.at_us) as f64;
-        assert!((3.9..=4.0).contains(&level), "{level}");
+        assert_eq!(level, 4.0);
         for _ in 0..5 {
             a.dec();
         }

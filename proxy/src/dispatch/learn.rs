@@ -11,8 +11,10 @@
 //! there (never above the threads).
 //!
 //! **What it measures.** For each response: its *level*, the average number of
-//! this Usher's requests in flight on the backend over its life (its own
-//! included, see `Backend::load_mark`), and its *slowdown*, its time over the
+//! this Usher's requests running on the backend (in flight, at most its
+//! threads) over its time on a thread (its own included, see
+//! `Backend::load_mark`; a prefetched extra counts from when a thread freed
+//! for it), and its *slowdown*, its time over the
 //! uncontended time of its class (`queue.classify`, path by default). The
 //! uncontended time of a class is a moving average of the times of that class's
 //! requests that ran alone (level ≤ [`ALONE`]), so a mix of 10 ms and 200 ms
@@ -119,7 +121,8 @@ pub struct Sample {
     pub class: u64,
     /// Its time at the backend, in seconds.
     pub secs: f64,
-    /// This Usher's average in-flight count on the backend over its life.
+    /// This Usher's average count of requests running on the backend (in
+    /// flight, at most the threads) over this one's time on a thread.
     pub level: f64,
 }
 

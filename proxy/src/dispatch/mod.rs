@@ -143,9 +143,20 @@ struct InFlight {
     since: tokio::time::Instant,
     expected: f64,
     on_thread: bool,
-    /// The backend's in-flight integral when it reached a thread (as far as
-    /// Usher can tell): what its time there is learned from.
-    mark: LoadMark,
+    /// For an extra: the backend's in-flight integral when a thread freed
+    /// for it (as far as Usher can tell); its time before is a wait in the
+    /// worker's queue, not work.
+    promoted: Option<LoadMark>,
+}
+
+/// How a released request ran (see [`Slot::finish`]).
+enum Ran {
+    /// On a thread from when it went out.
+    OnThread,
+    /// A prefetched extra that a thread freed for at this mark.
+    Promoted(LoadMark),
+    /// A prefetched extra that came back before any thread freed for it.
+    Extra,
 }
 
 /// How long a backend that refused an extra gets none: one refused request
@@ -213,14 +224,21 @@ impl Slot {
     }
 
     /// Releases the slot of a request of `class` that took `secs` at the
-    /// backend, recording that (see `estimate.rs`) under the same lock.
-    /// Returns where the backend's in-flight integral stood when the request
-    /// reached a thread, to learn from ([`Backend::learn`]); none for a
-    /// prefetched extra that came back before a thread freed for it.
-    pub fn finish(mut self, class: &str, secs: f64) -> Option<LoadMark> {
+    /// backend since `sent` (its mark when it went out), recording that (see
+    /// `estimate.rs`) under the same lock. Returns the mark to learn its time
+    /// on a thread from ([`Backend::learn`]): `sent`, or for a prefetched
+    /// extra when a thread freed for it; none for an extra that came back
+    /// before any did.
+    pub fn finish(mut self, class: &str, secs: f64, sent: LoadMark) -> Option<LoadMark> {
         self.armed = false;
-        self.dispatcher
+        match self
+            .dispatcher
             .release_as(&self.backend, self.id, Some((class, secs)))
+        {
+            Ran::OnThread => Some(sent),
+            Ran::Promoted(at) => Some(at.later(sent)),
+            Ran::Extra => None,
+        }
     }
 }
 
@@ -261,7 +279,7 @@ impl Drop for Enqueued<'_> {
             inner.queue.remove(pos);
             self.dispatcher.metrics.depth.set(inner.queue.len() as i64);
             if inner.queue.is_empty() {
-                inner.overload.drained();
+                inner.overload.drained(tokio::time::Instant::now());
             }
         }
     }
@@ -461,7 +479,7 @@ impl Dispatcher {
             None => (Self::pick_extra(inner, avoid, expected, now, tnow)?, false),
         };
         let backend = inner.backends[i].clone();
-        let mark = backend.inc();
+        backend.inc();
         let id = inner.next_id;
         inner.next_id += 1;
         inner.tracks[i].running.push(InFlight {
@@ -469,7 +487,7 @@ impl Dispatcher {
             since: tnow,
             expected,
             on_thread,
-            mark,
+            promoted: None,
         });
         Some(Slot {
             backend,
@@ -507,7 +525,12 @@ impl Dispatcher {
             // thread count: not below it by learning (the extra would run).
             let reported = b.capacity_source() == backend::CapacitySource::Reported
                 && !b.learned_below_threads();
-            if capacity < b.full_capacity() || !inner.prefetch.sends(expected, reported) {
+            // Nor one whose learned cap keeps threads idle, whatever the
+            // setting: the extra would run on one at once.
+            if capacity < b.full_capacity()
+                || b.learned_below_threads()
+                || !inner.prefetch.sends(expected, reported)
+            {
                 continue;
             }
             let running = t.running.iter().map(|r| prefetch::Running {
@@ -531,14 +554,13 @@ impl Dispatcher {
     }
 
     /// Releases a slot on `backend`, learning the service time of the
-    /// request's class if it is given: one lock per release. Returns the
-    /// slot's mark if it ran on a thread.
+    /// request's class if it is given: one lock per release.
     fn release_as(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         id: u64,
         took: Option<(&str, f64)>,
-    ) -> Option<LoadMark> {
+    ) -> Ran {
         let mut inner = self.inner.lock().unwrap();
         if let Some((class, secs)) = took {
             if inner.learns() {
@@ -546,9 +568,9 @@ impl Dispatcher {
             }
         }
         backend.dec();
-        let mark = Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
+        let ran = Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
         self.serve_queue(&mut inner);
-        mark
+        ran
     }
 
     /// Drops slot `id` from its backend's track. The thread it held takes
@@ -561,12 +583,17 @@ impl Dispatcher {
         backend: &Arc<Backend>,
         id: u64,
         tnow: tokio::time::Instant,
-    ) -> Option<LoadMark> {
-        let t = inner
+    ) -> Ran {
+        let Some(t) = inner
             .tracks
             .iter_mut()
-            .find(|t| Arc::ptr_eq(&t.backend, backend))?;
-        let pos = t.running.iter().position(|r| r.id == id)?;
+            .find(|t| Arc::ptr_eq(&t.backend, backend))
+        else {
+            return Ran::OnThread;
+        };
+        let Some(pos) = t.running.iter().position(|r| r.id == id) else {
+            return Ran::OnThread;
+        };
         let done = t.running.swap_remove(pos);
         if !done.on_thread {
             // Usher's view lags the worker's (a stalled task may read an
@@ -576,7 +603,7 @@ impl Dispatcher {
             if back_after < done.expected / 2.0 {
                 t.no_extras_until = Some(tnow + NO_EXTRAS_HOLD);
             }
-            return None;
+            return Ran::Extra;
         }
         let next = t
             .running
@@ -586,9 +613,12 @@ impl Dispatcher {
         if let Some(r) = next {
             r.on_thread = true;
             r.since = tnow;
-            r.mark = backend.load_mark();
+            r.promoted = Some(backend.load_mark());
         }
-        Some(done.mark)
+        match done.promoted {
+            Some(at) => Ran::Promoted(at),
+            None => Ran::OnThread,
+        }
     }
 
     /// Hands free slots to the head of the queue, in order; then, if the
@@ -629,7 +659,7 @@ impl Dispatcher {
         }
         self.shed(inner, now, tnow);
         if inner.queue.is_empty() {
-            inner.overload.drained();
+            inner.overload.drained(tnow);
         }
         self.metrics.depth.set(inner.queue.len() as i64);
     }
@@ -1268,17 +1298,29 @@ mod tests {
         let d = prefetching(Discipline::Fifo);
         let a = d.acquire_as(&[], false, "/short").await.unwrap();
         let _b = d.acquire_as(&[], false, "/short").await.unwrap();
+        let backend = d.backends()[0].clone();
+        let sent_a = backend.load_mark();
         let extra = d.acquire_as(&[], false, "/short").await.unwrap();
-        assert_eq!(d.backends()[0].in_flight(), 3);
-        // A thread frees: the extra has it from now on.
-        tokio::time::advance(Duration::from_millis(8)).await;
-        assert!(a.slot.finish("/short", 0.008).is_some());
-        assert!(extra.slot.finish("/short", 0.012).is_some());
+        let sent_extra = backend.load_mark();
+        assert_eq!(backend.in_flight(), 3);
+        // A thread frees: the extra has it from now on, and is learned from then.
+        let freed = loop {
+            // The marks' clock is the backend's (µs), not tokio's paused one.
+            let m = backend.load_mark();
+            if m.at_us() > sent_extra.at_us() {
+                break m;
+            }
+            std::hint::spin_loop();
+        };
+        assert_eq!(a.slot.finish("/short", 0.008, sent_a).unwrap(), sent_a);
+        let from = extra.slot.finish("/short", 0.012, sent_extra).unwrap();
+        assert!(from.at_us() >= freed.at_us(), "{from:?} before {freed:?}");
         // Back before any thread freed (refused): nothing to learn from.
         let _c = d.acquire_as(&[], false, "/short").await.unwrap();
         let refused = d.acquire_as(&[], false, "/short").await.unwrap();
-        assert_eq!(d.backends()[0].in_flight(), 3);
-        assert!(refused.slot.finish("/short", 0.001).is_none());
+        assert_eq!(backend.in_flight(), 3);
+        let sent = backend.load_mark();
+        assert!(refused.slot.finish("/short", 0.001, sent).is_none());
     }
 
     #[tokio::test(start_paused = true)]

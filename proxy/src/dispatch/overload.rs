@@ -37,6 +37,12 @@ use tokio::time::Instant;
 /// views seldom keeps even the shortest wait above the target that long.
 pub const STANDING_WINDOWS: u32 = 5;
 
+/// An overload that ended (the queue drained) less than this many intervals
+/// ago returns after one standing interval: a fleet past capacity whose
+/// queue shedding emptied for a moment (a closed set of clients, all shed at
+/// once) is still past capacity.
+pub const REENTER_WITHIN: u32 = 10;
+
 /// `queue.overload_target` and `queue.overload_interval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -66,6 +72,8 @@ pub struct Codel {
     /// Standing windows in a row, up to [`STANDING_WINDOWS`].
     standing: u32,
     overloaded: bool,
+    /// When the last overload ended.
+    ended: Option<Instant>,
 }
 
 impl Codel {
@@ -77,6 +85,7 @@ impl Codel {
             window_arrivals: false,
             standing: 0,
             overloaded: false,
+            ended: None,
         }
     }
 
@@ -103,7 +112,10 @@ impl Codel {
 
     /// The queue is empty: whatever the overload was, it is over, and so is
     /// any run of standing windows.
-    pub fn drained(&mut self) {
+    pub fn drained(&mut self, now: Instant) {
+        if self.overloaded {
+            self.ended = Some(now);
+        }
         self.overloaded = false;
         self.standing = 0;
     }
@@ -116,7 +128,8 @@ impl Codel {
 
     /// Closes the window if `interval` has passed: it was a standing queue
     /// if requests kept arriving and every admitted one waited longer than
-    /// `target`; [`STANDING_WINDOWS`] of them in a row are an overload. A
+    /// `target`; [`STANDING_WINDOWS`] of them in a row are an overload (one,
+    /// within [`REENTER_WITHIN`] intervals of the last overload's end). A
     /// window without arrivals (a burst draining) or without admissions
     /// (every slot held) decides nothing either way; one in which a request
     /// waited less than the target ends the run.
@@ -126,13 +139,18 @@ impl Codel {
             return;
         }
         match self.window_min {
-            Some(m) if m > s.target && self.window_arrivals => {
+            Some(m) if m <= s.target => self.standing = 0,
+            Some(_) if self.window_arrivals => {
                 self.standing = (self.standing + 1).min(STANDING_WINDOWS);
             }
-            Some(_) => self.standing = 0,
-            None => {}
+            // No admissions, or no new arrivals: decides nothing.
+            _ => {}
         }
-        if self.standing >= STANDING_WINDOWS {
+        let recently = self
+            .ended
+            .is_some_and(|e| now.saturating_duration_since(e) < s.interval * REENTER_WITHIN);
+        let needed = if recently { 1 } else { STANDING_WINDOWS };
+        if self.standing >= needed {
             self.overloaded = true;
         }
         self.window_start = now;
@@ -277,6 +295,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_window_without_new_arrivals_neither_counts_nor_ends_the_run() {
+        let mut c = codel();
+        for _ in 1..STANDING_WINDOWS {
+            window(&mut c, &[300, 60]).await;
+        }
+        // Long waits admitted, nothing new came in (a slow, sparse stream).
+        c.admitted(ms(400), Instant::now());
+        advance(ms(100)).await;
+        assert!(!c.overloaded(Instant::now()));
+        window(&mut c, &[300, 60]).await;
+        assert!(c.overloaded(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_verdict_comes_only_at_the_end_of_the_last_interval() {
         let mut c = codel();
         for _ in 1..STANDING_WINDOWS {
@@ -307,15 +339,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn overload_ends_when_the_queue_drains_and_needs_a_new_interval_to_return() {
+    async fn overload_ends_when_the_queue_drains_and_needs_new_standing_intervals_to_return() {
         let mut c = codel();
         overload(&mut c).await;
         // Under LIFO admitted waits are short; that alone does not end it.
         window(&mut c, &[1, 2]).await;
         assert!(c.overloaded(Instant::now()));
-        c.drained();
+        c.drained(Instant::now());
         assert!(!c.overloaded(Instant::now()));
+        // Soon after, one standing interval brings it back (shedding emptied
+        // the queue for a moment, the fleet is still past capacity)...
         advance(ms(30)).await;
+        window(&mut c, &[80, 90]).await;
+        assert!(c.overloaded(Instant::now()), "back at once");
+        // ...but long after, it takes a new run of standing intervals.
+        c.drained(Instant::now());
+        advance(ms(100) * REENTER_WITHIN).await;
         window(&mut c, &[80, 90]).await;
         assert!(!c.overloaded(Instant::now()), "a new run of windows");
         overload(&mut c).await;
@@ -349,7 +388,7 @@ mod tests {
         assert_eq!(c.pick(&q, Instant::now()), Some(3));
         q.push_front(W(Instant::now(), true));
         assert_eq!(c.pick(&q, Instant::now()), Some(0));
-        c.drained();
+        c.drained(Instant::now());
         assert_eq!(c.pick(&q, Instant::now()), None);
     }
 
@@ -375,7 +414,7 @@ mod tests {
         // A free slot: nothing is shed (the dispatcher serves first).
         assert_eq!(c.shed(&q, 0, true, now), 0..0);
         // Not overloaded: nothing is shed.
-        c.drained();
+        c.drained(Instant::now());
         assert_eq!(c.shed(&q, 0, false, now), 0..0);
     }
 

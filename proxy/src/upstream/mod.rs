@@ -290,6 +290,7 @@ impl Upstream {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
+        let sent = backend.load_mark();
         let mut req = match self.outgoing(head, body, &backend) {
             Ok(r) => r,
             Err(e) => return Attempt::NotSent(e),
@@ -481,7 +482,7 @@ impl Upstream {
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        if let Some(mark) = slot.finish(class, took) {
+        if let Some(mark) = slot.finish(class, took, sent) {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
                 self.dispatcher.kick();
             }
