@@ -44,14 +44,16 @@ STYLE = {
     "usher": dict(color="#1f5fbf", ls="-", marker="o"),
     "usher-fifo": dict(color="#6fa0e8", ls="--", marker="s"),
     "usher-sef": dict(color="#1f5fbf", ls=":", marker="o"),
+    "usher-cap": dict(color="#6fa0e8", ls=":", marker="^"),
     "nginx": dict(color="#2e8b3e", ls="-", marker="^"),
     "haproxy": dict(color="#d9661f", ls="-", marker="D"),
     "direct": dict(color="#888888", ls=":", marker="x"),
 }
 LABEL = {
-    "usher": "Usher, default config (shortest expected first by path)",
+    "usher": "Usher, default config",
     "usher-fifo": "Usher, discipline: fifo",
     "usher-sef": "Usher, shortest-first by path+query (older one-path mix)",
+    "usher-cap": "Usher, max_in_flight set to the threads",
     "nginx": "nginx least_conn",
     "haproxy": "HAProxy leastconn + maxconn 4 + queue",
     "direct": "direct to one worker (no proxy)",

@@ -30,8 +30,9 @@
 # Env: SCENARIO (threaded | gil: runs bench/gil.sh), BENCH_SECS (30) measured
 #      seconds per run, WARMUP_SECS (2), ROUNDS (3), LOADS ("0.90 0.96 1.10"), BACKENDS ("waitress"; "waitress usher-worker" for
 #      both; BACKEND=X is the same as BACKENDS=X), WORKERS (4), THREADS (4), MIX,
-#      TARGETS ("usher usher-fifo nginx haproxy", also direct), USHER_CAP (auto;
-#      or a number) for the usher and usher-fifo rows, CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
+#      TARGETS ("usher usher-fifo nginx haproxy", also usher-cap, usher-sef and
+#      direct), USHER_CAP (auto; or a number) for the usher, usher-fifo and
+#      usher-sef rows, CONNECTIONS (4096) usher-load's in-flight limit, WORKER_QUEUE (1024)
 #      usher-worker --queue, UNLOADED_LOAD (0.05), UNLOADED_SECS (8), GAP_SECS (2)
 #      pause after each run, PLAN_ONLY=1 (print the plan and its duration, run
 #      nothing), FORCE=1, NO_BUILD=1, KEEP_WORK=1, RESULTS_OUT=FILE (a
@@ -66,14 +67,6 @@ SHORT_PATH="$(python3 -c 'import sys; print(sys.argv[1].split(",")[0].split(":",
 # ---- a quiet machine
 quiet_machine_tools
 check_backends $BACKENDS
-if [[ " $BACKENDS " == *" waitress "* ]]; then
-  python3 -c "import sys; sys.path.insert(0, '$REPO/worker/python'); import usher_wsgi" || {
-    log "no usher_wsgi: python3 -m pip install ./worker/python (./test.sh does)"; exit 1; }
-  cat >"$WORK/threaded_wsgi.py" <<EOF
-import usher_wsgi, worker_wsgi_app
-app = usher_wsgi.UsherLoad(worker_wsgi_app.app, threads=$THREADS)
-EOF
-fi
 
 read -r CAPACITY MEAN_MS < <($PY capacity "$((WORKERS * THREADS))" "$MIX")
 UNLOADED_RATE="$(python3 -c "print(round($UNLOADED_LOAD * $CAPACITY, 1))")"
@@ -93,6 +86,14 @@ log "plan: backends [$BACKENDS] x $ROUNDS rounds x targets [$TARGETS] x loads [$
 log "expected duration: ~$((EST / 60)) min $((EST % 60)) s (BENCH_SECS trades precision for time)"
 log "pinning: proxy on cpu $PROXY_CPU, usher-load on cpu $LOAD_CPU, workers unpinned"
 [[ -n "${PLAN_ONLY:-}" ]] && exit 0
+if [[ " $BACKENDS " == *" waitress "* ]]; then
+  python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import usher_wsgi' "$REPO/worker/python" || {
+    log "usher_wsgi does not import from $REPO/worker/python"; exit 1; }
+  cat >"$WORK/threaded_wsgi.py" <<EOF
+import usher_wsgi, worker_wsgi_app
+app = usher_wsgi.UsherLoad(worker_wsgi_app.app, threads=$THREADS)
+EOF
+fi
 
 quiet_or_refuse "before the build"
 ensure_tools

@@ -8,8 +8,14 @@
 //! | `ANY /status/{code}` | answers with that status, 200..=599 | holds the GIL for `--gil-io-cpu` |
 //! | `GET /healthz`, `GET /metrics` | answered by the server's front, see [`crate::Builder::builtin_endpoints`] | no GIL |
 //!
+//! `/sleep/NAME` and `/cpu/NAME` are the same views under a view name (distinct
+//! paths for distinct views, as in a real app).
+//!
 //! Any other answer of the app (`400`, `404`, `405`) also holds the GIL for
 //! `--gil-io-cpu`: in a Python app, a request runs some Python whatever it does.
+//! And with `--gil` the server's own I/O thread holds it for `--gil-server-cpu` to
+//! read each request and again to write its response, as waitress's main thread
+//! does ([`App::with_server_cpu`]).
 //!
 //! `/sleep` and `/cpu` return `{"start_us":..,"end_us":..,"thread":".."}`: when the
 //! work started and ended (µs since the UNIX epoch) and which pool thread did it, so
@@ -85,7 +91,9 @@ impl App {
     }
 
     /// With `gil = true`, [`under_gil`](Self::under_gil) a [`Gil`] with CPython's
-    /// default switch interval (5 ms) and [`DEFAULT_IO_CPU`]; otherwise [`new`](Self::new).
+    /// default switch interval (5 ms) and [`DEFAULT_IO_CPU`], and
+    /// [`with_server_cpu`](Self::with_server_cpu) [`DEFAULT_SERVER_CPU`];
+    /// otherwise [`new`](Self::new).
     pub fn with_gil(gil: bool) -> Self {
         if gil {
             Self::under_gil(Arc::new(Gil::default()), DEFAULT_IO_CPU)
@@ -207,10 +215,10 @@ impl Handler for App {
             .is_some_and(|p| !p.server_cpu.is_zero())
     }
 
-    fn server_io(&self) {
+    fn server_io(&self, steps: usize) {
         if let Some(p) = &self.python {
             let mut view = View::enter(Some(p));
-            view.cpu(p.server_cpu);
+            view.cpu(p.server_cpu * u32::try_from(steps).unwrap_or(u32::MAX));
         }
     }
 

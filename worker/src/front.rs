@@ -6,6 +6,11 @@
 //!    (408), so a slow client never holds a pool thread.
 //! 3. The request goes into the bounded queue, or is refused with 503.
 //! 4. Every response gets `X-Usher-Load` and `X-Usher-Worker`.
+//!
+//! With a handler that has server I/O (`usher-worker --gil`: waitress's main
+//! thread), a step on that one thread comes before 3 and another before the
+//! response is written; a request in the first step is neither queued nor
+//! busy in the load report, and a refusal waits for that step.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -54,9 +59,21 @@ impl ServerIo {
             .name("usher-worker-io".into())
             .spawn(move || {
                 // Ends when the front (the only sender) is dropped.
-                for done in rx {
-                    handler.server_io();
-                    let _ = done.send(());
+                while let Ok(first) = rx.recv() {
+                    let batch: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                    let n = batch.len();
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        handler.server_io(n);
+                    }));
+                    if let Err(payload) = run {
+                        tracing::error!(
+                            panic = crate::pool::panic_message(&*payload),
+                            "server I/O step panicked"
+                        );
+                    }
+                    for done in batch {
+                        let _ = done.send(());
+                    }
                 }
             })?;
         Ok(ServerIo { steps })

@@ -36,14 +36,17 @@ pub trait Handler: Send + Sync + 'static {
         false
     }
 
-    /// The server's own share of a request, run on its single I/O thread,
-    /// once when the request has been read (before it is queued) and once
-    /// when its response is ready (before it is written), one request at a
-    /// time. This is waitress's main thread, which parses requests and sends
-    /// responses in Python: under the GIL it waits for CPU-bound views like
-    /// any thread (see `App::under_gil`). Only called if
-    /// [`Handler::has_server_io`].
-    fn server_io(&self) {}
+    /// The server's own share of requests, run on its single I/O thread: one
+    /// step when a request has been read (before it is queued) and one when
+    /// its response is ready (before it is written). `steps` is how many were
+    /// pending at once, all to be done in this call, as waitress's main
+    /// thread serves every ready socket of one `poll()` under one hold of the
+    /// GIL: under the GIL it waits for CPU-bound views like any thread (see
+    /// `App::with_server_cpu`). A panic here is caught and logged. Only called
+    /// if [`Handler::has_server_io`].
+    fn server_io(&self, steps: usize) {
+        let _ = steps;
+    }
 }
 
 impl<F> Handler for F

@@ -115,7 +115,7 @@ fn run(shared: &Shared, handler: &dyn Handler, _alive: mpsc::Sender<()>) {
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
