@@ -217,7 +217,8 @@ GEN_BACKLOG_OK = 50
 GEN_LAG_MS = 10.0
 
 
-def _median(xs):
+def median(xs):
+    """The median of the values that are not None; None if there are none."""
     xs = sorted(x for x in xs if x is not None)
     if not xs:
         return None
@@ -264,7 +265,7 @@ def _cells(rows, key):
 
 
 def _med(runs, field):
-    return _median([x[field] for x in runs])
+    return median([x[field] for x in runs])
 
 
 def _cmp(ok):

@@ -26,6 +26,9 @@ import re
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median  # noqa: E402  (bench/ is not a package)
+
 try:
     import matplotlib
 
@@ -199,14 +202,6 @@ def save(fig, out_dir, name, svg):
         print(f"wrote {p}")
 
 
-def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def plot_threaded(meta, rows, path, out_dir, svg):
     # threaded.sh writes one row per run and round (and the unloaded runs, skipped
     # here); a point is the median over the rounds. With several backends, one
@@ -231,7 +226,7 @@ def plot_threaded(meta, rows, path, out_dir, svg):
             p50=sc["latency_ms"].get("p50") if sc else None,
             p99=sc["latency_ms"].get("p99") if sc else None,
             s503=s503, other=other, sent=ov.get("sent") or 0))
-    series = {t: {x: {k: _median([v[k] for v in vs]) for k in ("p50", "p99", "s503", "other", "sent")}
+    series = {t: {x: {k: median([v[k] for v in vs]) for k in ("p50", "p99", "s503", "other", "sent")}
                   for x, vs in pts.items()}
               for t, pts in runs.items()}
     if not series:

@@ -158,34 +158,31 @@ stop_workers() {
   BACKEND_PIDS=()
 }
 
+# start_usher_row BACKEND ROW CAP QUEUE_EXTRA: an Usher on PORT with max_in_flight CAP
+# and QUEUE_EXTRA appended to its queue settings.
+start_usher_row() {
+  local admin cfg
+  admin="$(free_port)"; cfg="$WORK/$1-$2.yaml"
+  USHER_QUEUE_EXTRA="$4" write_usher "$cfg" "$PORT" "$admin" "$3" "${BPORTS[@]}"
+  start_usher "$cfg" "$PORT" "$admin"
+}
+
 # ---- proxies: start_target BACKEND TARGET sets PORT and PROXY_PID (empty for
 # direct), or returns 1 with UNAVAILABLE_WHY.
 start_target() {
-  local backend="$1" target="$2" admin cfg dir
+  local backend="$1" target="$2" cfg dir
   PORT="$(free_port)"; PROXY_PID=""
   case "$target" in
-    usher)
-      admin="$(free_port)"; cfg="$WORK/$backend-usher.yaml"
-      write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
-      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
-    usher-fifo)
-      # What the default queue's shortest-expected-first is worth: plain FIFO.
-      admin="$(free_port)"; cfg="$WORK/$backend-usher-fifo.yaml"
-      USHER_QUEUE_EXTRA=", discipline: fifo" \
-        write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
-      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
-    usher-cap)
-      # The thread cap set by hand (max_in_flight = THREADS): no learning, and
-      # prefetch `auto` sends no extras (the cap is not known to be the threads).
-      admin="$(free_port)"; cfg="$WORK/$backend-usher-cap.yaml"
-      write_usher "$cfg" "$PORT" "$admin" "$THREADS" "${BPORTS[@]}"
-      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
+    usher) start_usher_row "$backend" usher "$USHER_CAP" "" || return 1 ;;
+    # What the default queue's shortest-expected-first is worth: plain FIFO.
+    usher-fifo) start_usher_row "$backend" usher-fifo "$USHER_CAP" ", discipline: fifo" || return 1 ;;
+    # The thread cap set by hand (max_in_flight = THREADS): no learning, and
+    # prefetch `auto` sends no extras (the cap is not known to be the threads).
+    usher-cap) start_usher_row "$backend" usher-cap "$THREADS" "" || return 1 ;;
+    # The older mix (both views on /sleep, told apart by the query only).
     usher-sef)
-      # The older mix (both views on /sleep, told apart by the query only).
-      admin="$(free_port)"; cfg="$WORK/$backend-usher-sef.yaml"
-      USHER_QUEUE_EXTRA=", discipline: shortest_first, classify: path_and_query" \
-        write_usher "$cfg" "$PORT" "$admin" "$USHER_CAP" "${BPORTS[@]}"
-      start_usher "$cfg" "$PORT" "$admin" || return 1 ;;
+      start_usher_row "$backend" usher-sef "$USHER_CAP" \
+        ", discipline: shortest_first, classify: path_and_query" || return 1 ;;
     nginx)
       dir="$WORK/$backend-nginx"
       write_nginx "$dir" "$PORT" least_conn "${BPORTS[@]}"
