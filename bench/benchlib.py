@@ -217,6 +217,20 @@ GEN_BACKLOG_OK = 50
 GEN_LAG_MS = 10.0
 
 
+def row_of_pairs(pairs):
+    """A results row from KEY=VALUE arguments: values that parse as JSON (numbers,
+    booleans) are taken as such, the rest as strings."""
+    row = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
+        row[k] = v
+    return row
+
+
 def median(xs):
     """The median of the values that are not None; None if there are none."""
     xs = sorted(x for x in xs if x is not None)

@@ -117,17 +117,11 @@ done
 # if the binary has it) read from its admin /metrics, and the run's headline on
 # stderr. One Python start per run: on a busy machine each costs ~0.3 s.
 record() {
-  python3 - "$RESULTS" "$@" <<'EOF'
+  PYTHONPATH="$BENCH_DIR" python3 - "$RESULTS" "$@" <<'EOF'
 import json, sys, urllib.request
+from benchlib import row_of_pairs
 out, admin, *pairs, path = sys.argv[1:]
-row = {}
-for p in pairs:
-    k, _, v = p.partition("=")
-    try:
-        v = json.loads(v)
-    except ValueError:
-        pass
-    row[k] = v
+row = row_of_pairs(pairs)
 want = {"usher_backend_capacity": "capacity_seen", "usher_backend_learned_capacity": "learned_seen"}
 if admin != "-":
     try:

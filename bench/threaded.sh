@@ -211,17 +211,11 @@ load_run() {
 # numbers) and, with a report, the run's headline and the generator's own numbers on
 # stderr. One Python start per run: on a busy machine each costs ~0.3 s.
 record() {
-  python3 - "$RESULTS" "$@" <<'EOF'
+  PYTHONPATH="$BENCH_DIR" python3 - "$RESULTS" "$@" <<'EOF'
 import json, sys
+from benchlib import row_of_pairs
 out, *pairs, path = sys.argv[1:]
-row = {}
-for p in pairs:
-    k, _, v = p.partition("=")
-    try:
-        v = json.loads(v)
-    except ValueError:
-        pass
-    row[k] = v
+row = row_of_pairs(pairs)
 if path != "-":
     r = row["report"] = json.load(open(path))
     o = r["overall"]
