@@ -474,31 +474,33 @@ impl Backend {
     /// the upstream's `learn_concurrency`. Returns true if capacity grew, so
     /// that queued requests may go.
     pub fn learn(&self, class: &str, mark: LoadMark, enabled: bool) -> bool {
-        let end = self.load_mark();
         let threads = self.threads();
         self.learn_enabled.store(enabled, Ordering::Relaxed);
         let on = enabled && self.learns();
         let before = self.learned.load(Ordering::Relaxed);
-        let now_ms = end.at_us / 1000;
-        let (limit, verdict) = {
+        let (limit, verdict) = if on {
+            let end = self.load_mark();
+            let span = end.at_us.saturating_sub(mark.at_us);
+            let level = if span == 0 {
+                f64::from(self.in_flight().min(threads.max(1)))
+            } else {
+                end.area.saturating_sub(mark.area) as f64 / span as f64
+            };
+            let sample = super::learn::Sample {
+                class: super::share::stable_hash(class.as_bytes()),
+                secs: span as f64 / 1e6,
+                level,
+            };
             let mut l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
-            if on {
-                let span = end.at_us.saturating_sub(mark.at_us);
-                let level = if span == 0 {
-                    f64::from(self.in_flight().min(threads.max(1)))
-                } else {
-                    end.area.saturating_sub(mark.area) as f64 / span as f64
-                };
-                let sample = super::learn::Sample {
-                    class: super::share::stable_hash(class.as_bytes()),
-                    secs: span as f64 / 1e6,
-                    level,
-                };
-                l.sample(sample, threads, now_ms);
-            } else if before != 0 {
-                *l = super::learn::Learner::default();
-            }
+            l.sample(sample, threads, end.at_us / 1000);
             (l.limit(threads), l.verdict(threads))
+        } else {
+            // Not learned (any more): what was learned goes.
+            if before != 0 {
+                *self.learner.lock().unwrap_or_else(|e| e.into_inner()) =
+                    super::learn::Learner::default();
+            }
+            (threads, threads)
         };
         let learned = if on && limit < threads { limit } else { 0 };
         self.learned.store(learned, Ordering::Relaxed);

@@ -518,15 +518,13 @@ impl Dispatcher {
             {
                 continue;
             }
-            // A backend whose capacity is held down for now (slow start, a
-            // refusal's backoff) gets no extras.
+            // No extras to a backend whose capacity is held down for now
+            // (slow start, a refusal's backoff), nor to one whose learned cap
+            // keeps threads idle, whatever the setting: the extra would run on
+            // one at once. `auto` sends them only where capacity is the
+            // worker's own reported thread count.
             let capacity = b.capacity();
-            // `auto` sends extras only where capacity is the worker's own
-            // thread count: not below it by learning (the extra would run).
-            let reported = b.capacity_source() == backend::CapacitySource::Reported
-                && !b.learned_below_threads();
-            // Nor one whose learned cap keeps threads idle, whatever the
-            // setting: the extra would run on one at once.
+            let reported = b.capacity_source() == backend::CapacitySource::Reported;
             if capacity < b.full_capacity()
                 || b.learned_below_threads()
                 || !inner.prefetch.sends(expected, reported)
