@@ -118,32 +118,48 @@ impl MaxInFlight {
 
 impl<'de> Deserialize<'de> for MaxInFlight {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = MaxInFlight;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`auto` or a positive number")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaxInFlight, E> {
-                if v == "auto" {
-                    Ok(MaxInFlight::Auto)
-                } else {
-                    Err(E::custom(format!("expected `auto` or a number, got `{v}`")))
-                }
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaxInFlight, E> {
-                match u32::try_from(v) {
-                    Ok(n) if n > 0 => Ok(MaxInFlight::Fixed(n)),
-                    _ => Err(E::custom("max_in_flight must be between 1 and 2^32-1")),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaxInFlight, E> {
-                u64::try_from(v)
-                    .map_err(|_| E::custom("max_in_flight must be positive"))
-                    .and_then(|v| self.visit_u64(v))
-            }
+        let n = d.deserialize_any(AutoOrCount {
+            expecting: "`auto` or a positive number",
+            min: 1,
+            out_of_range: "max_in_flight must be between 1 and 2^32-1",
+            negative: "max_in_flight must be positive",
+        })?;
+        Ok(n.map_or(MaxInFlight::Auto, MaxInFlight::Fixed))
+    }
+}
+
+/// `auto` (`None`) or a count of at least `min`, with the setting's own
+/// messages: what `max_in_flight` and `queue.prefetch` take.
+struct AutoOrCount {
+    expecting: &'static str,
+    min: u32,
+    out_of_range: &'static str,
+    negative: &'static str,
+}
+
+impl Visitor<'_> for AutoOrCount {
+    type Value = Option<u32>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<u32>, E> {
+        if v == "auto" {
+            Ok(None)
+        } else {
+            Err(E::custom(format!("expected `auto` or a number, got `{v}`")))
         }
-        d.deserialize_any(V)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<u32>, E> {
+        match u32::try_from(v) {
+            Ok(n) if n >= self.min => Ok(Some(n)),
+            _ => Err(E::custom(self.out_of_range)),
+        }
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<u32>, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(self.negative)),
+        }
     }
 }
 
@@ -278,31 +294,13 @@ pub enum Prefetch {
 
 impl<'de> Deserialize<'de> for Prefetch {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Prefetch;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`auto` or a number (0 for none)")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Prefetch, E> {
-                if v == "auto" {
-                    Ok(Prefetch::Auto)
-                } else {
-                    Err(E::custom(format!("expected `auto` or a number, got `{v}`")))
-                }
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Prefetch, E> {
-                u32::try_from(v)
-                    .map(Prefetch::Fixed)
-                    .map_err(|_| E::custom("prefetch must be between 0 and 2^32-1"))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Prefetch, E> {
-                u64::try_from(v)
-                    .map_err(|_| E::custom("prefetch must not be negative"))
-                    .and_then(|v| self.visit_u64(v))
-            }
-        }
-        d.deserialize_any(V)
+        let n = d.deserialize_any(AutoOrCount {
+            expecting: "`auto` or a number (0 for none)",
+            min: 0,
+            out_of_range: "prefetch must be between 0 and 2^32-1",
+            negative: "prefetch must not be negative",
+        })?;
+        Ok(n.map_or(Prefetch::Auto, Prefetch::Fixed))
     }
 }
 
