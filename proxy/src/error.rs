@@ -19,7 +19,7 @@ pub enum Error {
     #[error("method {0} is not supported by this proxy")]
     MethodNotAllowed(String),
     #[error("client connection failed while reading the body: {0}")]
-    ClientBody(#[source] hyper::Error),
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("queue full for upstream `{upstream}`")]
     QueueFull { upstream: String },
     #[error("queue wait timed out for upstream `{upstream}`")]

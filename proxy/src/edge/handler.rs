@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 
 use crate::control::state::State;
 use crate::edge::headers::{self, X_REQUEST_ID};
@@ -44,8 +44,20 @@ pub struct ConnCtx {
     pub redirect_https_port: Option<u16>,
 }
 
-pub async fn handle(
-    req: Request<Incoming>,
+/// A request body as the edge hands it over: hyper's (TLS, h2) or Usher's
+/// own HTTP/1 reader's (`h1.rs`).
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub async fn handle<B: RequestBody>(
+    req: Request<B>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -229,8 +241,8 @@ pub async fn handle(
 /// ends a line, `\r\n\r\n` ends the section), so `/hidden` would vanish
 /// inside this request while a front proxy sees it as a request of its own.
 /// h2 frames trailers itself; they are dropped.
-async fn read_request(
-    req: Request<Incoming>,
+async fn read_request<B: RequestBody>(
+    req: Request<B>,
     state: &State,
     ctx: &ConnCtx,
     host: Option<&str>,
@@ -255,6 +267,9 @@ async fn read_request(
     let gap = state.config.timeouts.client_body.0;
     let total = state.config.timeouts.client_request.0;
     let deadline = tokio::time::Instant::now() + total;
+    // A body that arrives in one frame is passed on as it is; only one that
+    // comes in pieces is copied together.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     loop {
         if body.is_end_stream() {
@@ -265,15 +280,23 @@ async fn read_request(
             Err(_) if next < deadline => return Err(Error::ClientTooSlow(gap)),
             Err(_) => return Err(Error::RequestDeadline(total)),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::ClientBody(e)),
+            Ok(Some(Err(e))) => return Err(Error::ClientBody(e.into())),
             Ok(Some(Ok(f))) => f,
         };
         match frame.into_data() {
             Ok(data) => {
-                if buf.len() as u64 + data.len() as u64 > limit {
+                let had = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                if had as u64 + data.len() as u64 > limit {
                     return Err(Error::BodyTooLarge { limit });
                 }
-                buf.extend_from_slice(&data);
+                if had == 0 {
+                    first = Some(data);
+                } else {
+                    if let Some(f) = first.take() {
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&data);
+                }
             }
             Err(_) if head.version < http::Version::HTTP_2 => {
                 return Err(Error::BadRequest("request trailers are not accepted"));
@@ -289,7 +312,11 @@ async fn read_request(
     let proto = if ctx.tls { "https" } else { "http" };
     headers::set_upstream_identity(h, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;
-    Ok((head, buf.freeze(), read_at))
+    let body = match first {
+        Some(f) if buf.is_empty() => f,
+        _ => buf.freeze(),
+    };
+    Ok((head, body, read_at))
 }
 
 /// `308` to the same host (without its port) and path on `https://`.

@@ -51,7 +51,7 @@ pub struct ListenerSettings {
 }
 
 /// The largest request head (request line and headers); past it, 431.
-const MAX_HEAD: usize = 256 * 1024;
+pub const MAX_HEAD: usize = 256 * 1024;
 
 /// hyper's settings for HTTP/1, applied alike to hyper's own builder and to
 /// the auto builder's (same method names, different types).
@@ -231,6 +231,14 @@ impl Conn {
         let Some(proto) = first else {
             return;
         };
+        if proto == Proto::Http1 {
+            let t = crate::edge::h1::Timeouts {
+                header: self.settings.header_timeout,
+                keepalive: self.settings.keepalive,
+            };
+            crate::edge::h1::serve(stream, self.ctx, t, self.drain).await;
+            return;
+        }
         serve_conn(
             TokioIo::new(stream),
             proto,

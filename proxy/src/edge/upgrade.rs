@@ -40,7 +40,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +51,55 @@ use crate::edge::headers;
 use crate::edge::ConnCtx;
 use crate::error::Error;
 use crate::upstream::{error_chain, Admission, Attempt, Failed, Forwarded, ProxyBody, Upstream};
+
+/// The client's socket after a `101`, as a tunnel end.
+pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> TunnelIo for T {}
+
+/// How Usher's own HTTP/1 server side (`h1.rs`) hands a request's socket
+/// over after writing the `101`; hyper's connections use `hyper::upgrade`.
+/// (Shared and taken once: request extensions must be `Clone`.)
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<std::sync::Mutex<Option<UpgradeRx>>>);
+
+type UpgradeRx = tokio::sync::oneshot::Receiver<Box<dyn TunnelIo>>;
+
+impl ClientUpgrade {
+    pub fn new(rx: UpgradeRx) -> Self {
+        ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(rx))))
+    }
+
+    fn take(&self) -> Option<UpgradeRx> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The client's side of a tunnel, once the `101` has been written.
+type ClientSide = Pin<Box<dyn Future<Output = Result<Box<dyn TunnelIo>, String>> + Send>>;
+
+fn client_side<B>(req: &mut Request<B>) -> ClientSide {
+    match req.extensions_mut().remove::<ClientUpgrade>() {
+        Some(u) => {
+            let rx = u.take();
+            Box::pin(async move {
+                match rx {
+                    Some(rx) => rx.await.map_err(|_| {
+                        "the client connection ended before the upgrade".to_string()
+                    }),
+                    None => Err("the upgrade was already taken".to_string()),
+                }
+            })
+        }
+        None => {
+            let on = hyper::upgrade::on(req);
+            Box::pin(async move {
+                on.await
+                    .map(|u| Box::new(TokioIo::new(u)) as Box<dyn TunnelIo>)
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+}
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection:
 /// upgrade` with an `Upgrade` other than `h2c`).
@@ -135,8 +183,8 @@ impl Admission for Ticket {
 /// ([`Upstream::with_retries`]): a refused connect is retried on another
 /// backend and counts for passive health; once the request is written, a
 /// failure is final (a tunnel cannot be replayed).
-pub async fn forward(
-    mut req: Request<Incoming>,
+pub async fn forward<B>(
+    mut req: Request<B>,
     up: &Arc<Upstream>,
     ctx: &ConnCtx,
     host: Option<&str>,
@@ -154,7 +202,7 @@ pub async fn forward(
             queue_wait: Duration::ZERO,
         });
     }
-    let client_side = hyper::upgrade::on(&mut req);
+    let client_side = client_side(&mut req);
     let (mut head, _) = req.into_parts();
     prepare_head(&mut head, ctx, host, request_id);
     if up.cfg.request_start_header {
@@ -185,7 +233,7 @@ struct Upgrade {
     up: Arc<Upstream>,
     tunnels: Tunnels,
     /// Taken by the attempt that connects: only it sends the request.
-    request: Option<(http::request::Parts, hyper::upgrade::OnUpgrade)>,
+    request: Option<(http::request::Parts, ClientSide)>,
 }
 
 impl crate::upstream::Exchange for Upgrade {
@@ -415,7 +463,7 @@ async fn exchange(
     head: http::request::Parts,
     io: crate::tls::connector::UpstreamStream,
     ticket: Ticket,
-    client_side: hyper::upgrade::OnUpgrade,
+    client_side: ClientSide,
     tunnels: &Tunnels,
 ) -> Result<Response<ProxyBody>, Error> {
     let backend = ticket.backend().clone();
@@ -496,7 +544,7 @@ async fn exchange(
             None => tracing::debug!(upstream = %name, backend = %key, "shut down before the upgrade completed"),
             Some((Ok(client), Ok(server))) => {
                 let (up_bytes, down_bytes, end) =
-                    tunnel(TokioIo::new(client), TokioIo::new(server), idle_timeout, &close).await;
+                    tunnel(client, TokioIo::new(server), idle_timeout, &close).await;
                 tracing::debug!(upstream = %name, backend = %key, up_bytes, down_bytes, ?end, "upgraded connection closed");
             }
             Some((c, s)) => tracing::debug!(

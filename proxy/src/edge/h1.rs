@@ -1,0 +1,1077 @@
+//! Usher's own HTTP/1.1 server side, for plain (non-TLS) client connections.
+//!
+//! Why not hyper's: hyper's HTTP/1 connection keeps a read buffer and a write
+//! buffer (8 KiB each) for the connection's whole life, and has no setting to
+//! give them back between requests. Most client connections of an edge proxy
+//! are idle keep-alives, so that was most of Usher's memory per connection.
+//! Here an idle connection holds no buffer at all: it waits for readability
+//! with nothing allocated (`TcpStream::readable`), and a buffer exists only
+//! from a request's first byte to the end of its response.
+//!
+//! What stays hyper's:
+//! - the parser: `httparse`, with the same (strict, default) configuration
+//!   hyper uses, so request lines and headers are accepted or refused exactly
+//!   as before;
+//! - hyper's framing rules, restated in [`parse`]: `Transfer-Encoding` only
+//!   on HTTP/1.1 and only ending in `chunked` (a `Content-Length` beside it is
+//!   dropped and the connection closes after the answer); `Content-Length` as
+//!   digits only, duplicates equal; a URI up to 65534 bytes (else 414); at
+//!   most 100 headers and `MAX_HEAD` bytes of head (else 431);
+//! - the request and response types (`http`), so the handler is the same for
+//!   HTTP/1 on TLS and h2 (still hyper's) and for this.
+//!
+//! The chunked decoder ([`H1Body`]) is strict: hex digits only, no overflow,
+//! CRLF and nothing else after the size line and after each chunk's data,
+//! extensions bounded (16 KiB per body), and any trailer section is handed to
+//! the handler as trailers, which it refuses (see `handler::read_request`).
+//!
+//! Life of a connection ([`serve`]): wait for bytes (up to
+//! `client_keepalive`, or `client_header` for the first request) → read the
+//! head (the whole head within `client_header` of its first byte; past it
+//! the connection is closed without an answer, like nginx) → the handler
+//! reads the body through [`H1Body`] and answers → the response is written →
+//! keep alive, or close. While the handler works, a client that closes its
+//! side is noticed and the handler's future is dropped (a queued request
+//! leaves the queue; one that already has a slot finishes on its own task,
+//! see `upstream::detach`). A close that may leave unread request bytes
+//! behind first shuts down the write side and reads what the client still
+//! sends for a moment, so that the kernel does not reset the connection
+//! under an answer the client has not read yet (nginx's lingering close).
+
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::edge::upgrade::{ClientUpgrade, TunnelIo};
+use crate::edge::{handle, ConnCtx};
+use crate::upstream::ProxyBody;
+
+/// The most headers a request may have (hyper's default); past it, 431.
+const MAX_HEADERS: usize = 100;
+/// The longest request target (hyper's limit); past it, 414.
+const MAX_URI: usize = 65534;
+/// The first read of a request: most heads fit.
+const FIRST_READ: usize = 4096;
+/// The most a body read asks the kernel for at once.
+const BODY_READ: usize = 64 * 1024;
+/// The longest chunk-size line, and the most extension bytes in one body.
+const CHUNK_LINE_MAX: usize = 4096;
+const CHUNK_EXT_TOTAL: usize = 16 * 1024;
+/// How long, and how much, a closing connection reads and discards.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Timeouts of one listener.
+#[derive(Clone, Copy)]
+pub struct Timeouts {
+    /// The whole head must arrive within this of its first byte.
+    pub header: Duration,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keepalive: Duration,
+}
+
+/// The socket and what has been read from it but not consumed yet.
+struct Wire {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// The request body has been read to its end (or there was none).
+    body_done: bool,
+    /// Woken when `body_done` turns true (the client-gone watch starts then).
+    watch: Option<Waker>,
+    /// Bytes of a next request arrived while this one was in the handler:
+    /// a close can no longer be told from them, so the watch stops.
+    pipelined: bool,
+}
+
+/// The wire is shared between the connection loop and the request body the
+/// handler reads; each takes the lock only inside a poll, never across one.
+type Slot = Arc<Mutex<Option<Wire>>>;
+
+fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Wire>> {
+    // A poisoned lock only means a panic elsewhere while polling; the wire
+    // itself is plain data.
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one plain HTTP/1 connection until it closes or `drain` fires.
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: CancellationToken) {
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let mut wire = Wire {
+        stream,
+        buf: BytesMut::new(),
+        body_done: true,
+        watch: None,
+        pipelined: false,
+    };
+    let mut idle_for = t.header.min(t.keepalive);
+    loop {
+        if wire.buf.is_empty() {
+            // Idle: give the buffer back and wait with nothing allocated.
+            wire.buf = BytesMut::new();
+            let ready = tokio::select! {
+                r = tokio::time::timeout(idle_for, wire.stream.readable()) => matches!(r, Ok(Ok(()))),
+                () = drain.cancelled() => false,
+            };
+            if !ready {
+                return;
+            }
+        }
+        idle_for = t.keepalive;
+        let head = match read_head(&mut wire, Instant::now() + t.header).await {
+            Ok(Some(h)) => h,
+            // Closed, failed or too slow before a whole head: nothing to answer.
+            Ok(None) => return,
+            Err(refusal) => {
+                let resp = refusal_response(&refusal);
+                let version = Version::HTTP_11;
+                let _ = write_response(&mut wire, resp, &Method::GET, version, false).await;
+                Box::pin(linger(wire)).await;
+                return;
+            }
+        };
+        let Parsed {
+            mut request,
+            keep_alive,
+            body,
+            expect_continue,
+            wants_upgrade,
+        } = head;
+        let method = request.method().clone();
+        let version = request.version();
+        let has_body = !matches!(body, Decode::Done);
+        let upgrade = wants_upgrade.then(|| {
+            let (tx, rx) = oneshot::channel();
+            request.extensions_mut().insert(ClientUpgrade::new(rx));
+            tx
+        });
+        wire.body_done = !has_body;
+        wire.pipelined = false;
+        *lock(&slot) = Some(wire);
+        let request = request.map(|()| H1Body {
+            slot: slot.clone(),
+            state: body,
+            continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
+                CONTINUE.len()
+            } else {
+                0
+            },
+            ext_total: 0,
+        });
+        // Boxed: the handler's future is large and lives only per request.
+        let mut handler = Box::pin(handle(request, ctx.clone()));
+        let response = tokio::select! {
+            r = &mut handler => {
+                let Ok(r) = r;
+                Some(r)
+            }
+            () = client_gone(&slot) => None,
+        };
+        drop(handler);
+        let Some(w) = lock(&slot).take() else {
+            return;
+        };
+        wire = w;
+        let Some(response) = response else {
+            // The client went away while its request was in the handler.
+            return;
+        };
+        // A body the handler did not read to its end cannot be skipped
+        // safely: close after the answer (as hyper does).
+        let keep = keep_alive && wire.body_done && !drain.is_cancelled();
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(tx) = upgrade else {
+                return;
+            };
+            if write_response(&mut wire, response, &method, version, true)
+                .await
+                .is_ok()
+            {
+                let Wire { stream, buf, .. } = wire;
+                let io: Box<dyn TunnelIo> = Box::new(Rewind {
+                    pre: buf.freeze(),
+                    stream,
+                });
+                let _ = tx.send(io);
+            }
+            return;
+        }
+        drop(upgrade);
+        match write_response(&mut wire, response, &method, version, keep).await {
+            Ok(true) => continue,
+            Ok(false) => {
+                Box::pin(linger(wire)).await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Resolves when the client closes its side while its request is in the
+/// handler (after the body has been read: before that, the body sees it).
+fn client_gone(slot: &Slot) -> impl Future<Output = ()> + '_ {
+    poll_fn(move |cx| {
+        let mut g = lock(slot);
+        let Some(w) = g.as_mut() else {
+            return Poll::Pending;
+        };
+        if !w.body_done {
+            w.watch = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if w.pipelined || !w.buf.is_empty() {
+            return Poll::Pending;
+        }
+        let mut one = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut one);
+        match w.stream.poll_peek(cx, &mut rb) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                w.pipelined = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
+/// A request head Usher refuses, with the status it answers.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+}
+
+fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
+    Refusal { status, reason }
+}
+
+fn bad(reason: &'static str) -> Refusal {
+    refuse(StatusCode::BAD_REQUEST, reason)
+}
+
+/// The answer to a refused head: short text naming the reason; the
+/// connection closes after it.
+fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
+    let body = format!(
+        "{} {}: {}\n",
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or(""),
+        r.reason
+    );
+    let mut resp = crate::upstream::text(r.status, body);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Body framing of a request, and then the decoder's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decode {
+    /// Bytes left of a `Content-Length` body.
+    Length(u64),
+    /// Waiting for a chunk-size line.
+    ChunkSize,
+    /// Bytes left of a chunk's data.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: CRLF, or a trailer section.
+    LastChunk,
+    Done,
+}
+
+/// A parsed request head.
+struct Parsed {
+    request: Request<()>,
+    keep_alive: bool,
+    body: Decode,
+    expect_continue: bool,
+    wants_upgrade: bool,
+}
+
+/// Reads until a whole head is in `wire.buf`, and parses it. `Ok(None)`:
+/// the client closed, failed, or did not finish the head by `deadline`.
+async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>, Refusal> {
+    loop {
+        if !wire.buf.is_empty() {
+            if let Some(p) = parse(&mut wire.buf)? {
+                return Ok(Some(p));
+            }
+            if wire.buf.len() > crate::edge::listener::MAX_HEAD {
+                return Err(refuse(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large",
+                ));
+            }
+        }
+        if wire.buf.capacity() - wire.buf.len() < 1024 {
+            let more = wire.buf.len().max(FIRST_READ);
+            wire.buf.reserve(more);
+        }
+        match tokio::time::timeout_at(deadline, wire.stream.read_buf(&mut wire.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
+fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= base.len()).then_some(start..end)
+}
+
+/// Parses a request head at the start of `buf` and, when it is whole, takes
+/// it off `buf`. `Ok(None)`: not whole yet.
+fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many headers",
+            ))
+        }
+        Err(e) => return Err(bad(parse_error(e, &req))),
+    };
+    if len > crate::edge::listener::MAX_HEAD {
+        return Err(refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large",
+        ));
+    }
+    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(bad("invalid request line"));
+    };
+    if path.len() > MAX_URI {
+        return Err(refuse(StatusCode::URI_TOO_LONG, "request target too long"));
+    }
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| bad("invalid method"))?;
+    let version = if minor == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let path_at = offset(buf, path.as_bytes()).ok_or(bad("invalid request target"))?;
+    // Where each name and value is, so that the values can share the head's
+    // bytes instead of each being copied.
+    let mut at = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = offset(buf, h.name.as_bytes()).ok_or(bad("invalid header name"))?;
+        let value = if h.value.is_empty() {
+            0..0
+        } else {
+            offset(buf, h.value).ok_or(bad("invalid header value"))?
+        };
+        at.push((name, value));
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_at)).map_err(|_| bad("invalid request target"))?;
+
+    let http11 = version == Version::HTTP_11;
+    let mut keep_alive = http11;
+    let mut saw_close = false;
+    let mut te = false;
+    let mut te_chunked = false;
+    let mut cl: Option<u64> = None;
+    let mut saw_cl = false;
+    let mut expect_continue = false;
+    let mut wants_upgrade = method == Method::CONNECT;
+    let mut headers = HeaderMap::with_capacity(at.len());
+    for (name, value) in at {
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| bad("invalid header name"))?;
+        let value = if value.is_empty() {
+            HeaderValue::from_static("")
+        } else {
+            HeaderValue::from_maybe_shared(head.slice(value))
+                .map_err(|_| bad("invalid header value"))?
+        };
+        match name {
+            header::TRANSFER_ENCODING => {
+                if !http11 {
+                    return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+                }
+                te = true;
+                if cl.take().is_some() {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                te_chunked = last_coding_is_chunked(&value);
+            }
+            header::CONTENT_LENGTH => {
+                saw_cl = true;
+                if te {
+                    continue;
+                }
+                let n = digits(value.as_bytes()).ok_or(bad("invalid Content-Length"))?;
+                match cl {
+                    Some(prev) if prev != n => return Err(bad("conflicting Content-Length headers")),
+                    Some(_) => continue,
+                    None => cl = Some(n),
+                }
+            }
+            header::CONNECTION => {
+                if saw_close || has_token(&value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(&value, "keep-alive");
+                }
+            }
+            header::EXPECT => {
+                expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+            header::UPGRADE => wants_upgrade = http11,
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    if te && !te_chunked {
+        return Err(bad(
+            "unsupported Transfer-Encoding (only `chunked` is accepted)",
+        ));
+    }
+    if te && saw_cl {
+        // Framed by chunked; the connection is not trusted past this one.
+        keep_alive = false;
+    }
+    let body = match (te, cl) {
+        (true, _) => Decode::ChunkSize,
+        (false, Some(n)) if n > 0 => Decode::Length(n),
+        _ => Decode::Done,
+    };
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Parsed {
+        request,
+        keep_alive,
+        body,
+        expect_continue,
+        wants_upgrade,
+    }))
+}
+
+/// What a parse error was about, for the 400's text.
+fn parse_error(e: httparse::Error, req: &httparse::Request<'_, '_>) -> &'static str {
+    match e {
+        httparse::Error::Token if req.method.is_none() => "invalid method",
+        httparse::Error::Token => "invalid request target",
+        httparse::Error::Version => "invalid HTTP version",
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        _ => "invalid request head",
+    }
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no spaces, no list).
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &c| {
+        c.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+    })
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// `chunked` must be the last transfer coding (RFC 9112 §6.1).
+fn last_coding_is_chunked(v: &HeaderValue) -> bool {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Reads the chunk-size line at the start of `buf`: `Ok(Some((line length,
+/// size, extension bytes)))`, or `Ok(None)` if the line is not whole yet.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static str> {
+    let mut size: u64 = 0;
+    let mut i = 0;
+    while let Some(&c) = buf.get(i) {
+        let Some(v) = (c as char).to_digit(16) else {
+            break;
+        };
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(v)))
+            .ok_or("chunk size too large")?;
+        i += 1;
+    }
+    if i == buf.len() {
+        return if i > 16 {
+            Err("chunk size too large")
+        } else {
+            Ok(None)
+        };
+    }
+    if i == 0 {
+        return Err("invalid chunk size");
+    }
+    while matches!(buf.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    let ext_start = i;
+    if buf.get(i) == Some(&b';') {
+        while let Some(&c) = buf.get(i) {
+            match c {
+                b'\r' => break,
+                b'\n' => return Err("chunk extension ends in a bare LF"),
+                _ => i += 1,
+            }
+        }
+    }
+    match (buf.get(i), buf.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some((i + 2, size, i - ext_start))),
+        (Some(b'\n'), _) => Err("chunk size line ends in a bare LF"),
+        _ => Err("invalid chunk size line"),
+    }
+}
+
+/// A request body read straight off the connection: `Content-Length` or
+/// chunked, decoded strictly. Sends `100 Continue` when first polled, if the
+/// client asked for it.
+pub struct H1Body {
+    slot: Slot,
+    state: Decode,
+    /// Bytes of `100 Continue` still to write.
+    continue_left: usize,
+    /// Chunk-extension bytes seen so far.
+    ext_total: usize,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Framing(&'static str),
+    #[error("the client closed the connection before the body ended")]
+    Eof,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads more into `w.buf`, up to `want` bytes more room. `Ready(Ok(()))`
+/// once at least one byte came.
+fn fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<Result<(), BodyError>> {
+    let room = want.clamp(1, BODY_READ);
+    if w.buf.capacity() - w.buf.len() < room {
+        w.buf.reserve(room);
+    }
+    match tokio_util::io::poll_read_buf(Pin::new(&mut w.stream), cx, &mut w.buf) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(BodyError::Eof)),
+        Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl H1Body {
+    fn poll_decode(
+        &mut self,
+        w: &mut Wire,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        while self.continue_left > 0 {
+            let from = CONTINUE.len() - self.continue_left;
+            match Pin::new(&mut w.stream).poll_write(cx, &CONTINUE[from..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(BodyError::Eof))),
+                Poll::Ready(Ok(n)) => self.continue_left -= n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        loop {
+            match self.state {
+                Decode::Done => {
+                    w.body_done = true;
+                    if let Some(waker) = w.watch.take() {
+                        waker.wake();
+                    }
+                    return Poll::Ready(None);
+                }
+                Decode::Length(0) => self.state = Decode::Done,
+                Decode::Length(n) | Decode::ChunkData(n) => {
+                    if w.buf.is_empty() {
+                        if let Err(e) = std::task::ready!(fill(w, cx, clamp(n))) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                    let take = clamp(n).min(w.buf.len());
+                    let data = w.buf.split_to(take).freeze();
+                    let left = n - take as u64;
+                    self.state = match self.state {
+                        Decode::Length(_) => Decode::Length(left),
+                        _ if left == 0 => Decode::ChunkEnd,
+                        _ => Decode::ChunkData(left),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::ChunkSize => match chunk_size_line(&w.buf) {
+                    Ok(Some((line, size, ext))) => {
+                        self.ext_total += ext;
+                        if self.ext_total > CHUNK_EXT_TOTAL {
+                            return Poll::Ready(Some(Err(BodyError::Framing(
+                                "chunk extensions too large",
+                            ))));
+                        }
+                        w.buf.advance(line);
+                        self.state = if size == 0 {
+                            Decode::LastChunk
+                        } else {
+                            Decode::ChunkData(size)
+                        };
+                    }
+                    Ok(None) if w.buf.len() > CHUNK_LINE_MAX => {
+                        return Poll::Ready(Some(Err(BodyError::Framing(
+                            "chunk size line too long",
+                        ))))
+                    }
+                    Ok(None) => {
+                        if let Err(e) = std::task::ready!(fill(w, cx, 512)) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                    Err(reason) => return Poll::Ready(Some(Err(BodyError::Framing(reason)))),
+                },
+                Decode::ChunkEnd | Decode::LastChunk => {
+                    if w.buf.len() < 2 {
+                        if w.buf.first().is_some_and(|&c| c != b'\r') {
+                            // Not a CRLF, whatever follows.
+                        } else {
+                            if let Err(e) = std::task::ready!(fill(w, cx, 512)) {
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            continue;
+                        }
+                    }
+                    let crlf = w.buf.starts_with(b"\r\n");
+                    match (self.state, crlf) {
+                        (Decode::ChunkEnd, true) => {
+                            w.buf.advance(2);
+                            self.state = Decode::ChunkSize;
+                        }
+                        (Decode::ChunkEnd, false) => {
+                            return Poll::Ready(Some(Err(BodyError::Framing(
+                                "missing CRLF after chunk data",
+                            ))))
+                        }
+                        (_, true) => {
+                            w.buf.advance(2);
+                            self.state = Decode::Done;
+                        }
+                        (_, false) => {
+                            // A trailer section. It is not parsed: the
+                            // handler refuses trailers and the connection
+                            // closes (the body is never marked done).
+                            self.state = Decode::Done;
+                            w.buf.clear();
+                            return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new()))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn clamp(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX).min(BODY_READ)
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let slot = self.slot.clone();
+        let mut g = lock(&slot);
+        let Some(w) = g.as_mut() else {
+            return Poll::Ready(Some(Err(BodyError::Eof)));
+        };
+        let out = self.poll_decode(w, cx);
+        if let Poll::Ready(Some(Err(_))) = out {
+            self.state = Decode::Done;
+            // Never marked done: the connection closes after the answer.
+            w.body_done = false;
+            self.continue_left = 0;
+        }
+        out
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == Decode::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            Decode::Length(n) => SizeHint::with_exact(n),
+            Decode::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Writes a response. `Ok(true)`: the connection can take another request.
+async fn write_response(
+    wire: &mut Wire,
+    resp: Response<ProxyBody>,
+    method: &Method,
+    version: Version,
+    mut keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let no_body = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || *method == Method::HEAD;
+    // HEAD and 304 keep a `Content-Length` describing the representation
+    // (see `upstream::framing`); every other length is Usher's own.
+    let keep_length = no_body && status != StatusCode::NO_CONTENT && !status.is_informational();
+    let length = if no_body {
+        None
+    } else {
+        body.size_hint().exact()
+    };
+    let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
+    if !no_body && length.is_none() && !chunked {
+        // HTTP/1.0 and a length not known up front: the close ends the body.
+        keep_alive = false;
+    }
+    if parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "close"))
+    {
+        keep_alive = false;
+    }
+
+    let mut head = Vec::with_capacity(160 + parts.headers.len() * 48);
+    head.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    let mut saw_connection = false;
+    let mut saw_date = false;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::TRANSFER_ENCODING => continue,
+            header::CONTENT_LENGTH if !keep_length => continue,
+            header::CONNECTION => saw_connection = true,
+            header::DATE => saw_date = true,
+            _ => {}
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa(n, &mut [0; 20]));
+        head.extend_from_slice(b"\r\n");
+    } else if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !saw_date {
+        head.extend_from_slice(b"date: ");
+        crate::edge::date::with(|d| head.extend_from_slice(d));
+        head.extend_from_slice(b"\r\n");
+    }
+    if !saw_connection && status != StatusCode::SWITCHING_PROTOCOLS {
+        if !keep_alive && version == Version::HTTP_11 {
+            head.extend_from_slice(b"connection: close\r\n");
+        } else if keep_alive && version == Version::HTTP_10 {
+            head.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    head.extend_from_slice(b"\r\n");
+    drop(parts);
+
+    if no_body {
+        write_all(&mut wire.stream, &[&head]).await?;
+        return Ok(keep_alive);
+    }
+    // The head goes out with the first piece of body when that is ready at
+    // once (one write for a buffered response), else on its own first.
+    let mut head = Some(head);
+    let mut sent: u64 = 0;
+    loop {
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if let Some(h) = head.take() {
+                    write_all(&mut wire.stream, &[&h]).await?;
+                }
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let data = match frame {
+            None => break,
+            // The backend failed mid-body: the client sees the message
+            // cut short (no last chunk, or fewer bytes than announced).
+            Some(Err(_)) => return Err(io::Error::other("response body failed")),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if d.is_empty() => continue,
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        sent += data.len() as u64;
+        if length.is_some_and(|n| sent > n) {
+            return Err(io::Error::other("response body longer than its length"));
+        }
+        let h: &[u8] = head.as_deref().unwrap_or(&[]);
+        if chunked {
+            let mut line = [0u8; 20];
+            let size = hex_line(data.len(), &mut line);
+            write_all(&mut wire.stream, &[h, size, &data, b"\r\n"]).await?;
+        } else {
+            write_all(&mut wire.stream, &[h, &data]).await?;
+        }
+        head = None;
+    }
+    if length.is_some_and(|n| sent != n) {
+        return Err(io::Error::other("response body shorter than its length"));
+    }
+    let h: &[u8] = head.as_deref().unwrap_or(&[]);
+    let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
+    if !h.is_empty() || !end.is_empty() {
+        write_all(&mut wire.stream, &[h, end]).await?;
+    }
+    Ok(keep_alive)
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A chunk-size line: `n` in hex, then CRLF.
+fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len() - 2;
+    buf[i] = b'\r';
+    buf[i + 1] = b'\n';
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Writes all of `parts`, gathered (one `writev` when the socket takes it all).
+async fn write_all(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    let (mut idx, mut off) = (0, 0);
+    while idx < parts.len() {
+        let mut slices = [IoSlice::new(&[]); 4];
+        let mut k = 0;
+        for (j, p) in parts[idx..].iter().enumerate().take(4) {
+            let p = if j == 0 { &p[off..] } else { p };
+            slices[k] = IoSlice::new(p);
+            k += 1;
+        }
+        let mut n = stream.write_vectored(&slices[..k]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while idx < parts.len() && n > 0 {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        while idx < parts.len() && parts[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Closes a connection: the write side first, then whatever the client still
+/// sends is read and dropped for a moment, so that unread request bytes do
+/// not make the kernel reset the connection under the answer.
+async fn linger(mut wire: Wire) {
+    if wire.stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut total = 0;
+    while total < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, wire.stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => return,
+        }
+    }
+}
+
+/// The socket after a `101`: what was read past the request first, then the
+/// socket itself.
+struct Rewind {
+    pre: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Option<Parsed>, Refusal> {
+        parse(&mut BytesMut::from(s.as_bytes()))
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_taken_off_the_buffer() {
+        let mut b = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-E:\r\n\r\nNEXT"[..]);
+        let p = parse(&mut b).unwrap().unwrap();
+        assert_eq!(p.request.uri(), "/a?b");
+        assert_eq!(p.request.headers()["host"], "x");
+        assert_eq!(p.request.headers()["x-e"], "");
+        assert!(p.keep_alive);
+        assert_eq!(p.body, Decode::Done);
+        assert_eq!(&b[..], b"NEXT");
+        assert!(parse_str("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn framing_follows_hyper_s_rules() {
+        let p = |s: &str| parse_str(s).unwrap().unwrap();
+        let cl = p("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(cl.body, Decode::Length(5));
+        assert_eq!(cl.request.headers().get_all("content-length").iter().count(), 1);
+        let te = p("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(te.body, Decode::ChunkSize);
+        assert!(!te.keep_alive);
+        assert!(!te.request.headers().contains_key("content-length"));
+        let refused = |s: &str| parse_str(s).err().unwrap().status;
+        assert_eq!(refused("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"), 400);
+        assert_eq!(refused("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), 400);
+        assert_eq!(refused("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
+        assert_eq!(refused("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), 400);
+        assert_eq!(refused("GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n"), 400);
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_URI));
+        assert_eq!(refused(&long), 414);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        let ka = |s: &str| parse_str(s).unwrap().unwrap().keep_alive;
+        assert!(ka("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunk_size_lines_are_strict() {
+        assert_eq!(chunk_size_line(b"5\r\n"), Ok(Some((3, 5, 0))));
+        assert_eq!(chunk_size_line(b"Ff;a=b\r\nx"), Ok(Some((8, 255, 4))));
+        assert_eq!(chunk_size_line(b"0000000000000000000a\r\n"), Ok(Some((22, 10, 0))));
+        assert_eq!(chunk_size_line(b"5"), Ok(None));
+        assert_eq!(chunk_size_line(b"5\r"), Ok(None));
+        assert!(chunk_size_line(b"+5\r\n").is_err());
+        assert!(chunk_size_line(b"0x5\r\n").is_err());
+        assert!(chunk_size_line(b"5\n").is_err());
+        assert!(chunk_size_line(b"5;a\nb\r\n").is_err());
+        assert!(chunk_size_line(b"ffffffffffffffffff\r\n").is_err());
+    }
+
+    #[test]
+    fn numbers_are_written_as_http_wants_them() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+        assert_eq!(hex_line(0, &mut [0; 20]), b"0\r\n");
+        assert_eq!(hex_line(0x1a2b, &mut [0; 20]), b"1a2b\r\n");
+    }
+}
