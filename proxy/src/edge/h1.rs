@@ -109,6 +109,10 @@ fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Wire>> {
 }
 
 /// Serves one plain HTTP/1 connection until it closes or `drain` fires.
+///
+/// This future is what an idle connection costs, so it holds only the wire
+/// and the idle wait; everything a request needs lives in [`exchange`]'s
+/// future, boxed and freed per request.
 pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: CancellationToken) {
     let slot: Slot = Arc::new(Mutex::new(None));
     let mut wire = Wire {
@@ -132,93 +136,98 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
             }
         }
         idle_for = t.keepalive;
-        let head = match read_head(&mut wire, Instant::now() + t.header).await {
-            Ok(Some(h)) => h,
-            // Closed, failed or too slow before a whole head: nothing to answer.
-            Ok(None) => return,
-            Err(refusal) => {
-                let resp = refusal_response(&refusal);
-                let version = Version::HTTP_11;
-                let _ = write_response(&mut wire, resp, &Method::GET, version, false).await;
-                Box::pin(linger(wire)).await;
-                return;
-            }
-        };
-        let Parsed {
-            mut request,
-            keep_alive,
-            body,
-            expect_continue,
-            wants_upgrade,
-        } = head;
-        let method = request.method().clone();
-        let version = request.version();
-        let has_body = !matches!(body, Decode::Done);
-        let upgrade = wants_upgrade.then(|| {
-            let (tx, rx) = oneshot::channel();
-            request.extensions_mut().insert(ClientUpgrade::new(rx));
-            tx
-        });
-        wire.body_done = !has_body;
-        wire.pipelined = false;
-        *lock(&slot) = Some(wire);
-        let request = request.map(|()| H1Body {
-            slot: slot.clone(),
-            state: body,
-            continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
-                CONTINUE.len()
-            } else {
-                0
-            },
-            ext_total: 0,
-        });
-        // Boxed: the handler's future is large and lives only per request.
-        let mut handler = Box::pin(handle(request, ctx.clone()));
-        let response = tokio::select! {
-            r = &mut handler => {
-                let Ok(r) = r;
-                Some(r)
-            }
-            () = client_gone(&slot) => None,
-        };
-        drop(handler);
-        let Some(w) = lock(&slot).take() else {
-            return;
-        };
-        wire = w;
-        let Some(response) = response else {
-            // The client went away while its request was in the handler.
-            return;
-        };
-        // A body the handler did not read to its end cannot be skipped
-        // safely: close after the answer (as hyper does).
-        let keep = keep_alive && wire.body_done && !drain.is_cancelled();
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(tx) = upgrade else {
-                return;
-            };
-            if write_response(&mut wire, response, &method, version, true)
-                .await
-                .is_ok()
-            {
-                let Wire { stream, buf, .. } = wire;
-                let io: Box<dyn TunnelIo> = Box::new(Rewind {
-                    pre: buf.freeze(),
-                    stream,
-                });
-                let _ = tx.send(io);
-            }
-            return;
+        match Box::pin(exchange(wire, &slot, &ctx, t.header, &drain)).await {
+            Some(w) => wire = w,
+            None => return,
         }
-        drop(upgrade);
-        match write_response(&mut wire, response, &method, version, keep).await {
-            Ok(true) => continue,
-            Ok(false) => {
-                Box::pin(linger(wire)).await;
-                return;
-            }
-            Err(_) => return,
+    }
+}
+
+/// One request on the connection, from its first byte to the end of its
+/// response. Gives the wire back if the connection stays open for another.
+async fn exchange(
+    mut wire: Wire,
+    slot: &Slot,
+    ctx: &Arc<ConnCtx>,
+    header_timeout: Duration,
+    drain: &CancellationToken,
+) -> Option<Wire> {
+    let head = match read_head(&mut wire, Instant::now() + header_timeout).await {
+        Ok(Some(h)) => h,
+        // Closed, failed or too slow before a whole head: nothing to answer.
+        Ok(None) => return None,
+        Err(refusal) => {
+            let resp = refusal_response(&refusal);
+            let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
+            linger(wire).await;
+            return None;
         }
+    };
+    let Parsed {
+        mut request,
+        keep_alive,
+        body,
+        expect_continue,
+        wants_upgrade,
+    } = head;
+    let method = request.method().clone();
+    let version = request.version();
+    let has_body = body != Decode::Done;
+    let upgrade = wants_upgrade.then(|| {
+        let (tx, rx) = oneshot::channel();
+        request.extensions_mut().insert(ClientUpgrade::new(rx));
+        tx
+    });
+    wire.body_done = !has_body;
+    wire.pipelined = false;
+    *lock(slot) = Some(wire);
+    let request = request.map(|()| H1Body {
+        slot: slot.clone(),
+        state: body,
+        continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
+            CONTINUE.len()
+        } else {
+            0
+        },
+        ext_total: 0,
+    });
+    let mut handler = std::pin::pin!(handle(request, ctx.clone()));
+    let response = tokio::select! {
+        r = &mut handler => {
+            let Ok(r) = r;
+            Some(r)
+        }
+        () = client_gone(slot) => None,
+    };
+    let mut wire = lock(slot).take()?;
+    // The client went away while its request was in the handler.
+    let response = response?;
+    // A body the handler did not read to its end cannot be skipped safely:
+    // close after the answer (as hyper does).
+    let keep = keep_alive && wire.body_done && !drain.is_cancelled();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let tx = upgrade?;
+        if write_response(&mut wire, response, &method, version, true)
+            .await
+            .is_ok()
+        {
+            let Wire { stream, buf, .. } = wire;
+            let io: Box<dyn TunnelIo> = Box::new(Rewind {
+                pre: buf.freeze(),
+                stream,
+            });
+            let _ = tx.send(io);
+        }
+        return None;
+    }
+    drop(upgrade);
+    match write_response(&mut wire, response, &method, version, keep).await {
+        Ok(true) => Some(wire),
+        Ok(false) => {
+            linger(wire).await;
+            None
+        }
+        Err(_) => None,
     }
 }
 
