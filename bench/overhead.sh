@@ -12,6 +12,9 @@
 #      BACKEND (auto | waitress), BACKEND_THREADS (4), PATH_Q (/sleep?ms=0),
 #      ONLY (space-separated subset of: direct nginx haproxy haproxy-maxconn
 #      usher usher-uncapped base base-uncapped), NO_BUILD=1, KEEP_WORK=1,
+#      RATE (open loop: usher-load at RATE req/s with up to CONNS connections,
+#      instead of a closed loop; CPU per request is then compared at the same
+#      request rate, so batching under saturation does not favour a row),
 #      RESULTS_OUT=FILE (a metadata line, then the JSON lines of the table;
 #      bench/plot.py draws them), BASELINE_BIN=DIR (a directory holding another
 #      build's `usher`, e.g. main's, copied aside: the rows `base` and
@@ -31,12 +34,16 @@ ensure_tools
 build
 raise_nofile
 LOADGEN="${LOADGEN:-$(command -v wrk >/dev/null && echo wrk || echo usher-load)}"
+RATE="${RATE:-}"
+[[ -n "$RATE" ]] && LOADGEN=usher-load
+# usher-load's loop: closed with CONNS loops, or open at RATE req/s.
+if [[ -n "$RATE" ]]; then LOOP=(--rate "$RATE" --connections "$CONNS"); else LOOP=(--closed "$CONNS"); fi
 
 BPORT="$(free_port)"
 start_backend "$BPORT" "$THREADS"
 BPID="$LAST_PID"
 log "backend: $BACKEND_KIND --threads $THREADS on 127.0.0.1:$BPORT (pid $BPID)"
-log "load: $LOADGEN, $CONNS connections, ${SECS}s per row, GET $PATH_Q"
+log "load: $LOADGEN${RATE:+ open loop at $RATE req/s}, $CONNS connections, ${SECS}s per row, GET $PATH_Q"
 log "pinning: proxy on cpu $PROXY_CPU, load generator on cpu $LOAD_CPU, backend unpinned"
 
 RESULTS="$WORK/overhead.jsonl"
@@ -57,7 +64,7 @@ measure() {
   if [[ "$LOADGEN" == "wrk" ]]; then
     taskset -c "$LOAD_CPU" wrk -t 1 -c "$CONNS" -d 1s "$url" >/dev/null 2>&1 || true
   else
-    taskset -c "$LOAD_CPU" "$BIN/usher-load" --closed "$CONNS" --duration 1s --url "$url" >/dev/null 2>&1 || true
+    taskset -c "$LOAD_CPU" "$BIN/usher-load" "${LOOP[@]}" --duration 1s --url "$url" >/dev/null 2>&1 || true
   fi
   [[ -n "$ppid" ]] && p0="$(cpu_ticks "$ppid")"
   b0="$(cpu_ticks "$BPID")"
@@ -65,7 +72,7 @@ measure() {
     taskset -c "$LOAD_CPU" wrk -t 1 -c "$CONNS" -d "${SECS}s" --latency "$url" >"$out" 2>&1
     res="$($PY wrk-json "$out")"
   else
-    taskset -c "$LOAD_CPU" "$BIN/usher-load" --closed "$CONNS" --duration "${SECS}s" \
+    taskset -c "$LOAD_CPU" "$BIN/usher-load" "${LOOP[@]}" --duration "${SECS}s" \
       --max-requests 50000000 --url "$url" --json >"$out"
     res="$(python3 -c '
 import json,sys; r=json.load(open(sys.argv[1])); o=r["overall"]
@@ -115,9 +122,9 @@ for row in $ROWS; do
 done
 
 echo
-echo "overhead: $LOADGEN -t1 -c$CONNS ${SECS}s, GET $PATH_Q on one $BACKEND_KIND --threads $THREADS;"
+echo "overhead: $LOADGEN ${RATE:+--rate $RATE }-c$CONNS ${SECS}s, GET $PATH_Q on one $BACKEND_KIND --threads $THREADS;"
 echo "proxies pinned to cpu $PROXY_CPU (taskset; Usher's tokio runtime too), load generator to cpu $LOAD_CPU"
 $PY overhead-table "$RESULTS"
 echo "us/req = (utime+stime of the process tree, all threads) / requests; CLK_TCK=$CLK_TCK"
-write_results_out overhead "loadgen=$LOADGEN" "conns=$CONNS" "secs=$SECS" \
+write_results_out overhead "loadgen=$LOADGEN" "rate=${RATE:-closed}" "conns=$CONNS" "secs=$SECS" \
   "path=$PATH_Q" "backend=$BACKEND_KIND" "backend_threads=$THREADS" "rows=$ROWS"

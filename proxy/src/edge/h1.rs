@@ -395,7 +395,8 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
         at.push((name, value));
     }
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(path_at)).map_err(|_| bad("invalid request target"))?;
+    let uri =
+        Uri::from_maybe_shared(head.slice(path_at)).map_err(|_| bad("invalid request target"))?;
 
     let http11 = version == Version::HTTP_11;
     let mut keep_alive = http11;
@@ -433,7 +434,9 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
                 }
                 let n = digits(value.as_bytes()).ok_or(bad("invalid Content-Length"))?;
                 match cl {
-                    Some(prev) if prev != n => return Err(bad("conflicting Content-Length headers")),
+                    Some(prev) if prev != n => {
+                        return Err(bad("conflicting Content-Length headers"))
+                    }
                     Some(_) => continue,
                     None => cl = Some(n),
                 }
@@ -1028,7 +1031,9 @@ mod tests {
         assert!(p.keep_alive);
         assert_eq!(p.body, Decode::Done);
         assert_eq!(&b[..], b"NEXT");
-        assert!(parse_str("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(parse_str("GET / HTTP/1.1\r\nHost: x\r\n")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -1036,16 +1041,35 @@ mod tests {
         let p = |s: &str| parse_str(s).unwrap().unwrap();
         let cl = p("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(cl.body, Decode::Length(5));
-        assert_eq!(cl.request.headers().get_all("content-length").iter().count(), 1);
+        assert_eq!(
+            cl.request
+                .headers()
+                .get_all("content-length")
+                .iter()
+                .count(),
+            1
+        );
         let te = p("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(te.body, Decode::ChunkSize);
         assert!(!te.keep_alive);
         assert!(!te.request.headers().contains_key("content-length"));
         let refused = |s: &str| parse_str(s).err().unwrap().status;
-        assert_eq!(refused("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"), 400);
-        assert_eq!(refused("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), 400);
-        assert_eq!(refused("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
-        assert_eq!(refused("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), 400);
+        assert_eq!(
+            refused("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            refused("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            refused("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            refused("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            400
+        );
         assert_eq!(refused("GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n"), 400);
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_URI));
         assert_eq!(refused(&long), 414);
@@ -1057,7 +1081,9 @@ mod tests {
     fn keep_alive_follows_version_and_connection() {
         let ka = |s: &str| parse_str(s).unwrap().unwrap().keep_alive;
         assert!(ka("GET / HTTP/1.1\r\n\r\n"));
-        assert!(!ka("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n"));
+        assert!(!ka(
+            "GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n"
+        ));
         assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
         assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
     }
@@ -1066,7 +1092,10 @@ mod tests {
     fn chunk_size_lines_are_strict() {
         assert_eq!(chunk_size_line(b"5\r\n"), Ok(Some((3, 5, 0))));
         assert_eq!(chunk_size_line(b"Ff;a=b\r\nx"), Ok(Some((8, 255, 4))));
-        assert_eq!(chunk_size_line(b"0000000000000000000a\r\n"), Ok(Some((22, 10, 0))));
+        assert_eq!(
+            chunk_size_line(b"0000000000000000000a\r\n"),
+            Ok(Some((22, 10, 0)))
+        );
         assert_eq!(chunk_size_line(b"5"), Ok(None));
         assert_eq!(chunk_size_line(b"5\r"), Ok(None));
         assert!(chunk_size_line(b"+5\r\n").is_err());

@@ -46,10 +46,7 @@ pub struct ConnCtx {
 
 /// A request body as the edge hands it over: hyper's (TLS, h2) or Usher's
 /// own HTTP/1 reader's (`h1.rs`).
-pub trait RequestBody:
-    Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
-{
-}
+pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 
 impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {}

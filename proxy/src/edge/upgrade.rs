@@ -83,9 +83,9 @@ fn client_side<B>(req: &mut Request<B>) -> ClientSide {
             let rx = u.take();
             Box::pin(async move {
                 match rx {
-                    Some(rx) => rx.await.map_err(|_| {
-                        "the client connection ended before the upgrade".to_string()
-                    }),
+                    Some(rx) => rx
+                        .await
+                        .map_err(|_| "the client connection ended before the upgrade".to_string()),
                     None => Err("the upgrade was already taken".to_string()),
                 }
             })
