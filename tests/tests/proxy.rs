@@ -803,3 +803,64 @@ async fn two_usher_replicas_share_each_workers_threads() {
         assert!(h["peak_busy"].as_u64().unwrap() <= 4, "{h}");
     }
 }
+
+/// On one core (here `TOKIO_WORKER_THREADS=1`; also `taskset -c 0` or a
+/// one-CPU container) Usher runs tokio's current-thread scheduler. The same
+/// caps, queue, bodies and graceful stop must hold on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_one_core_the_single_threaded_runtime_caps_queues_and_drains() {
+    let (_w, addr) = spawn_worker(["--threads", "2"]);
+    let mut usher = Usher::start_with_env(
+        &config(&[addr], ", max_in_flight: 2", "", ""),
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    usher.wait_ready();
+    let client = Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let c = client.clone();
+        let (get, post) = (usher.url("/sleep?ms=100"), usher.url("/echo"));
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                c.get(&get).await.map(|r| (r.status, String::new()))
+            } else {
+                let body = format!("body {i}");
+                c.request(Method::POST, &post, body.clone()).await.map(|r| {
+                    (
+                        r.status,
+                        if r.text() == body {
+                            String::new()
+                        } else {
+                            r.text()
+                        },
+                    )
+                })
+            }
+        }));
+    }
+    for t in tasks {
+        let (status, wrong) = t.await.unwrap().expect("request through usher");
+        assert_eq!(status, StatusCode::OK);
+        assert!(wrong.is_empty(), "echo came back as {wrong:?}");
+    }
+    let h = healthz(addr);
+    assert!(
+        h["peak_busy"].as_u64().unwrap() <= 2,
+        "worker exceeded its 2 threads: {h}"
+    );
+    assert!(usher.metric("usher_queue_wait_seconds_count", &[("upstream", "app")]) >= 12.0);
+    // A request in flight when SIGTERM comes is still answered.
+    let slow = {
+        let (c, u) = (client.clone(), usher.url("/sleep?ms=500"));
+        tokio::spawn(async move { c.get(&u).await })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || healthz(addr)["busy"] == 1),
+        "the slow request reached the worker"
+    );
+    usher.proc.term();
+    let r = slow.await.unwrap().expect("answered during the drain");
+    assert_eq!(r.status, StatusCode::OK);
+    let exit = usher.proc.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "clean exit: {exit:?}");
+}
