@@ -42,15 +42,83 @@ pub enum StartError {
     Signals(#[source] std::io::Error),
 }
 
-async fn bind(name: &str, address: &str) -> Result<TcpListener, StartError> {
+/// How Usher lays out its threads (`workers`).
+///
+/// - One worker: one thread, tokio's current-thread scheduler (like one
+///   nginx worker; no cross-thread queues or wake-ups).
+/// - N workers: N threads, each a current-thread runtime with its own
+///   accept queue on every listener (`SO_REUSEPORT`, like nginx's worker
+///   processes); a connection lives on the thread that accepted it. The
+///   first thread also runs everything else (admin, health checks,
+///   discovery, reloads). Dispatchers, pools and metrics are shared.
+/// - `USHER_RUNTIME=multi_thread`: tokio's work-stealing multi-thread
+///   scheduler with N workers and one accept queue, as before `workers`
+///   existed; kept for comparison (`bench/overhead.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    pub workers: usize,
+    /// One current-thread runtime per worker (else tokio's multi-thread one).
+    pub per_core: bool,
+}
+
+impl Threads {
+    pub fn of(config: &Config) -> Threads {
+        let workers = config.workers.count().max(1);
+        let multi = std::env::var("USHER_RUNTIME").is_ok_and(|v| v == "multi_thread");
+        Threads {
+            workers,
+            per_core: !multi || workers == 1,
+        }
+    }
+
+    /// Worker threads besides the one `run` is on.
+    fn extra(self) -> usize {
+        if self.per_core {
+            self.workers - 1
+        } else {
+            0
+        }
+    }
+}
+
+/// Binds `address`, with `SO_REUSEPORT` when other sockets will share it
+/// (one accept queue per worker thread), and returns `copies` more bound to
+/// the same address (the same port when the configured one is 0).
+async fn bind(
+    name: &str,
+    address: &str,
+    copies: usize,
+) -> Result<(TcpListener, Vec<std::net::TcpListener>), StartError> {
     let addr = resolve_addr(address).map_err(StartError::Config)?;
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            name: name.to_string(),
-            addr,
-            source,
-        })
+    let err = |addr, source| StartError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let one = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        if copies > 0 {
+            s.set_reuseport(true)?;
+        }
+        s.bind(addr)?;
+        s.listen(1024)
+    };
+    let first = one(addr).map_err(|e| err(addr, e))?;
+    let bound = first.local_addr().map_err(|e| err(addr, e))?;
+    let mut more = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        // Handed to another thread's runtime, which registers it there.
+        let l = one(bound)
+            .and_then(TcpListener::into_std)
+            .map_err(|e| err(bound, e))?;
+        more.push(l);
+    }
+    Ok((first, more))
 }
 
 /// The process's signals, installed before anything starts.
@@ -110,9 +178,14 @@ impl Signals {
 /// busy port fails fast before any process is started.
 async fn bind_all(
     config: &Config,
+    copies: usize,
 ) -> Result<
     (
-        Vec<(crate::config::ListenerConfig, TcpListener)>,
+        Vec<(
+            crate::config::ListenerConfig,
+            TcpListener,
+            Vec<std::net::TcpListener>,
+        )>,
         Option<TcpListener>,
     ),
     StartError,
@@ -123,13 +196,13 @@ async fn bind_all(
     };
     let mut listeners = Vec::new();
     for l in &config.listeners {
-        let tcp = bind(&l.name, &l.address).await?;
+        let (tcp, more) = bind(&l.name, &l.address, copies).await?;
         tracing::info!(listener = %l.name, addr = %local(&tcp)?, "listening");
-        listeners.push((l.clone(), tcp));
+        listeners.push((l.clone(), tcp, more));
     }
     let admin = match &config.admin {
         Some(a) => {
-            let tcp = bind("admin", &a.address).await?;
+            let (tcp, _) = bind("admin", &a.address, 0).await?;
             tracing::info!(addr = %local(&tcp)?, "admin listening");
             Some(tcp)
         }
@@ -212,7 +285,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     // sockets and the state, then the fleet, whose processes start in the
     // background while Usher already serves.
     let tls = Arc::new(crate::tls::TlsSet::build(&config).map_err(StartError::Config)?);
-    let (listeners, admin_listener) = bind_all(&config).await?;
+    let threads = Threads::of(&config);
+    let (listeners, admin_listener) = bind_all(&config, threads.extra()).await?;
     let grace = config.timeouts.shutdown_grace.0;
     let fleet_addrs = plan_fleets(&config)?;
     let access_log = AccessLog::new(
@@ -231,7 +305,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     );
     let mut bound: Vec<(String, SocketAddr)> = listeners
         .iter()
-        .filter_map(|(l, tcp)| Some((l.name.clone(), tcp.local_addr().ok()?)))
+        .filter_map(|(l, tcp, _)| Some((l.name.clone(), tcp.local_addr().ok()?)))
         .collect();
     if let Some(a) = admin_listener.as_ref().and_then(|t| t.local_addr().ok()) {
         bound.push(("admin".to_string(), a));
@@ -250,15 +324,20 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     // Spawn: listeners, admin, the reload watcher, certificate rotation.
     let stop = CancellationToken::new();
     let mut serving = tokio::task::JoinSet::new();
-    for (l, tcp) in listeners {
-        let settings = ListenerSettings {
-            name: l.name.clone(),
-            max_connections: l.max_connections,
-            header_timeout: config.timeouts.client_header.0,
-            keepalive: config.timeouts.client_keepalive.0,
-            tls: tls.get(&l.name),
-        };
+    // Per worker thread: its copy of every listener.
+    let mut copies: Vec<Vec<(ListenerSettings, std::net::TcpListener)>> =
+        (0..threads.extra()).map(|_| Vec::new()).collect();
+    for (l, tcp, more) in listeners {
+        let settings = ListenerSettings::new(
+            &l,
+            config.timeouts.client_header.0,
+            config.timeouts.client_keepalive.0,
+            tls.get(&l.name),
+        );
         metrics.client_connections.with_label_values(&[&l.name]);
+        for (w, std_l) in more.into_iter().enumerate() {
+            copies[w].push((settings.clone(), std_l));
+        }
         serving.spawn(listener::serve(
             tcp,
             settings,
@@ -266,6 +345,29 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
             stop.clone(),
             grace,
         ));
+    }
+    // Worker threads live until the process is done (not only until their
+    // listeners have drained): tunnels and detached exchanges run on them.
+    let exit = CancellationToken::new();
+    let mut worker_threads = Vec::new();
+    for (i, socks) in copies.into_iter().enumerate() {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (shared, stop, exit) = (shared.clone(), stop.clone(), exit.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("usher-w{}", i + 1))
+            .spawn(move || worker_thread(i + 1, socks, shared, stop, exit, grace, done_tx));
+        match spawned {
+            Ok(h) => worker_threads.push(h),
+            Err(e) => {
+                return Err(StartError::Config(format!(
+                    "cannot start worker thread {}: {e}",
+                    i + 1
+                )))
+            }
+        }
+        serving.spawn(async move {
+            let _ = done_rx.await;
+        });
     }
     let reloader = Arc::new(Reloader {
         path,
@@ -335,6 +437,59 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
         f.shutdown().await;
     }
     admin_stop.cancel();
+    exit.cancel();
+    for h in worker_threads {
+        let _ = h.join();
+    }
     tracing::info!("usher stopped");
     Ok(())
+}
+
+/// One worker thread (`workers` > 1): a current-thread runtime serving its
+/// copies of the listeners until `stop`, then kept up until `exit`.
+fn worker_thread(
+    index: usize,
+    socks: Vec<(ListenerSettings, std::net::TcpListener)>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    exit: CancellationToken,
+    grace: Duration,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "cannot start a worker runtime; its share of connections goes to the others");
+            return;
+        }
+    };
+    crate::upstream::pool::set_worker(index);
+    rt.block_on(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for (settings, std_l) in socks {
+            match std_l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(std_l))
+            {
+                Ok(l) => {
+                    set.spawn(listener::serve(
+                        l,
+                        settings,
+                        shared.clone(),
+                        stop.clone(),
+                        grace,
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot serve a listener copy")
+                }
+            }
+        }
+        while set.join_next().await.is_some() {}
+        let _ = done.send(());
+        exit.cancelled().await;
+    });
 }

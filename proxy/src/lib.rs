@@ -41,7 +41,7 @@ mod prop_tests;
 
 // What the `usher` binary uses; everything else is crate-private, so rustc
 // flags what nothing uses.
-pub use app::run;
+pub use app::{run, Threads};
 pub use config::{ConfigError, Source};
 pub use control::admin::request_reload;
 pub use control::load;

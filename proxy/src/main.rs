@@ -162,7 +162,15 @@ fn run(source: Source, log_level: &str) -> ExitCode {
         Source::File(p) => Some(p.clone()),
         Source::Embedded => None,
     };
-    let result = runtime_builder()
+    let threads = usher::Threads::of(&config);
+    let mut builder = if threads.per_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads.workers);
+        b
+    };
+    let result = builder
         .enable_all()
         .thread_name("usher")
         .build()
@@ -177,25 +185,5 @@ fn run(source: Source, log_level: &str) -> ExitCode {
             eprintln!("usher: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// The runtime Usher runs on: tokio's multi-thread scheduler, one worker per
-/// core it may use (`TOKIO_WORKER_THREADS` overrides the count) — unless
-/// that is one core (a one-CPU container, `taskset -c 0`, or
-/// `TOKIO_WORKER_THREADS=1`). Then it is the current-thread scheduler, like
-/// one nginx worker: the same single thread, without the multi-thread
-/// scheduler's cross-thread queues and wake-ups, which cost ~20% of the CPU
-/// per proxied request (`bench/overhead.sh`, see bench/README.md).
-fn runtime_builder() -> tokio::runtime::Builder {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1);
-    if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
     }
 }

@@ -376,6 +376,36 @@ fn bare_lf_heads_reach_the_backend_as_the_client_framed_them() {
     e.finish();
 }
 
+/// Empty lines before a request line are skipped (RFC 9112 §2.2), also
+/// between keep-alive requests: the connection serves the next one.
+#[test]
+fn empty_lines_between_keep_alive_requests_are_skipped() {
+    let e = Edge::start();
+    let mut c = e.client();
+    c.send(b"GET /first HTTP/1.1\r\nHost: main.test\r\n\r\n\r\n\r\n")
+        .unwrap();
+    let r = c.expect_response("/first");
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "main GET /first".to_string()),
+        "{}",
+        r.head
+    );
+    c.send(b"\r\nGET /second HTTP/1.1\r\nHost: main.test\r\n\r\n")
+        .unwrap();
+    let r = c.expect_response("/second");
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "main GET /second".to_string()),
+        "{}",
+        r.head
+    );
+    e.probe();
+    let targets: Vec<String> = e.seen(&e.main).into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/first", "/second"]);
+    e.finish();
+}
+
 /// A bare LF inside a CRLF head does not end a header line early enough to
 /// start a second request: the would-be request line is a bad header line.
 #[test]

@@ -27,6 +27,48 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: ClientTimeouts,
     pub access_log: AccessLogConfig,
+    /// Threads serving client connections, like nginx's `worker_processes`:
+    /// `auto` (default: the cores Usher may use, or `TOKIO_WORKER_THREADS`)
+    /// or a number. Each runs its own event loop with its own accept queue
+    /// on every listener (`SO_REUSEPORT`); the first also runs the admin
+    /// listener, health checks, discovery and reloads. Read at start only.
+    pub workers: Workers,
+}
+
+/// `workers: auto` or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    #[default]
+    Auto,
+    Fixed(u32),
+}
+
+impl Workers {
+    /// How many: a fixed count, else `TOKIO_WORKER_THREADS`, else the cores
+    /// this process may run on (its CPU affinity and cgroup quota).
+    pub fn count(self) -> usize {
+        match self {
+            Workers::Fixed(n) => n as usize,
+            Workers::Auto => std::env::var("TOKIO_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = d.deserialize_any(super::upstream::AutoOrCount {
+            expecting: "`auto` or a positive number",
+            min: 1,
+            out_of_range: "workers must be between 1 and 2^32-1",
+            negative: "workers must be positive",
+        })?;
+        Ok(n.map_or(Workers::Auto, Workers::Fixed))
+    }
 }
 
 // ---------------------------------------------------------------------------

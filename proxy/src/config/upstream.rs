@@ -130,11 +130,11 @@ impl<'de> Deserialize<'de> for MaxInFlight {
 
 /// `auto` (`None`) or a count of at least `min`, with the setting's own
 /// messages: what `max_in_flight` and `queue.prefetch` take.
-struct AutoOrCount {
-    expecting: &'static str,
-    min: u32,
-    out_of_range: &'static str,
-    negative: &'static str,
+pub(crate) struct AutoOrCount {
+    pub(crate) expecting: &'static str,
+    pub(crate) min: u32,
+    pub(crate) out_of_range: &'static str,
+    pub(crate) negative: &'static str,
 }
 
 impl Visitor<'_> for AutoOrCount {

@@ -65,11 +65,17 @@ const MAX_HEADERS: usize = 100;
 const MAX_URI: usize = 65534;
 /// The first read of a request: most heads fit.
 const FIRST_READ: usize = 4096;
-/// The most a body read asks the kernel for at once.
+/// A body's first read asks for this much room; each read that fills it
+/// doubles it, up to `BODY_READ`. (A slow uploader holds 8 KiB, not 64.)
+const BODY_FIRST_READ: usize = 8 * 1024;
 const BODY_READ: usize = 64 * 1024;
-/// The longest chunk-size line, and the most extension bytes in one body.
-const CHUNK_LINE_MAX: usize = 4096;
+/// The most chunk-extension bytes in one body (hyper's limit), which also
+/// bounds one chunk-size line.
 const CHUNK_EXT_TOTAL: usize = 16 * 1024;
+const CHUNK_LINE_MAX: usize = CHUNK_EXT_TOTAL + 64;
+/// Longest a client may take to accept more of a response (nginx's
+/// `send_timeout` default); past it the connection is closed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long, and how much, a closing connection reads and discards.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
@@ -124,11 +130,21 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
     };
     let mut idle_for = t.header.min(t.keepalive);
     loop {
+        // Empty lines between requests are allowed (RFC 9112 §2.2).
+        while let Some(n) = [&b"\r\n"[..], b"\n"]
+            .iter()
+            .find(|e| wire.buf.starts_with(e))
+        {
+            wire.buf.advance(n.len());
+        }
         if wire.buf.is_empty() {
             // Idle: give the buffer back and wait with nothing allocated.
+            // A peek, not `readable()`: readiness can be left over from a
+            // read that filled its buffer exactly.
             wire.buf = BytesMut::new();
+            let mut one = [0u8; 1];
             let ready = tokio::select! {
-                r = tokio::time::timeout(idle_for, wire.stream.readable()) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(idle_for, wire.stream.peek(&mut one)) => matches!(r, Ok(Ok(n)) if n > 0),
                 () = drain.cancelled() => false,
             };
             if !ready {
@@ -190,6 +206,7 @@ async fn exchange(
             0
         },
         ext_total: 0,
+        room: BODY_FIRST_READ,
     });
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
@@ -206,7 +223,19 @@ async fn exchange(
     // close after the answer (as hyper does).
     let keep = keep_alive && wire.body_done && !drain.is_cancelled();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let tx = upgrade?;
+        let Some(tx) = upgrade else {
+            // The handler never lets one through (`upstream::transmit`);
+            // if it did, the client still gets an answer.
+            let e = crate::error::Error::Upstream {
+                backend: "-".into(),
+                reason: "101 to a request that did not ask to upgrade".into(),
+            };
+            let mut resp = crate::edge::handler::error_response(&e);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            let _ = write_response(&mut wire, resp, &method, version, false).await;
+            return None;
+        };
         if write_response(&mut wire, response, &method, version, true)
             .await
             .is_ok()
@@ -303,6 +332,9 @@ enum Decode {
     /// After the last chunk: CRLF, or a trailer section.
     LastChunk,
     Done,
+    /// Failed, or ended in trailers: never read further, and the body is
+    /// never marked done, so the connection closes after the answer.
+    Failed,
 }
 
 /// A parsed request head.
@@ -533,6 +565,8 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static s
         let Some(v) = (c as char).to_digit(16) else {
             break;
         };
+        // Checked as it goes, so leading zeros are fine and an overflow is
+        // refused however the line is split into reads.
         size = size
             .checked_mul(16)
             .and_then(|s| s.checked_add(u64::from(v)))
@@ -540,11 +574,7 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static s
         i += 1;
     }
     if i == buf.len() {
-        return if i > 16 {
-            Err("chunk size too large")
-        } else {
-            Ok(None)
-        };
+        return Ok(None);
     }
     if i == 0 {
         return Err("invalid chunk size");
@@ -564,6 +594,7 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static s
     }
     match (buf.get(i), buf.get(i + 1)) {
         (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) if i + 2 > CHUNK_LINE_MAX => Err("chunk size line too long"),
         (Some(b'\r'), Some(b'\n')) => Ok(Some((i + 2, size, i - ext_start))),
         (Some(b'\n'), _) => Err("chunk size line ends in a bare LF"),
         _ => Err("invalid chunk size line"),
@@ -580,6 +611,8 @@ pub struct H1Body {
     continue_left: usize,
     /// Chunk-extension bytes seen so far.
     ext_total: usize,
+    /// Room the next read asks for (`BODY_FIRST_READ`, doubling).
+    room: usize,
 }
 
 /// Why a request body could not be read.
@@ -593,16 +626,27 @@ pub enum BodyError {
     Io(#[from] io::Error),
 }
 
-/// Reads more into `w.buf`, up to `want` bytes more room. `Ready(Ok(()))`
-/// once at least one byte came.
-fn fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<Result<(), BodyError>> {
-    let room = want.clamp(1, BODY_READ);
-    if w.buf.capacity() - w.buf.len() < room {
-        w.buf.reserve(room);
+/// Reads more into `w.buf`: up to `want` bytes, in at most `*room` of
+/// buffer, which doubles (to `BODY_READ`) whenever a read fills it.
+/// `Ready(Ok(()))` once at least one byte came.
+fn fill(
+    w: &mut Wire,
+    cx: &mut Context<'_>,
+    want: usize,
+    room: &mut usize,
+) -> Poll<Result<(), BodyError>> {
+    let ask = want.clamp(1, *room);
+    if w.buf.capacity() - w.buf.len() < ask {
+        w.buf.reserve(ask);
     }
     match tokio_util::io::poll_read_buf(Pin::new(&mut w.stream), cx, &mut w.buf) {
         Poll::Ready(Ok(0)) => Poll::Ready(Err(BodyError::Eof)),
-        Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+        Poll::Ready(Ok(n)) => {
+            if n >= *room {
+                *room = (*room * 2).min(BODY_READ);
+            }
+            Poll::Ready(Ok(()))
+        }
         Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
         Poll::Pending => Poll::Pending,
     }
@@ -625,6 +669,7 @@ impl H1Body {
         }
         loop {
             match self.state {
+                Decode::Failed => return Poll::Ready(None),
                 Decode::Done => {
                     w.body_done = true;
                     if let Some(waker) = w.watch.take() {
@@ -635,7 +680,7 @@ impl H1Body {
                 Decode::Length(0) => self.state = Decode::Done,
                 Decode::Length(n) | Decode::ChunkData(n) => {
                     if w.buf.is_empty() {
-                        if let Err(e) = std::task::ready!(fill(w, cx, clamp(n))) {
+                        if let Err(e) = std::task::ready!(fill(w, cx, clamp(n), &mut self.room)) {
                             return Poll::Ready(Some(Err(e)));
                         }
                     }
@@ -670,7 +715,7 @@ impl H1Body {
                         ))))
                     }
                     Ok(None) => {
-                        if let Err(e) = std::task::ready!(fill(w, cx, 512)) {
+                        if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
                             return Poll::Ready(Some(Err(e)));
                         }
                     }
@@ -681,7 +726,7 @@ impl H1Body {
                         if w.buf.first().is_some_and(|&c| c != b'\r') {
                             // Not a CRLF, whatever follows.
                         } else {
-                            if let Err(e) = std::task::ready!(fill(w, cx, 512)) {
+                            if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
                                 return Poll::Ready(Some(Err(e)));
                             }
                             continue;
@@ -706,11 +751,28 @@ impl H1Body {
                             // A trailer section. It is not parsed: the
                             // handler refuses trailers and the connection
                             // closes (the body is never marked done).
-                            self.state = Decode::Done;
+                            self.state = Decode::Failed;
                             w.buf.clear();
                             return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new()))));
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for H1Body {
+    /// A `Content-Length` body left unread by the handler (a 404, a 308)
+    /// that is already all in the buffer is skipped, so the connection can
+    /// stay open; anything else left unread closes it after the answer.
+    fn drop(&mut self) {
+        if let Decode::Length(n) = self.state {
+            let mut g = lock(&self.slot);
+            if let Some(w) = g.as_mut() {
+                if usize::try_from(n).is_ok_and(|n| n <= w.buf.len()) && self.continue_left == 0 {
+                    w.buf.advance(n as usize);
+                    w.body_done = true;
                 }
             }
         }
@@ -736,22 +798,20 @@ impl Body for H1Body {
         };
         let out = self.poll_decode(w, cx);
         if let Poll::Ready(Some(Err(_))) = out {
-            self.state = Decode::Done;
-            // Never marked done: the connection closes after the answer.
-            w.body_done = false;
+            self.state = Decode::Failed;
             self.continue_left = 0;
         }
         out
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == Decode::Done
+        matches!(self.state, Decode::Done | Decode::Failed)
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
             Decode::Length(n) => SizeHint::with_exact(n),
-            Decode::Done => SizeHint::with_exact(0),
+            Decode::Done | Decode::Failed => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }
@@ -779,6 +839,14 @@ async fn write_response(
     } else {
         body.size_hint().exact()
     };
+    // A HEAD answered by Usher itself (a 404, a 503) says how long the GET
+    // answer would be, as hyper did; a backend's HEAD keeps its own.
+    let head_length = (*method == Method::HEAD
+        && status.is_success() | status.is_client_error() | status.is_server_error()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH))
+    .then(|| body.size_hint().exact())
+    .flatten()
+    .filter(|&n| n > 0);
     let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
     if !no_body && length.is_none() && !chunked {
         // HTTP/1.0 and a length not known up front: the close ends the body.
@@ -801,7 +869,11 @@ async fn write_response(
     });
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
-    head.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        // The backend's own reason phrase (hyper's client keeps it).
+        Some(r) => head.extend_from_slice(r.as_bytes()),
+        None => head.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes()),
+    }
     head.extend_from_slice(b"\r\n");
     let mut saw_connection = false;
     let mut saw_date = false;
@@ -818,7 +890,7 @@ async fn write_response(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if let Some(n) = length {
+    if let Some(n) = length.or(head_length) {
         head.extend_from_slice(b"content-length: ");
         head.extend_from_slice(itoa(n, &mut [0; 20]));
         head.extend_from_slice(b"\r\n");
@@ -933,7 +1005,9 @@ async fn write_all(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
             slices[k] = IoSlice::new(p);
             k += 1;
         }
-        let mut n = stream.write_vectored(&slices[..k]).await?;
+        let mut n = tokio::time::timeout(SEND_TIMEOUT, stream.write_vectored(&slices[..k]))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -3,23 +3,29 @@
 //!
 //! One port serves HTTP/1.1 and HTTP/2: h2 by prior knowledge (h2c) on a
 //! plain listener, and by ALPN on a TLS one. A plain connection's first bytes
-//! are peeked at before hyper gets it, so that hyper's HTTP/1 or HTTP/2
-//! builder can serve it directly; only a connection that leaves it open (a
-//! preface cut short, a TLS client without ALPN) goes to hyper-util's auto
-//! builder, which reads the first bytes itself. See `serve_conn` for why.
+//! are peeked at: HTTP/1 goes to Usher's own server side (`h1.rs`), h2c to
+//! hyper's HTTP/2 builder. On TLS, ALPN picks hyper's HTTP/1 or HTTP/2
+//! builder. Only a connection that leaves it open (a preface cut short, a TLS
+//! client without ALPN) goes to hyper-util's auto builder, which reads the
+//! first bytes itself. See `serve_conn` for why.
 //!
 //! The TLS handshake runs in the connection's own task under
 //! `handshake_timeout`, so a slow handshake never holds up the accept loop.
-//! hyper is given a timer: without one the header-read timeout silently does
-//! nothing. hyper starts that timer whenever a connection waits for a request
-//! head, so it is also the keep-alive idle timeout; Usher sets it to the
-//! smaller of `client_header` and `client_keepalive`, and waits no longer for
-//! a plain connection's first bytes.
 //!
-//! A semaphore caps open connections per listener; past the cap, new
-//! connections wait in the kernel's backlog instead of being accepted. On
-//! shutdown every connection is asked to finish its request in flight and
-//! close, and the listener waits for them up to the grace period.
+//! Timeouts. Plain HTTP/1 (`h1.rs`): an idle keep-alive connection waits up
+//! to `client_keepalive` for its next request (nginx's `keepalive_timeout`),
+//! and a head must be whole within `client_header` of its first byte. hyper
+//! (TLS, h2c, sniffed) has one timer for both: it starts whenever a
+//! connection waits for a head, so there the idle timeout is the smaller of
+//! `client_header` and `client_keepalive`. (hyper is given a timer: without
+//! one its header-read timeout silently does nothing.) A plain connection's
+//! first bytes are waited for no longer than that smaller one.
+//!
+//! A semaphore caps open connections per listener, shared by the worker
+//! threads' copies of it; past the cap, new connections wait in the kernel's
+//! backlog instead of being accepted. On shutdown every connection is asked
+//! to finish its request in flight and close, and the listener waits for them
+//! up to the grace period.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -41,13 +47,32 @@ use crate::config::{Http2Config, ListenerConfig};
 use crate::edge::{handle, ConnCtx, Shared};
 use crate::tls::TlsListener;
 
+#[derive(Clone)]
 pub struct ListenerSettings {
     pub name: String,
-    pub max_connections: usize,
     pub header_timeout: Duration,
     pub keepalive: Duration,
     /// Set on a TLS listener.
     pub tls: Option<Arc<TlsListener>>,
+    /// `max_connections`, shared by every worker thread's copy of the listener.
+    pub permits: Arc<Semaphore>,
+}
+
+impl ListenerSettings {
+    pub fn new(
+        l: &ListenerConfig,
+        header_timeout: Duration,
+        keepalive: Duration,
+        tls: Option<Arc<TlsListener>>,
+    ) -> Self {
+        ListenerSettings {
+            name: l.name.clone(),
+            header_timeout,
+            keepalive,
+            tls,
+            permits: Arc::new(Semaphore::new(l.max_connections)),
+        }
+    }
 }
 
 /// The largest request head (request line and headers); past it, 431.
@@ -300,7 +325,7 @@ pub async fn serve(
 ) {
     let settings = Arc::new(settings);
     let conns = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let permits = settings.permits.clone();
     let gauge = shared
         .metrics
         .client_connections

@@ -62,9 +62,26 @@ struct Shared {
     idle: Mutex<Idle>,
 }
 
+thread_local! {
+    /// Which worker thread this is (`app::worker_thread`; 0 for the first).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as worker `index`: its idle connections are its
+/// own, so that a request never drives a connection registered with another
+/// thread's event loop.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 #[derive(Default)]
 struct Idle {
-    by_backend: HashMap<SocketAddr, VecDeque<(Sender, Instant)>>,
+    /// Per backend and worker thread.
+    by_backend: HashMap<(SocketAddr, usize), VecDeque<(Sender, Instant)>>,
     /// Whether the eviction task runs (it ends when nothing is idle).
     sweeping: bool,
 }
@@ -128,7 +145,7 @@ impl Pool {
     /// enough; older and closed ones are dropped on the way.
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.shared.idle.lock().unwrap();
-        let stack = idle.by_backend.get_mut(&addr)?;
+        let stack = idle.by_backend.get_mut(&(addr, worker()))?;
         let now = Instant::now();
         while let Some((sender, since)) = stack.pop_back() {
             if now.saturating_duration_since(since) >= self.shared.idle_timeout {
@@ -178,7 +195,11 @@ impl Pool {
     #[cfg(test)]
     fn idle_count(&self, addr: SocketAddr) -> usize {
         let idle = self.shared.idle.lock().unwrap();
-        idle.by_backend.get(&addr).map_or(0, |s| s.len())
+        idle.by_backend
+            .iter()
+            .filter(|((a, _), _)| *a == addr)
+            .map(|(_, s)| s.len())
+            .sum()
     }
 }
 
@@ -195,7 +216,7 @@ impl Conn {
             return;
         }
         let mut idle = shared.idle.lock().unwrap();
-        let stack = idle.by_backend.entry(addr).or_default();
+        let stack = idle.by_backend.entry((addr, worker())).or_default();
         if stack.len() >= shared.max_idle {
             stack.pop_front();
         }
