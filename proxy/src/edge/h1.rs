@@ -139,16 +139,26 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
         }
         if wire.buf.is_empty() {
             // Idle: give the buffer back and wait with nothing allocated.
-            // A peek, not `readable()`: readiness can be left over from a
-            // read that filled its buffer exactly.
+            // Readiness can be left over from a read that filled its buffer
+            // exactly: a read that would block means "not yet", and the wait
+            // goes on (with the buffer given back again).
             wire.buf = BytesMut::new();
-            let mut one = [0u8; 1];
-            let ready = tokio::select! {
-                r = tokio::time::timeout(idle_for, wire.stream.peek(&mut one)) => matches!(r, Ok(Ok(n)) if n > 0),
-                () = drain.cancelled() => false,
-            };
-            if !ready {
-                return;
+            let deadline = Instant::now() + idle_for;
+            loop {
+                let ready = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, wire.stream.readable()) => matches!(r, Ok(Ok(()))),
+                    () = drain.cancelled() => false,
+                };
+                if !ready {
+                    return;
+                }
+                wire.buf.reserve(FIRST_READ);
+                match wire.stream.try_read_buf(&mut wire.buf) {
+                    Ok(0) => return,
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wire.buf = BytesMut::new(),
+                    Err(_) => return,
+                }
             }
         }
         idle_for = t.keepalive;
