@@ -153,11 +153,21 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
                     return;
                 }
                 wire.buf.reserve(FIRST_READ);
-                match wire.stream.try_read_buf(&mut wire.buf) {
-                    Ok(0) => return,
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wire.buf = BytesMut::new(),
-                    Err(_) => return,
+                // Polled once, not `try_read_buf`: a poll clears the
+                // readiness after a short read, so the next idle wait does
+                // not wake for nothing.
+                let read = poll_fn(|cx| {
+                    Poll::Ready(tokio_util::io::poll_read_buf(
+                        Pin::new(&mut wire.stream),
+                        cx,
+                        &mut wire.buf,
+                    ))
+                })
+                .await;
+                match read {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return,
+                    Poll::Ready(Ok(_)) => break,
+                    Poll::Pending => wire.buf = BytesMut::new(),
                 }
             }
         }
