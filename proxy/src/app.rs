@@ -67,7 +67,7 @@ impl Threads {
         let multi = std::env::var("USHER_RUNTIME").is_ok_and(|v| v == "multi_thread");
         Threads {
             workers,
-            per_core: !multi || workers == 1,
+            per_core: !multi,
         }
     }
 
