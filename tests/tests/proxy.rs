@@ -864,3 +864,56 @@ async fn on_one_core_the_single_threaded_runtime_caps_queues_and_drains() {
     let exit = usher.proc.wait_exit(Duration::from_secs(10));
     assert!(exit.is_some_and(|s| s.success()), "clean exit: {exit:?}");
 }
+
+/// Answers Usher makes itself, on a kept-alive plain HTTP/1.1 connection: a
+/// HEAD gets the length its GET would have and no body, and a small request
+/// body the answer did not need is skipped, so the request pipelined after
+/// it is served on the same connection.
+#[test]
+fn usher_s_own_answers_frame_head_and_keep_the_connection() {
+    let (_w, addr) = spawn_worker(["--threads", "1"]);
+    let yaml = Config::new()
+        .route("app.test", "app")
+        .upstream("app", &usher_e2e::usher::backends(&[addr], ""))
+        .yaml();
+    let usher = Usher::start_ready(&yaml);
+    let mut s = TcpStream::connect(usher.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"HEAD /x HTTP/1.1\r\nHost: nowhere.test\r\n\r\n\
+          POST /x HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 5\r\n\r\nhello\
+          GET /sleep?ms=0 HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    // Until the third answer's body (the worker's JSON) is in.
+    while !String::from_utf8_lossy(&raw).contains("\"thread\"") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let heads: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i..i + 12])
+        .collect();
+    assert_eq!(
+        heads,
+        ["HTTP/1.1 404", "HTTP/1.1 404", "HTTP/1.1 200"],
+        "{text}"
+    );
+    let (head_answer, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head_answer
+            .to_ascii_lowercase()
+            .contains("content-length: "),
+        "a HEAD answer says the length: {head_answer}"
+    );
+    assert!(rest.starts_with("HTTP/1.1 404"), "and has no body: {rest}");
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
