@@ -16,6 +16,12 @@ pub enum Error {
     RequestDeadline(Duration),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// A request head past the edge's limits (`edge/h1.rs`): too many
+    /// headers or too many bytes.
+    #[error("{0}")]
+    HeadTooLarge(&'static str),
+    #[error("request target too long")]
+    UriTooLong,
     #[error("method {0} is not supported by this proxy")]
     MethodNotAllowed(String),
     #[error("client connection failed while reading the body: {0}")]
@@ -62,6 +68,8 @@ impl Error {
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::ClientTooSlow(_) | Error::RequestDeadline(_) => StatusCode::REQUEST_TIMEOUT,
             Error::BadRequest(_) | Error::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Error::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::UriTooLong => StatusCode::URI_TOO_LONG,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::QueueFull { .. }
             | Error::QueueTimeout { .. }
@@ -91,6 +99,8 @@ impl Error {
         matches!(
             self,
             Error::BadRequest(_)
+                | Error::HeadTooLarge(_)
+                | Error::UriTooLong
                 | Error::MethodNotAllowed(_)
                 | Error::ClientTooSlow(_)
                 | Error::RequestDeadline(_)

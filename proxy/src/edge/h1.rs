@@ -39,7 +39,7 @@
 //! under an answer the client has not read yet (nginx's lingering close).
 
 use std::future::{poll_fn, Future};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -55,8 +55,12 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::handler::error_response;
+use crate::edge::headers::has_token;
+use crate::edge::listener::ListenerSettings;
 use crate::edge::upgrade::{ClientUpgrade, TunnelIo};
 use crate::edge::{handle, ConnCtx};
+use crate::error::Error;
 use crate::upstream::ProxyBody;
 
 /// The most headers a request may have (hyper's default); past it, 431.
@@ -81,15 +85,6 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-
-/// Timeouts of one listener.
-#[derive(Clone, Copy)]
-pub struct Timeouts {
-    /// The whole head must arrive within this of its first byte.
-    pub header: Duration,
-    /// How long an idle keep-alive connection waits for its next request.
-    pub keepalive: Duration,
-}
 
 /// The socket and what has been read from it but not consumed yet.
 struct Wire {
@@ -119,7 +114,13 @@ fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Wire>> {
 /// This future is what an idle connection costs, so it holds only the wire
 /// and the idle wait; everything a request needs lives in [`exchange`]'s
 /// future, boxed and freed per request.
-pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: CancellationToken) {
+pub async fn serve(
+    stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    settings: &ListenerSettings,
+    drain: CancellationToken,
+) {
+    let (header_timeout, keepalive) = (settings.header_timeout, settings.keepalive);
     let slot: Slot = Arc::new(Mutex::new(None));
     let mut wire = Wire {
         stream,
@@ -128,7 +129,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
         watch: None,
         pipelined: false,
     };
-    let mut idle_for = t.header.min(t.keepalive);
+    let mut idle_for = header_timeout.min(keepalive);
     loop {
         // Empty lines between requests are allowed (RFC 9112 §2.2).
         while let Some(n) = [&b"\r\n"[..], b"\n"]
@@ -171,8 +172,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, t: Timeouts, drain: Can
                 }
             }
         }
-        idle_for = t.keepalive;
-        match Box::pin(exchange(wire, &slot, &ctx, t.header, &drain)).await {
+        idle_for = keepalive;
+        match Box::pin(exchange(wire, &slot, &ctx, header_timeout, &drain)).await {
             Some(w) => wire = w,
             None => return,
         }
@@ -193,7 +194,8 @@ async fn exchange(
         // Closed, failed or too slow before a whole head: nothing to answer.
         Ok(None) => return None,
         Err(refusal) => {
-            let resp = refusal_response(&refusal);
+            // A short text naming the reason; the connection closes after it.
+            let resp = error_response(&refusal);
             let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
             linger(wire).await;
             return None;
@@ -246,11 +248,11 @@ async fn exchange(
         let Some(tx) = upgrade else {
             // The handler never lets one through (`upstream::transmit`);
             // if it did, the client still gets an answer.
-            let e = crate::error::Error::Upstream {
+            let e = Error::Upstream {
                 backend: "-".into(),
                 reason: "101 to a request that did not ask to upgrade".into(),
             };
-            let mut resp = crate::edge::handler::error_response(&e);
+            let mut resp = error_response(&e);
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             let _ = write_response(&mut wire, resp, &method, version, false).await;
@@ -308,34 +310,8 @@ fn client_gone(slot: &Slot) -> impl Future<Output = ()> + '_ {
     })
 }
 
-/// A request head Usher refuses, with the status it answers.
-#[derive(Debug, PartialEq, Eq)]
-struct Refusal {
-    status: StatusCode,
-    reason: &'static str,
-}
-
-fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
-    Refusal { status, reason }
-}
-
-fn bad(reason: &'static str) -> Refusal {
-    refuse(StatusCode::BAD_REQUEST, reason)
-}
-
-/// The answer to a refused head: short text naming the reason; the
-/// connection closes after it.
-fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
-    let body = format!(
-        "{} {}: {}\n",
-        r.status.as_u16(),
-        r.status.canonical_reason().unwrap_or(""),
-        r.reason
-    );
-    let mut resp = crate::upstream::text(r.status, body);
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+fn bad(reason: &'static str) -> Error {
+    Error::BadRequest(reason)
 }
 
 /// Body framing of a request, and then the decoder's state.
@@ -368,17 +344,14 @@ struct Parsed {
 
 /// Reads until a whole head is in `wire.buf`, and parses it. `Ok(None)`:
 /// the client closed, failed, or did not finish the head by `deadline`.
-async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>, Refusal> {
+async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>, Error> {
     loop {
         if !wire.buf.is_empty() {
             if let Some(p) = parse(&mut wire.buf)? {
                 return Ok(Some(p));
             }
             if wire.buf.len() > crate::edge::listener::MAX_HEAD {
-                return Err(refuse(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request head too large",
-                ));
+                return Err(Error::HeadTooLarge("request head too large"));
             }
         }
         if wire.buf.capacity() - wire.buf.len() < 1024 {
@@ -401,31 +374,25 @@ fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
 
 /// Parses a request head at the start of `buf` and, when it is whole, takes
 /// it off `buf`. `Ok(None)`: not whole yet.
-fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Refusal> {
+fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(refuse(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many headers",
-            ))
+            return Err(Error::HeadTooLarge("too many headers"))
         }
         Err(e) => return Err(bad(parse_error(e, &req))),
     };
     if len > crate::edge::listener::MAX_HEAD {
-        return Err(refuse(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large",
-        ));
+        return Err(Error::HeadTooLarge("request head too large"));
     }
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(bad("invalid request line"));
     };
     if path.len() > MAX_URI {
-        return Err(refuse(StatusCode::URI_TOO_LONG, "request target too long"));
+        return Err(Error::UriTooLong);
     }
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| bad("invalid method"))?;
     let version = if minor == 1 {
@@ -560,12 +527,6 @@ fn digits(b: &[u8]) -> Option<u64> {
             .then_some(())
             .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
     })
-}
-
-fn has_token(v: &HeaderValue, token: &str) -> bool {
-    v.to_str()
-        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
 }
 
 /// `chunked` must be the last transfer coding (RFC 9112 §6.1).
@@ -742,15 +703,12 @@ impl H1Body {
                     Err(reason) => return Poll::Ready(Some(Err(BodyError::Framing(reason)))),
                 },
                 Decode::ChunkEnd | Decode::LastChunk => {
-                    if w.buf.len() < 2 {
-                        if w.buf.first().is_some_and(|&c| c != b'\r') {
-                            // Not a CRLF, whatever follows.
-                        } else {
-                            if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
-                                return Poll::Ready(Some(Err(e)));
-                            }
-                            continue;
+                    // Read on while what is there could still become a CRLF.
+                    if w.buf.len() < 2 && w.buf.first().is_none_or(|&c| c == b'\r') {
+                        if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
+                            return Poll::Ready(Some(Err(e)));
                         }
+                        continue;
                     }
                     let crlf = w.buf.starts_with(b"\r\n");
                     match (self.state, crlf) {
@@ -933,7 +891,7 @@ async fn write_response(
     drop(parts);
 
     if no_body {
-        write_all(&mut wire.stream, &[&head]).await?;
+        write_all(&mut wire.stream, &head[..]).await?;
         return Ok(keep_alive);
     }
     // The head goes out with the first piece of body when that is ready at
@@ -945,7 +903,7 @@ async fn write_response(
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if let Some(h) = head.take() {
-                    write_all(&mut wire.stream, &[&h]).await?;
+                    write_all(&mut wire.stream, &h[..]).await?;
                 }
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             }
@@ -969,9 +927,13 @@ async fn write_response(
         if chunked {
             let mut line = [0u8; 20];
             let size = hex_line(data.len(), &mut line);
-            write_all(&mut wire.stream, &[h, size, &data, b"\r\n"]).await?;
+            write_all(
+                &mut wire.stream,
+                Buf::chain(h, size).chain(&data[..]).chain(&b"\r\n"[..]),
+            )
+            .await?;
         } else {
-            write_all(&mut wire.stream, &[h, &data]).await?;
+            write_all(&mut wire.stream, Buf::chain(h, &data[..])).await?;
         }
         head = None;
     }
@@ -981,7 +943,7 @@ async fn write_response(
     let h: &[u8] = head.as_deref().unwrap_or(&[]);
     let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
     if !h.is_empty() || !end.is_empty() {
-        write_all(&mut wire.stream, &[h, end]).await?;
+        write_all(&mut wire.stream, Buf::chain(h, end)).await?;
     }
     Ok(keep_alive)
 }
@@ -1014,37 +976,18 @@ fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// Writes all of `parts`, gathered (one `writev` when the socket takes it all).
-async fn write_all(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
-    let (mut idx, mut off) = (0, 0);
-    while idx < parts.len() {
-        let mut slices = [IoSlice::new(&[]); 4];
-        let mut k = 0;
-        for (j, p) in parts[idx..].iter().enumerate().take(4) {
-            let p = if j == 0 { &p[off..] } else { p };
-            slices[k] = IoSlice::new(p);
-            k += 1;
-        }
-        let mut n = tokio::time::timeout(SEND_TIMEOUT, stream.write_vectored(&slices[..k]))
+/// Writes all of `buf` (a chain of pieces goes out gathered: one `writev`
+/// when the socket takes it all); a write that makes no progress for
+/// `SEND_TIMEOUT` fails.
+async fn write_all(stream: &mut TcpStream, mut buf: impl Buf) -> io::Result<()> {
+    while buf.has_remaining() {
+        let write =
+            poll_fn(|cx| tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf));
+        let n = tokio::time::timeout(SEND_TIMEOUT, write)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
-        }
-        while idx < parts.len() && n > 0 {
-            let left = parts[idx].len() - off;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-        while idx < parts.len() && parts[idx].len() == off {
-            idx += 1;
-            off = 0;
         }
     }
     Ok(())
@@ -1111,7 +1054,7 @@ impl AsyncWrite for Rewind {
 mod tests {
     use super::*;
 
-    fn parse_str(s: &str) -> Result<Option<Parsed>, Refusal> {
+    fn parse_str(s: &str) -> Result<Option<Parsed>, Error> {
         parse(&mut BytesMut::from(s.as_bytes()))
     }
 
@@ -1147,7 +1090,7 @@ mod tests {
         assert_eq!(te.body, Decode::ChunkSize);
         assert!(!te.keep_alive);
         assert!(!te.request.headers().contains_key("content-length"));
-        let refused = |s: &str| parse_str(s).err().unwrap().status;
+        let refused = |s: &str| parse_str(s).err().unwrap().status();
         assert_eq!(
             refused("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"),
             400

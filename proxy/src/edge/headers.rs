@@ -17,6 +17,13 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const PROXY_CONNECTION: &str = "proxy-connection";
 const KEEP_ALIVE: &str = "keep-alive";
 
+/// Whether a comma-separated header value (`Connection`) holds `token`,
+/// case-insensitively. A value that is not visible ASCII holds none.
+pub fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Tokens are read as bytes: a value with one non-ASCII byte must not hide

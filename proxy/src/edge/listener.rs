@@ -257,11 +257,7 @@ impl Conn {
             return;
         };
         if proto == Proto::Http1 {
-            let t = crate::edge::h1::Timeouts {
-                header: self.settings.header_timeout,
-                keepalive: self.settings.keepalive,
-            };
-            crate::edge::h1::serve(stream, self.ctx, t, self.drain).await;
+            crate::edge::h1::serve(stream, self.ctx, &self.settings, self.drain).await;
             return;
         }
         serve_conn(

@@ -111,9 +111,7 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         .headers()
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .any(|v| headers::has_token(v, "upgrade"));
     let protocol = req
         .headers()
         .get(header::UPGRADE)
