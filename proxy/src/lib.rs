@@ -31,6 +31,7 @@ pub(crate) mod dispatch;
 pub(crate) mod edge;
 pub(crate) mod error;
 pub(crate) mod health;
+pub(crate) mod http1;
 pub(crate) mod observe;
 pub(crate) mod syntax;
 pub(crate) mod tls;

@@ -61,6 +61,9 @@ use crate::edge::listener::ListenerSettings;
 use crate::edge::upgrade::{ClientUpgrade, TunnelIo};
 use crate::edge::{handle, ConnCtx};
 use crate::error::Error;
+use crate::http1::{
+    digits, hex_line, itoa, last_coding_is_chunked, offset, BodyError, Decode, Decoder, Trailers,
+};
 use crate::upstream::ProxyBody;
 
 /// The most headers a request may have (hyper's default); past it, 431.
@@ -69,14 +72,6 @@ const MAX_HEADERS: usize = 100;
 const MAX_URI: usize = 65534;
 /// The first read of a request: most heads fit.
 const FIRST_READ: usize = 4096;
-/// A body's first read asks for this much room; each read that fills it
-/// doubles it, up to `BODY_READ`. (A slow uploader holds 8 KiB, not 64.)
-const BODY_FIRST_READ: usize = 8 * 1024;
-const BODY_READ: usize = 64 * 1024;
-/// The most chunk-extension bytes in one body (hyper's limit), which also
-/// bounds one chunk-size line.
-const CHUNK_EXT_TOTAL: usize = 16 * 1024;
-const CHUNK_LINE_MAX: usize = CHUNK_EXT_TOTAL + 64;
 /// Longest a client may take to accept more of a response (nginx's
 /// `send_timeout` default); past it the connection is closed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -221,14 +216,12 @@ async fn exchange(
     *lock(slot) = Some(wire);
     let request = request.map(|()| H1Body {
         slot: slot.clone(),
-        state: body,
+        decoder: Decoder::new(body, Trailers::Refuse),
         continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
             CONTINUE.len()
         } else {
             0
         },
-        ext_total: 0,
-        room: BODY_FIRST_READ,
     });
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
@@ -314,25 +307,6 @@ fn bad(reason: &'static str) -> Error {
     Error::BadRequest(reason)
 }
 
-/// Body framing of a request, and then the decoder's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decode {
-    /// Bytes left of a `Content-Length` body.
-    Length(u64),
-    /// Waiting for a chunk-size line.
-    ChunkSize,
-    /// Bytes left of a chunk's data.
-    ChunkData(u64),
-    /// The CRLF after a chunk's data.
-    ChunkEnd,
-    /// After the last chunk: CRLF, or a trailer section.
-    LastChunk,
-    Done,
-    /// Failed, or ended in trailers: never read further, and the body is
-    /// never marked done, so the connection closes after the answer.
-    Failed,
-}
-
 /// A parsed request head.
 struct Parsed {
     request: Request<()>,
@@ -363,13 +337,6 @@ async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>,
             _ => return Ok(None),
         }
     }
-}
-
-/// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
-fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
-    let end = start.checked_add(part.len())?;
-    (end <= base.len()).then_some(start..end)
 }
 
 /// Parses a request head at the start of `buf` and, when it is whole, takes
@@ -517,124 +484,18 @@ fn parse_error(e: httparse::Error, req: &httparse::Request<'_, '_>) -> &'static 
     }
 }
 
-/// A `Content-Length` value: ASCII digits only (no sign, no spaces, no list).
-fn digits(b: &[u8]) -> Option<u64> {
-    if b.is_empty() {
-        return None;
-    }
-    b.iter().try_fold(0u64, |n, &c| {
-        c.is_ascii_digit()
-            .then_some(())
-            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
-    })
-}
-
-/// `chunked` must be the last transfer coding (RFC 9112 §6.1).
-fn last_coding_is_chunked(v: &HeaderValue) -> bool {
-    v.to_str()
-        .ok()
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
-}
-
-/// Reads the chunk-size line at the start of `buf`: `Ok(Some((line length,
-/// size, extension bytes)))`, or `Ok(None)` if the line is not whole yet.
-fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static str> {
-    let mut size: u64 = 0;
-    let mut i = 0;
-    while let Some(&c) = buf.get(i) {
-        let Some(v) = (c as char).to_digit(16) else {
-            break;
-        };
-        // Checked as it goes, so leading zeros are fine and an overflow is
-        // refused however the line is split into reads.
-        size = size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(u64::from(v)))
-            .ok_or("chunk size too large")?;
-        i += 1;
-    }
-    if i == buf.len() {
-        return Ok(None);
-    }
-    if i == 0 {
-        return Err("invalid chunk size");
-    }
-    while matches!(buf.get(i), Some(b' ' | b'\t')) {
-        i += 1;
-    }
-    let ext_start = i;
-    if buf.get(i) == Some(&b';') {
-        while let Some(&c) = buf.get(i) {
-            match c {
-                b'\r' => break,
-                b'\n' => return Err("chunk extension ends in a bare LF"),
-                _ => i += 1,
-            }
-        }
-    }
-    match (buf.get(i), buf.get(i + 1)) {
-        (None, _) | (Some(b'\r'), None) => Ok(None),
-        (Some(b'\r'), Some(b'\n')) if i + 2 > CHUNK_LINE_MAX => Err("chunk size line too long"),
-        (Some(b'\r'), Some(b'\n')) => Ok(Some((i + 2, size, i - ext_start))),
-        (Some(b'\n'), _) => Err("chunk size line ends in a bare LF"),
-        _ => Err("invalid chunk size line"),
-    }
-}
-
 /// A request body read straight off the connection: `Content-Length` or
-/// chunked, decoded strictly. Sends `100 Continue` when first polled, if the
-/// client asked for it.
+/// chunked, decoded strictly (`http1::Decoder`). Sends `100 Continue` when
+/// first polled, if the client asked for it.
 pub struct H1Body {
     slot: Slot,
-    state: Decode,
+    decoder: Decoder,
     /// Bytes of `100 Continue` still to write.
     continue_left: usize,
-    /// Chunk-extension bytes seen so far.
-    ext_total: usize,
-    /// Room the next read asks for (`BODY_FIRST_READ`, doubling).
-    room: usize,
-}
-
-/// Why a request body could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("{0}")]
-    Framing(&'static str),
-    #[error("the client closed the connection before the body ended")]
-    Eof,
-    #[error("{0}")]
-    Io(#[from] io::Error),
-}
-
-/// Reads more into `w.buf`: up to `want` bytes, in at most `*room` of
-/// buffer, which doubles (to `BODY_READ`) whenever a read fills it.
-/// `Ready(Ok(()))` once at least one byte came.
-fn fill(
-    w: &mut Wire,
-    cx: &mut Context<'_>,
-    want: usize,
-    room: &mut usize,
-) -> Poll<Result<(), BodyError>> {
-    let ask = want.clamp(1, *room);
-    if w.buf.capacity() - w.buf.len() < ask {
-        w.buf.reserve(ask);
-    }
-    match tokio_util::io::poll_read_buf(Pin::new(&mut w.stream), cx, &mut w.buf) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Err(BodyError::Eof)),
-        Poll::Ready(Ok(n)) => {
-            if n >= *room {
-                *room = (*room * 2).min(BODY_READ);
-            }
-            Poll::Ready(Ok(()))
-        }
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
-        Poll::Pending => Poll::Pending,
-    }
 }
 
 impl H1Body {
-    fn poll_decode(
+    fn poll_body(
         &mut self,
         w: &mut Wire,
         cx: &mut Context<'_>,
@@ -648,95 +509,14 @@ impl H1Body {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        loop {
-            match self.state {
-                Decode::Failed => return Poll::Ready(None),
-                Decode::Done => {
-                    w.body_done = true;
-                    if let Some(waker) = w.watch.take() {
-                        waker.wake();
-                    }
-                    return Poll::Ready(None);
-                }
-                Decode::Length(0) => self.state = Decode::Done,
-                Decode::Length(n) | Decode::ChunkData(n) => {
-                    if w.buf.is_empty() {
-                        if let Err(e) = std::task::ready!(fill(w, cx, clamp(n), &mut self.room)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                    }
-                    let take = clamp(n).min(w.buf.len());
-                    let data = w.buf.split_to(take).freeze();
-                    let left = n - take as u64;
-                    self.state = match self.state {
-                        Decode::Length(_) => Decode::Length(left),
-                        _ if left == 0 => Decode::ChunkEnd,
-                        _ => Decode::ChunkData(left),
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Decode::ChunkSize => match chunk_size_line(&w.buf) {
-                    Ok(Some((line, size, ext))) => {
-                        self.ext_total += ext;
-                        if self.ext_total > CHUNK_EXT_TOTAL {
-                            return Poll::Ready(Some(Err(BodyError::Framing(
-                                "chunk extensions too large",
-                            ))));
-                        }
-                        w.buf.advance(line);
-                        self.state = if size == 0 {
-                            Decode::LastChunk
-                        } else {
-                            Decode::ChunkData(size)
-                        };
-                    }
-                    Ok(None) if w.buf.len() > CHUNK_LINE_MAX => {
-                        return Poll::Ready(Some(Err(BodyError::Framing(
-                            "chunk size line too long",
-                        ))))
-                    }
-                    Ok(None) => {
-                        if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                    }
-                    Err(reason) => return Poll::Ready(Some(Err(BodyError::Framing(reason)))),
-                },
-                Decode::ChunkEnd | Decode::LastChunk => {
-                    // Read on while what is there could still become a CRLF.
-                    if w.buf.len() < 2 && w.buf.first().is_none_or(|&c| c == b'\r') {
-                        if let Err(e) = std::task::ready!(fill(w, cx, 512, &mut self.room)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        continue;
-                    }
-                    let crlf = w.buf.starts_with(b"\r\n");
-                    match (self.state, crlf) {
-                        (Decode::ChunkEnd, true) => {
-                            w.buf.advance(2);
-                            self.state = Decode::ChunkSize;
-                        }
-                        (Decode::ChunkEnd, false) => {
-                            return Poll::Ready(Some(Err(BodyError::Framing(
-                                "missing CRLF after chunk data",
-                            ))))
-                        }
-                        (_, true) => {
-                            w.buf.advance(2);
-                            self.state = Decode::Done;
-                        }
-                        (_, false) => {
-                            // A trailer section. It is not parsed: the
-                            // handler refuses trailers and the connection
-                            // closes (the body is never marked done).
-                            self.state = Decode::Failed;
-                            w.buf.clear();
-                            return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new()))));
-                        }
-                    }
-                }
+        let out = self.decoder.poll_frame(&mut w.stream, &mut w.buf, cx);
+        if self.decoder.is_done() && !w.body_done {
+            w.body_done = true;
+            if let Some(waker) = w.watch.take() {
+                waker.wake();
             }
         }
+        out
     }
 }
 
@@ -745,7 +525,7 @@ impl Drop for H1Body {
     /// that is already all in the buffer is skipped, so the connection can
     /// stay open; anything else left unread closes it after the answer.
     fn drop(&mut self) {
-        if let Decode::Length(n) = self.state {
+        if let Decode::Length(n) = self.decoder.state {
             let mut g = lock(&self.slot);
             if let Some(w) = g.as_mut() {
                 if usize::try_from(n).is_ok_and(|n| n <= w.buf.len()) && self.continue_left == 0 {
@@ -755,10 +535,6 @@ impl Drop for H1Body {
             }
         }
     }
-}
-
-fn clamp(n: u64) -> usize {
-    usize::try_from(n).unwrap_or(usize::MAX).min(BODY_READ)
 }
 
 impl Body for H1Body {
@@ -774,24 +550,20 @@ impl Body for H1Body {
         let Some(w) = g.as_mut() else {
             return Poll::Ready(Some(Err(BodyError::Eof)));
         };
-        let out = self.poll_decode(w, cx);
+        let out = self.poll_body(w, cx);
         if let Poll::Ready(Some(Err(_))) = out {
-            self.state = Decode::Failed;
+            self.decoder.state = Decode::Failed;
             self.continue_left = 0;
         }
         out
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, Decode::Done | Decode::Failed)
+        matches!(self.decoder.state, Decode::Done | Decode::Failed)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            Decode::Length(n) => SizeHint::with_exact(n),
-            Decode::Done | Decode::Failed => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 
@@ -948,34 +720,6 @@ async fn write_response(
     Ok(keep_alive)
 }
 
-/// `n` in decimal, in `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
-/// A chunk-size line: `n` in hex, then CRLF.
-fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len() - 2;
-    buf[i] = b'\r';
-    buf[i + 1] = b'\n';
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789abcdef"[n % 16];
-        n /= 16;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
 /// Writes all of `buf` (a chain of pieces goes out gathered: one `writev`
 /// when the socket takes it all); a write that makes no progress for
 /// `SEND_TIMEOUT` fails.
@@ -1123,30 +867,5 @@ mod tests {
         ));
         assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
         assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
-    }
-
-    #[test]
-    fn chunk_size_lines_are_strict() {
-        assert_eq!(chunk_size_line(b"5\r\n"), Ok(Some((3, 5, 0))));
-        assert_eq!(chunk_size_line(b"Ff;a=b\r\nx"), Ok(Some((8, 255, 4))));
-        assert_eq!(
-            chunk_size_line(b"0000000000000000000a\r\n"),
-            Ok(Some((22, 10, 0)))
-        );
-        assert_eq!(chunk_size_line(b"5"), Ok(None));
-        assert_eq!(chunk_size_line(b"5\r"), Ok(None));
-        assert!(chunk_size_line(b"+5\r\n").is_err());
-        assert!(chunk_size_line(b"0x5\r\n").is_err());
-        assert!(chunk_size_line(b"5\n").is_err());
-        assert!(chunk_size_line(b"5;a\nb\r\n").is_err());
-        assert!(chunk_size_line(b"ffffffffffffffffff\r\n").is_err());
-    }
-
-    #[test]
-    fn numbers_are_written_as_http_wants_them() {
-        assert_eq!(itoa(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
-        assert_eq!(hex_line(0, &mut [0; 20]), b"0\r\n");
-        assert_eq!(hex_line(0x1a2b, &mut [0; 20]), b"1a2b\r\n");
     }
 }

@@ -11,25 +11,59 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::pool::Conn;
+use super::h1::ResponseBody;
 use crate::dispatch::Slot;
 
-pin_project_lite::pin_project! {
-    /// The response body Usher sends to clients: either fully buffered, or a
-    /// relay that streams the rest from the backend and holds the slot until
-    /// the backend has sent it all.
-    pub struct ProxyBody {
-        buffered: VecDeque<Bytes>,
-        remaining: u64,
-        trailers: Option<http::HeaderMap>,
-        #[pin]
-        rest: Option<Incoming>,
-        // The pooled connection `rest` arrives on: back to the pool when
-        // it has all been read.
-        conn: Option<Conn>,
-        slot: Option<Slot>,
-        timer: Option<(prometheus::Histogram, Instant)>,
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body as it arrives from a backend: off Usher's own HTTP/1
+/// connection (which goes back to the pool when the body has been read
+/// whole), or from hyper's h2 client.
+pub enum UpstreamBody {
+    H1(ResponseBody),
+    H2(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        };
+        polled
     }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The response body Usher sends to clients: either fully buffered, or a
+/// relay that streams the rest from the backend and holds the slot until
+/// the backend has sent it all.
+pub struct ProxyBody {
+    buffered: VecDeque<Bytes>,
+    remaining: u64,
+    trailers: Option<http::HeaderMap>,
+    rest: Option<UpstreamBody>,
+    slot: Option<Slot>,
+    timer: Option<(prometheus::Histogram, Instant)>,
 }
 
 impl ProxyBody {
@@ -53,7 +87,6 @@ impl ProxyBody {
             remaining: size,
             trailers,
             rest: None,
-            conn: None,
             slot: None,
             timer: None,
         }
@@ -61,8 +94,7 @@ impl ProxyBody {
 
     pub(crate) fn relay(
         chunks: VecDeque<Bytes>,
-        rest: Incoming,
-        conn: Option<Conn>,
+        rest: UpstreamBody,
         slot: Slot,
         timer: Option<(prometheus::Histogram, Instant)>,
     ) -> Self {
@@ -71,7 +103,6 @@ impl ProxyBody {
             remaining: 0,
             trailers: None,
             rest: Some(rest),
-            conn,
             slot: Some(slot),
             timer,
         }
@@ -85,28 +116,26 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
         if let Some(chunk) = this.buffered.pop_front() {
-            *this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+            this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if let Some(rest) = this.rest.as_mut().as_pin_mut() {
-            let polled = rest.poll_frame(cx);
+        if let Some(rest) = this.rest.as_mut() {
+            let polled = Pin::new(rest).poll_frame(cx);
             if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                // The backend is done with this request: free its thread.
+                // The backend is done with this request: free its thread
+                // (a whole body has put its connection back already).
                 if let Some((h, t)) = this.timer.take() {
                     h.observe(t.elapsed().as_secs_f64());
                 }
-                if let (Poll::Ready(None), Some(conn)) = (&polled, this.conn.take()) {
-                    conn.checkin();
-                }
-                this.conn.take();
+                this.rest = None;
                 this.slot.take();
             }
             return polled;

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load, Backend};
@@ -33,14 +32,17 @@ use framing::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 pub mod body;
 pub mod detach;
 pub mod framing;
+pub mod h1;
 pub mod pool;
 pub mod retry;
 pub mod stamp;
 
 pub use crate::error::error_chain;
+use body::UpstreamBody;
 pub use body::{text, ProxyBody};
 use detach::Detached;
-use pool::{Conn, Pool, SendError};
+use h1::Outgoing;
+use pool::{Pool, SendError};
 use retry::is_idempotent;
 pub use retry::RetryBudget;
 
@@ -291,33 +293,30 @@ impl Upstream {
         let backend = slot.backend().clone();
         let started = Instant::now();
         let sent = backend.load_mark();
-        let mut req = match self.outgoing(head, body, &backend) {
-            Ok(r) => r,
+        let stamp = self
+            .cfg
+            .request_start_header
+            .then(|| stamp::request_start(read_at, queued));
+        let mut pending = match self.transmit(head, body, &backend, stamp) {
+            Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
         };
-        if self.cfg.request_start_header {
-            stamp::stamp_request_start(req.headers_mut(), read_at, queued);
-        }
         let timeout = self.cfg.timeouts.response.0;
         let deadline = tokio::time::Instant::now() + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
-        let mut pending = self.transmit(backend.addr, req);
         let result = tokio::time::timeout_at(deadline, &mut pending).await;
-        let (mut response, mut conn) = match result {
+        let mut response = match result {
             Err(_) => {
                 self.count(&backend, "timeout");
                 self.note_failure(&backend, false);
                 // The client gets its 504 now, but the backend's thread is
                 // most likely still on this request: keep its slot until the
-                // backend answers after all (capped, see `linger`).
+                // backend answers after all (capped, see `linger`). A body
+                // read whole puts its connection back in the pool.
                 linger(slot, timeout, async move {
-                    if let Ok((r, conn)) = pending.await {
-                        if r.into_body().collect().await.is_ok() {
-                            if let Some(c) = conn {
-                                c.checkin();
-                            }
-                        }
+                    if let Ok(r) = pending.await {
+                        let _ = r.into_body().collect().await;
                     }
                 });
                 return Attempt::Final(Error::UpstreamTimeout {
@@ -370,11 +369,7 @@ impl Upstream {
             self.count(&backend, "refused");
             // Read the short refusal so the connection stays reusable.
             let body = response.into_body().collect();
-            if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, body).await {
-                if let Some(c) = conn.take() {
-                    c.checkin();
-                }
-            }
+            let _ = tokio::time::timeout_at(deadline, body).await;
             drop(slot);
             return Attempt::Refused;
         }
@@ -428,11 +423,7 @@ impl Upstream {
                 Err(_) => {
                     self.count(&backend, "timeout");
                     linger(slot, timeout, async move {
-                        if incoming.collect().await.is_ok() {
-                            if let Some(c) = conn {
-                                c.checkin();
-                            }
-                        }
+                        let _ = incoming.collect().await;
                     });
                     return Attempt::Final(Error::UpstreamTimeout {
                         backend: backend.key.clone(),
@@ -445,7 +436,7 @@ impl Upstream {
                     self.note_failure(&backend, false);
                     return Attempt::Sent(Error::Upstream {
                         backend: backend.key.clone(),
-                        reason: format!("response body: {}", error_chain(&e)),
+                        reason: format!("response body: {}", error_chain(&*e)),
                     });
                 }
                 Ok(Some(Ok(f))) => f,
@@ -460,7 +451,6 @@ impl Upstream {
                         let body = ProxyBody::relay(
                             buffered,
                             incoming,
-                            conn,
                             slot,
                             self.backend_timer(&labels, started),
                         );
@@ -474,10 +464,8 @@ impl Upstream {
                 }
             }
         }
-        // The connection first: a waiter the slot goes to finds it idle.
-        if let Some(c) = conn {
-            c.checkin();
-        }
+        // The body's end has put the connection back in the pool already,
+        // so a waiter the slot goes to finds it idle.
         let took = started.elapsed().as_secs_f64();
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
@@ -500,31 +488,46 @@ impl Upstream {
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
     }
 
-    /// Sends `req` to `addr` through the upstream's pool (HTTP/1) or client
-    /// (h2); the connection comes back with the response on HTTP/1, to be
-    /// checked in once its body has been read. Owned, so that a timed-out
-    /// exchange can finish it while lingering.
-    fn transmit(&self, addr: SocketAddr, req: Request<Full<Bytes>>) -> Pending {
+    /// Sends the request to `backend` through the upstream's pool (HTTP/1:
+    /// encoded here, once) or client (h2); the response body arrives on the
+    /// connection. Owned, so that a timed-out exchange can finish it while
+    /// lingering.
+    fn transmit(
+        &self,
+        head: &http::request::Parts,
+        body: Bytes,
+        backend: &Backend,
+        stamp: Option<[(&'static http::HeaderName, HeaderValue); 2]>,
+    ) -> Result<Pending, Error> {
         match self.cfg.protocol {
             UpstreamProtocol::Http1 => {
-                let pool = self.pool.clone();
-                Box::pin(async move {
-                    match pool.send(addr, req).await {
-                        Ok((r, conn)) => Ok((r, Some(conn))),
+                // Origin-form, with the `Host` the edge set (an HTTP/1.0
+                // request may have none: then the backend's address).
+                let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+                let set = stamp.as_ref().map_or(&[][..], |s| &s[..]);
+                let out = Outgoing::new(head, target, backend.authority.as_str(), body, set);
+                let (pool, addr) = (self.pool.clone(), backend.addr);
+                Ok(Box::pin(async move {
+                    match pool.send(addr, &out).await {
+                        Ok(r) => Ok(r.map(UpstreamBody::H1)),
                         Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
                         Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
                     }
-                })
+                }))
             }
             UpstreamProtocol::Http2 => {
+                let mut req = self.h2_request(head, body, backend)?;
+                for (name, value) in stamp.into_iter().flatten() {
+                    req.headers_mut().insert(name.clone(), value);
+                }
                 let pending = self.client.request(req);
-                Box::pin(async move {
+                Ok(Box::pin(async move {
                     match pending.await {
-                        Ok(r) => Ok((r, None)),
+                        Ok(r) => Ok(r.map(UpstreamBody::H2)),
                         Err(e) if e.is_connect() => Err(Transmit::Connect(error_chain(&e))),
                         Err(e) => Err(Transmit::Sent(error_chain(&e))),
                     }
-                })
+                }))
             }
         }
     }
@@ -579,7 +582,9 @@ impl Upstream {
         }
     }
 
-    fn outgoing(
+    /// The request for an h2 backend: absolute URI (h2 names the authority
+    /// in `:authority`, which hyper takes from it), no `host`.
+    fn h2_request(
         &self,
         head: &http::request::Parts,
         body: Bytes,
@@ -594,38 +599,21 @@ impl Upstream {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = head.method.clone();
         *req.headers_mut() = head.headers.clone();
-        match self.cfg.protocol {
-            UpstreamProtocol::Http1 => {
-                // The pool writes the target as given: origin-form, with the
-                // `Host` the edge set (an HTTP/1.0 request may have none:
-                // then the backend's address, as hyper-util's client did).
-                *req.uri_mut() = Uri::from(path_and_query);
-                req.headers_mut()
-                    .entry(http::header::HOST)
-                    .or_insert_with(|| {
-                        HeaderValue::from_str(backend.authority.as_str())
-                            .expect("an authority is a valid header value")
-                    });
-            }
-            UpstreamProtocol::Http2 => {
-                let mut uri = http::uri::Parts::default();
-                uri.scheme = Some(if self.cfg.tls.is_some() {
-                    http::uri::Scheme::HTTPS
-                } else {
-                    http::uri::Scheme::HTTP
-                });
-                uri.authority = Some(backend.authority.clone());
-                uri.path_and_query = Some(path_and_query);
-                *req.uri_mut() = Uri::from_parts(uri)
-                    .map_err(|_| Error::BadRequest("invalid request target"))?;
-                // h2 names the authority in `:authority`, which hyper takes
-                // from the URI: the backend's address, since the pool dials
-                // by it. A `host` header beside it would disagree, which an
-                // h2 server must refuse (Usher does); the client's host
-                // travels in `X-Forwarded-Host`.
-                req.headers_mut().remove(http::header::HOST);
-            }
-        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if self.cfg.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        uri.authority = Some(backend.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        *req.uri_mut() =
+            Uri::from_parts(uri).map_err(|_| Error::BadRequest("invalid request target"))?;
+        // The `:authority` is the backend's address, since the pool dials by
+        // it. A `host` header beside it would disagree, which an h2 server
+        // must refuse (Usher does); the client's host travels in
+        // `X-Forwarded-Host`.
+        req.headers_mut().remove(http::header::HOST);
         if len > 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
             req.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -643,8 +631,7 @@ enum Transmit {
     Sent(String),
 }
 
-type Pending =
-    Pin<Box<dyn Future<Output = Result<(Response<Incoming>, Option<Conn>), Transmit>> + Send>>;
+type Pending = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, Transmit>> + Send>>;
 
 /// Holds `slot` while `rest` (the remainder of a timed-out exchange) runs, so
 /// the backend is not given another request while its thread is still busy

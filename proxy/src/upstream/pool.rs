@@ -1,6 +1,7 @@
 //! Usher's own keep-alive pool of HTTP/1 connections to backends (plain, or
-//! TLS through [`UpstreamConnector`]); `protocol: http2` upstreams and health
-//! checks keep hyper-util's client.
+//! TLS through [`UpstreamConnector`]), spoken to by Usher's own client side
+//! (`h1.rs`); `protocol: http2` upstreams and health checks keep hyper-util's
+//! client.
 //!
 //! Why not hyper-util's pool: a backend's capacity is its threads and Usher
 //! already decides, under the dispatcher's lock, which backend a request goes
@@ -8,34 +9,36 @@
 //! a connection for that slot. So a checkout is a pop from the backend's idle
 //! stack, or else one new connection; there is no waiting for a connection to
 //! come back and no racing a connect against an idle one (hyper issue #4134),
-//! and no per-request channel or task besides the connection's own driver.
+//! and no task or channel per connection or request: the exchange runs in
+//! the request's own future.
 //!
 //! - Idle connections are kept per backend, newest first (LIFO: the newest is
 //!   the least likely to have been closed by the backend), at most
 //!   `pool.max_idle_per_backend`, and dropped after `pool.idle_timeout`
 //!   (which should stay below the backend's keep-alive timeout).
 //! - A connection goes back to the pool when its response body has been read
-//!   whole; one dropped earlier (an error, a timeout) is closed.
-//! - A reused connection that the backend had closed before the request was
-//!   written gives the request back (`try_send_request`); it is sent once
-//!   more on a new connection, so a stale keep-alive never becomes a client
-//!   error.
+//!   whole (`h1::ResponseBody` does it); one dropped earlier (an error, a
+//!   timeout) is closed.
+//! - A checked-out idle connection that the backend has closed, or that has
+//!   unasked-for bytes on it, is dropped before anything is written to it.
+//! - A reused connection that turns out closed with nothing back (the backend
+//!   closed it just as the request went out) sends the request once more on
+//!   a new connection: always if the request was not all written, and for
+//!   idempotent methods if it was. So a stale keep-alive never becomes a
+//!   client error, and a POST that may have reached the backend is never
+//!   sent twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use http::Response;
 use tokio::time::Instant;
 
+use super::h1::{ClientError, Connection, Failure, Io, Outgoing, ResponseBody};
+use super::retry::is_idempotent;
 use crate::tls::connector::UpstreamConnector;
-
-type Sender = SendRequest<Full<Bytes>>;
 
 /// Why a request did not get a response head.
 #[derive(Debug)]
@@ -45,7 +48,7 @@ pub enum SendError {
     Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The exchange failed once the request was handed to a connection: it
     /// may have reached the backend.
-    Sent(hyper::Error),
+    Sent(ClientError),
 }
 
 /// The HTTP/1 pool of one upstream. Cheap to clone.
@@ -56,7 +59,6 @@ pub struct Pool {
 
 struct Shared {
     connector: UpstreamConnector,
-    builder: http1::Builder,
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Idle>,
@@ -81,7 +83,7 @@ fn worker() -> usize {
 #[derive(Default)]
 struct Idle {
     /// Per backend and worker thread.
-    by_backend: HashMap<(SocketAddr, usize), VecDeque<(Sender, Instant)>>,
+    by_backend: HashMap<(SocketAddr, usize), VecDeque<(Connection, Instant)>>,
     /// Whether the eviction task runs (it ends when nothing is idle).
     sweeping: bool,
 }
@@ -89,7 +91,7 @@ struct Idle {
 /// A connection checked out for one exchange. [`Conn::checkin`] returns it
 /// once the response has been read whole; dropping it closes it.
 pub struct Conn {
-    sender: Sender,
+    connection: Connection,
     addr: SocketAddr,
     shared: Arc<Shared>,
 }
@@ -100,7 +102,6 @@ impl Pool {
         Pool {
             shared: Arc::new(Shared {
                 connector,
-                builder: http1::Builder::new(),
                 idle_timeout,
                 max_idle,
                 idle: Mutex::new(Idle::default()),
@@ -108,36 +109,32 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (origin-form target, with `Host`) to `addr` on an idle
-    /// connection, or a new one, and returns the response head with the
-    /// connection its body arrives on.
+    /// Sends `req` to `addr` on an idle connection, or a new one, and returns
+    /// the response; its body arrives on the connection, which goes back to
+    /// the pool once the body has been read whole.
     pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        req: &Outgoing,
+    ) -> Result<Response<ResponseBody>, SendError> {
         if let Some(mut conn) = self.checkout(addr) {
-            // Ready at once, normally: it was checked in after its last
-            // response was read whole.
-            if conn.sender.ready().await.is_ok() {
-                match conn.sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, conn)),
-                    Err(mut e) => match e.take_message() {
-                        // Closed by the backend before the request was
-                        // written: nothing of it ran, send it on a new one.
-                        Some(r) => {
-                            tracing::debug!(backend = %addr, "stale pooled connection; resending on a new one");
-                            req = r;
-                        }
-                        None => return Err(SendError::Sent(e.into_error())),
-                    },
+            match conn.connection.round_trip(req).await {
+                Ok(head) => return Ok(ResponseBody::response(head, conn)),
+                // Closed by the backend as the request went out: nothing of
+                // it ran if it was not all written, and an idempotent one
+                // may run again.
+                Err(Failure::Stale { written }) if !written || is_idempotent(&req.method) => {
+                    tracing::debug!(backend = %addr, "stale pooled connection; resending on a new one");
                 }
+                Err(Failure::Stale { .. }) => return Err(SendError::Sent(ClientError::Closed)),
+                Err(Failure::Broken(e)) => return Err(SendError::Sent(e)),
             }
         }
         let mut conn = self.connect(addr).await?;
-        match conn.sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, conn)),
-            Err(e) => Err(SendError::Sent(e.into_error())),
+        match conn.connection.round_trip(req).await {
+            Ok(head) => Ok(ResponseBody::response(head, conn)),
+            Err(Failure::Stale { .. }) => Err(SendError::Sent(ClientError::Closed)),
+            Err(Failure::Broken(e)) => Err(SendError::Sent(e)),
         }
     }
 
@@ -147,15 +144,15 @@ impl Pool {
         let mut idle = self.shared.idle.lock().unwrap();
         let stack = idle.by_backend.get_mut(&(addr, worker()))?;
         let now = Instant::now();
-        while let Some((sender, since)) = stack.pop_back() {
+        while let Some((mut connection, since)) = stack.pop_back() {
             if now.saturating_duration_since(since) >= self.shared.idle_timeout {
                 // The rest are older still.
                 stack.clear();
                 break;
             }
-            if !sender.is_closed() {
+            if connection.is_idle_and_open() {
                 return Some(Conn {
-                    sender,
+                    connection,
                     addr,
                     shared: self.shared.clone(),
                 });
@@ -171,21 +168,8 @@ impl Pool {
             .connect_to(addr)
             .await
             .map_err(SendError::Connect)?;
-        let (sender, driver) = self
-            .shared
-            .builder
-            .handshake(io)
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        // The connection's driver: it ends when the connection closes, or
-        // once every handle to it (idle or checked out) is dropped.
-        tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(backend = %addr, error = %e, "backend connection ended");
-            }
-        });
         Ok(Conn {
-            sender,
+            connection: Connection::new(Io::from(io)),
             addr,
             shared: self.shared.clone(),
         })
@@ -204,15 +188,19 @@ impl Pool {
 }
 
 impl Conn {
+    pub(super) fn connection(&mut self) -> &mut Connection {
+        &mut self.connection
+    }
+
     /// Returns the connection to the pool: its last response has been read
-    /// whole. A closed one (the backend said `Connection: close`) is dropped.
-    pub fn checkin(self) {
+    /// whole and the backend keeps it alive.
+    pub(super) fn checkin(self) {
         let Conn {
-            sender,
+            connection,
             addr,
             shared,
         } = self;
-        if sender.is_closed() || shared.max_idle == 0 {
+        if shared.max_idle == 0 {
             return;
         }
         let mut idle = shared.idle.lock().unwrap();
@@ -220,7 +208,7 @@ impl Conn {
         if stack.len() >= shared.max_idle {
             stack.pop_front();
         }
-        stack.push_back((sender, Instant::now()));
+        stack.push_back((connection, Instant::now()));
         if !idle.sweeping {
             idle.sweeping = true;
             tokio::spawn(sweep(Arc::downgrade(&shared)));
@@ -228,8 +216,9 @@ impl Conn {
     }
 }
 
-/// Closes connections idle for `idle_timeout`, every `idle_timeout`, until
-/// nothing is idle or the pool is gone (the upstream was replaced).
+/// Closes connections idle for `idle_timeout`, or closed by their backend,
+/// every `idle_timeout`, until nothing is idle or the pool is gone (the
+/// upstream was replaced).
 async fn sweep(shared: Weak<Shared>) {
     let every = match shared.upgrade() {
         Some(s) => s.idle_timeout.max(Duration::from_millis(10)),
@@ -243,8 +232,9 @@ async fn sweep(shared: Weak<Shared>) {
         let mut idle = shared.idle.lock().unwrap();
         let now = Instant::now();
         idle.by_backend.retain(|_, stack| {
-            stack.retain(|(sender, since)| {
-                !sender.is_closed() && now.saturating_duration_since(*since) < shared.idle_timeout
+            stack.retain_mut(|(connection, since)| {
+                now.saturating_duration_since(*since) < shared.idle_timeout
+                    && connection.is_idle_and_open()
             });
             !stack.is_empty()
         });
@@ -303,18 +293,15 @@ mod tests {
         Pool::new(UpstreamConnector::new(&cfg), idle, max_idle)
     }
 
-    fn get() -> Request<Full<Bytes>> {
-        let mut r = Request::new(Full::new(Bytes::new()));
-        r.headers_mut()
-            .insert(http::header::HOST, "t".parse().unwrap());
-        *r.uri_mut() = "/".parse().unwrap();
-        r
+    fn get() -> Outgoing {
+        let (head, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        Outgoing::new(&head, "/", "t", bytes::Bytes::new(), &[])
     }
 
     async fn roundtrip(p: &Pool, addr: SocketAddr) -> Result<String, String> {
-        let (resp, conn) = p.send(addr, get()).await.map_err(|e| format!("{e:?}"))?;
+        let resp = p.send(addr, &get()).await.map_err(|e| format!("{e:?}"))?;
+        // Read whole, the connection goes back by itself.
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        conn.checkin();
         Ok(String::from_utf8(body.to_vec()).unwrap())
     }
 
@@ -347,15 +334,15 @@ mod tests {
     async fn concurrent_checkouts_take_separate_connections_and_keep_at_most_max_idle() {
         let (addr, conns) = backend(usize::MAX).await;
         let p = pool(Duration::from_secs(10), 2);
+        // A response whose body is unread holds its connection.
         let mut held = Vec::new();
         for _ in 0..3 {
-            let (resp, conn) = p.send(addr, get()).await.unwrap();
-            resp.into_body().collect().await.unwrap();
-            held.push(conn);
+            held.push(p.send(addr, &get()).await.unwrap());
         }
         assert_eq!(conns.load(Ordering::SeqCst), 3);
-        for c in held {
-            c.checkin();
+        assert_eq!(p.idle_count(addr), 0);
+        for r in held {
+            r.into_body().collect().await.unwrap();
         }
         assert_eq!(p.idle_count(addr), 2);
     }
@@ -379,7 +366,7 @@ mod tests {
         drop(l);
         let p = pool(Duration::from_secs(1), 4);
         assert!(matches!(
-            p.send(addr, get()).await,
+            p.send(addr, &get()).await,
             Err(SendError::Connect(_))
         ));
     }

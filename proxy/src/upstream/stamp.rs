@@ -16,12 +16,25 @@ pub fn stamp_request_start(
     at: std::time::SystemTime,
     queued: std::time::Duration,
 ) {
-    h.insert(
-        X_REQUEST_START.clone(),
-        HeaderValue::from(crate::observe::unix_ms(at)),
-    );
-    h.insert(
-        X_USHER_QUEUE_MS.clone(),
-        HeaderValue::from(queued.as_millis() as u64),
-    );
+    for (name, value) in request_start(at, queued) {
+        h.insert(name.clone(), value);
+    }
+}
+
+/// The two headers of [`stamp_request_start`], for a request encoded
+/// straight to the wire (`h1::Outgoing`).
+pub fn request_start(
+    at: std::time::SystemTime,
+    queued: std::time::Duration,
+) -> [(&'static HeaderName, HeaderValue); 2] {
+    [
+        (
+            &X_REQUEST_START,
+            HeaderValue::from(crate::observe::unix_ms(at)),
+        ),
+        (
+            &X_USHER_QUEUE_MS,
+            HeaderValue::from(queued.as_millis() as u64),
+        ),
+    ]
 }

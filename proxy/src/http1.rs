@@ -1,0 +1,492 @@
+//! HTTP/1 framing shared by both of Usher's HTTP/1 sides: the edge's server
+//! side (`edge::h1`, request bodies) and the upstream client
+//! (`upstream::h1`, response bodies).
+//!
+//! One strict body decoder ([`Decoder`]) serves both: `Content-Length`,
+//! chunked, or (responses only) delimited by the close. Chunk-size lines are
+//! hex digits only, checked against overflow however they are split into
+//! reads; exactly CRLF follows each size line and each chunk's data;
+//! extensions are bounded (16 KiB per body). A failed body ends in
+//! [`Decode::Failed`] and is never done, so its connection is never reused.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::body::{Frame, SizeHint};
+use tokio::io::AsyncRead;
+
+/// A body's first read asks for this much room; each read that fills it
+/// doubles it, up to `BODY_READ`. (A slow peer holds 8 KiB, not 64.)
+pub const BODY_FIRST_READ: usize = 8 * 1024;
+pub const BODY_READ: usize = 64 * 1024;
+/// The most chunk-extension bytes in one body (hyper's limit), which also
+/// bounds one chunk-size line.
+const CHUNK_EXT_TOTAL: usize = 16 * 1024;
+const CHUNK_LINE_MAX: usize = CHUNK_EXT_TOTAL + 64;
+/// The largest trailer section of a chunked response.
+const TRAILERS_MAX: usize = 16 * 1024;
+/// The most fields in a trailer section.
+const TRAILERS_COUNT: usize = 100;
+
+/// Where a body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// Bytes left of a `Content-Length` body.
+    Length(u64),
+    /// Waiting for a chunk-size line.
+    ChunkSize,
+    /// Bytes left of a chunk's data.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: CRLF, or a trailer section.
+    LastChunk,
+    /// In a trailer section (responses only).
+    Trailers,
+    /// Everything until the peer closes (a response with no length).
+    UntilClose,
+    Done,
+    /// Failed, or (a request) ended in trailers: never read further, and
+    /// never done.
+    Failed,
+}
+
+/// What a chunked body's trailer section becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trailers {
+    /// An empty trailers frame, and the body fails: the edge refuses
+    /// request trailers (`handler::read_request`), and the connection
+    /// closes.
+    Refuse,
+    /// Parsed into a trailers frame, and the body ends cleanly.
+    Parse,
+}
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Framing(&'static str),
+    #[error("the connection closed before the body ended")]
+    Eof,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// A strict body decoder over a connection's read buffer.
+#[derive(Debug)]
+pub struct Decoder {
+    pub state: Decode,
+    trailers: Trailers,
+    /// Chunk-extension bytes seen so far.
+    ext_total: usize,
+    /// Room the next read asks for (`BODY_FIRST_READ`, doubling).
+    room: usize,
+}
+
+/// Reads more into `buf`: up to `want` bytes, in at most `*room` of buffer,
+/// which doubles (to `BODY_READ`) whenever a read fills it. `Ready(Ok(n))`
+/// with the bytes read; 0 is the peer's close.
+pub fn fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+    room: &mut usize,
+) -> Poll<io::Result<usize>> {
+    let ask = want.clamp(1, *room);
+    if buf.capacity() - buf.len() < ask {
+        buf.reserve(ask);
+    }
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buf))?;
+    if n >= *room {
+        *room = (*room * 2).min(BODY_READ);
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// At least one more byte, or the close as [`BodyError::Eof`].
+fn more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+    room: &mut usize,
+) -> Poll<Result<(), BodyError>> {
+    match std::task::ready!(fill(io, buf, cx, want, room)) {
+        Ok(0) => Poll::Ready(Err(BodyError::Eof)),
+        Ok(_) => Poll::Ready(Ok(())),
+        Err(e) => Poll::Ready(Err(e.into())),
+    }
+}
+
+fn clamp(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX).min(BODY_READ)
+}
+
+impl Decoder {
+    pub fn new(state: Decode, trailers: Trailers) -> Self {
+        Decoder {
+            state,
+            trailers,
+            ext_total: 0,
+            room: BODY_FIRST_READ,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == Decode::Done
+    }
+
+    /// The next frame of the body: data (sharing `buf`'s bytes), trailers,
+    /// or `None` at its end (`Done`) or after a failure (`Failed`). An error
+    /// leaves the decoder `Failed`.
+    pub fn poll_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let out = self.poll_decode(io, buf, cx);
+        if let Poll::Ready(Some(Err(_))) = out {
+            self.state = Decode::Failed;
+        }
+        out
+    }
+
+    fn poll_decode<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        macro_rules! more {
+            ($want:expr) => {
+                if let Err(e) = std::task::ready!(more(io, buf, cx, $want, &mut self.room)) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+        }
+        loop {
+            match self.state {
+                Decode::Failed | Decode::Done => return Poll::Ready(None),
+                Decode::Length(0) => self.state = Decode::Done,
+                Decode::UntilClose => {
+                    if buf.is_empty() {
+                        match std::task::ready!(fill(io, buf, cx, BODY_READ, &mut self.room)) {
+                            Ok(0) => {
+                                self.state = Decode::Done;
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                }
+                Decode::Length(n) | Decode::ChunkData(n) => {
+                    if buf.is_empty() {
+                        more!(clamp(n));
+                    }
+                    let take = clamp(n).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = n - take as u64;
+                    self.state = match self.state {
+                        Decode::Length(_) => Decode::Length(left),
+                        _ if left == 0 => Decode::ChunkEnd,
+                        _ => Decode::ChunkData(left),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::ChunkSize => match chunk_size_line(buf) {
+                    Ok(Some((line, size, ext))) => {
+                        self.ext_total += ext;
+                        if self.ext_total > CHUNK_EXT_TOTAL {
+                            return Poll::Ready(Some(Err(BodyError::Framing(
+                                "chunk extensions too large",
+                            ))));
+                        }
+                        buf.advance(line);
+                        self.state = if size == 0 {
+                            Decode::LastChunk
+                        } else {
+                            Decode::ChunkData(size)
+                        };
+                    }
+                    Ok(None) if buf.len() > CHUNK_LINE_MAX => {
+                        return Poll::Ready(Some(Err(BodyError::Framing(
+                            "chunk size line too long",
+                        ))))
+                    }
+                    Ok(None) => more!(512),
+                    Err(reason) => return Poll::Ready(Some(Err(BodyError::Framing(reason)))),
+                },
+                Decode::ChunkEnd | Decode::LastChunk => {
+                    // Read on while what is there could still become a CRLF.
+                    if buf.len() < 2 && buf.first().is_none_or(|&c| c == b'\r') {
+                        more!(512);
+                        continue;
+                    }
+                    let crlf = buf.starts_with(b"\r\n");
+                    match (self.state, crlf) {
+                        (Decode::ChunkEnd, true) => {
+                            buf.advance(2);
+                            self.state = Decode::ChunkSize;
+                        }
+                        (Decode::ChunkEnd, false) => {
+                            return Poll::Ready(Some(Err(BodyError::Framing(
+                                "missing CRLF after chunk data",
+                            ))))
+                        }
+                        (_, true) => {
+                            buf.advance(2);
+                            self.state = Decode::Done;
+                        }
+                        (_, false) if self.trailers == Trailers::Refuse => {
+                            // Not parsed: the handler refuses trailers and
+                            // the connection closes (never done).
+                            self.state = Decode::Failed;
+                            buf.clear();
+                            return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new()))));
+                        }
+                        (_, false) => self.state = Decode::Trailers,
+                    }
+                }
+                Decode::Trailers => match parse_trailers(buf) {
+                    Ok(Some(map)) => {
+                        self.state = Decode::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                    }
+                    Ok(None) if buf.len() > TRAILERS_MAX => {
+                        return Poll::Ready(Some(Err(BodyError::Framing(
+                            "trailer section too large",
+                        ))))
+                    }
+                    Ok(None) => more!(1024),
+                    Err(reason) => return Poll::Ready(Some(Err(BodyError::Framing(reason)))),
+                },
+            }
+        }
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            Decode::Length(n) => SizeHint::with_exact(n),
+            Decode::Done | Decode::Failed => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A trailer section at the start of `buf` (after the last chunk), taken off
+/// when whole. Field lines follow the head's rules (httparse, strict).
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str> {
+    let mut slots = [httparse::EMPTY_HEADER; TRAILERS_COUNT];
+    let (len, fields) = match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(done)) => done,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("invalid trailer section"),
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid trailer name")?;
+        let value = HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
+        map.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Some(map))
+}
+
+/// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
+pub fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= base.len()).then_some(start..end)
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no spaces, no list).
+pub fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &c| {
+        c.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+    })
+}
+
+/// `chunked` must be the last transfer coding (RFC 9112 §6.1).
+pub fn last_coding_is_chunked(v: &HeaderValue) -> bool {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Reads the chunk-size line at the start of `buf`: `Ok(Some((line length,
+/// size, extension bytes)))`, or `Ok(None)` if the line is not whole yet.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static str> {
+    let mut size: u64 = 0;
+    let mut i = 0;
+    while let Some(&c) = buf.get(i) {
+        let Some(v) = (c as char).to_digit(16) else {
+            break;
+        };
+        // Checked as it goes, so leading zeros are fine and an overflow is
+        // refused however the line is split into reads.
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(v)))
+            .ok_or("chunk size too large")?;
+        i += 1;
+    }
+    if i == buf.len() {
+        return Ok(None);
+    }
+    if i == 0 {
+        return Err("invalid chunk size");
+    }
+    while matches!(buf.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    let ext_start = i;
+    if buf.get(i) == Some(&b';') {
+        while let Some(&c) = buf.get(i) {
+            match c {
+                b'\r' => break,
+                b'\n' => return Err("chunk extension ends in a bare LF"),
+                _ => i += 1,
+            }
+        }
+    }
+    match (buf.get(i), buf.get(i + 1)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) if i + 2 > CHUNK_LINE_MAX => Err("chunk size line too long"),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some((i + 2, size, i - ext_start))),
+        (Some(b'\n'), _) => Err("chunk size line ends in a bare LF"),
+        _ => Err("invalid chunk size line"),
+    }
+}
+
+/// `n` in decimal, in `buf`.
+pub fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A chunk-size line: `n` in hex, then CRLF.
+pub fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len() - 2;
+    buf[i] = b'\r';
+    buf[i + 1] = b'\n';
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_strict() {
+        assert_eq!(chunk_size_line(b"5\r\n"), Ok(Some((3, 5, 0))));
+        assert_eq!(chunk_size_line(b"Ff;a=b\r\nx"), Ok(Some((8, 255, 4))));
+        assert_eq!(
+            chunk_size_line(b"0000000000000000000a\r\n"),
+            Ok(Some((22, 10, 0)))
+        );
+        assert_eq!(chunk_size_line(b"5"), Ok(None));
+        assert_eq!(chunk_size_line(b"5\r"), Ok(None));
+        assert!(chunk_size_line(b"+5\r\n").is_err());
+        assert!(chunk_size_line(b"0x5\r\n").is_err());
+        assert!(chunk_size_line(b"5\n").is_err());
+        assert!(chunk_size_line(b"5;a\nb\r\n").is_err());
+        assert!(chunk_size_line(b"ffffffffffffffffff\r\n").is_err());
+    }
+
+    #[test]
+    fn numbers_are_written_as_http_wants_them() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+        assert_eq!(hex_line(0, &mut [0; 20]), b"0\r\n");
+        assert_eq!(hex_line(0x1a2b, &mut [0; 20]), b"1a2b\r\n");
+    }
+
+    /// Decodes `wire` (split into reads of `step` bytes) to the end.
+    async fn decode(
+        state: Decode,
+        trailers: Trailers,
+        wire: &[u8],
+        step: usize,
+    ) -> Vec<Frame<Bytes>> {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let wire = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for part in wire.chunks(step) {
+                if a.write_all(part).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut d = Decoder::new(state, trailers);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        while let Some(f) = std::future::poll_fn(|cx| d.poll_frame(&mut b, &mut buf, cx)).await {
+            match f {
+                Ok(f) => frames.push(f),
+                Err(_) => break,
+            }
+        }
+        writer.abort();
+        frames
+    }
+
+    fn data(frames: &[Frame<Bytes>]) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .flat_map(|d| d.iter().copied())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_decode_however_they_are_split() {
+        let wire = b"5;x=y\r\nhello\r\n1\r\n \r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 64] {
+            let frames = decode(Decode::ChunkSize, Trailers::Parse, wire, step).await;
+            assert_eq!(data(&frames), b"hello ", "step {step}");
+            let t = frames
+                .iter()
+                .find_map(|f| f.trailers_ref())
+                .expect("trailers");
+            assert_eq!(t["x-t"], "1");
+        }
+        let refused = decode(Decode::ChunkSize, Trailers::Refuse, wire, 64).await;
+        assert!(refused.last().unwrap().trailers_ref().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_delimited_by_the_close_ends_with_it() {
+        let frames = decode(Decode::UntilClose, Trailers::Parse, b"all of it", 4).await;
+        assert_eq!(data(&frames), b"all of it");
+    }
+}

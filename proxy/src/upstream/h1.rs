@@ -1,0 +1,630 @@
+//! Usher's own HTTP/1.1 client side, for the pooled connections to backends
+//! (`pool.rs`). `protocol: http2` upstreams, health checks and capacity
+//! probes keep hyper-util's client.
+//!
+//! Why not hyper's client connection: it runs each connection on a task of
+//! its own, and a request travels to that task through a channel and its
+//! response back through another, two task hops per exchange on the request
+//! path. Here the request's own future writes the request and reads the
+//! response, and the body is read straight off the connection by whoever
+//! polls it; a connection between two requests is its socket and nothing
+//! else (no buffer, no task).
+//!
+//! What a backend may send is what hyper's client accepted, or less:
+//! - heads are parsed by `httparse` with hyper's (strict, default)
+//!   configuration: no obs-fold, no bare CR, no NUL, at most 100 headers
+//!   and `MAX_HEAD` bytes, a three-digit status;
+//! - 1xx answers other than `101` are skipped; a `101` ends the connection
+//!   (the caller refuses it: `Upstream::send`);
+//! - a body is framed by `Transfer-Encoding: chunked` (HTTP/1.1 only, one
+//!   header, nothing else) or `Content-Length` (digits, duplicates equal),
+//!   never both; with neither it ends at the close; HEAD, 1xx, 204 and 304
+//!   have none, whatever they say;
+//! - a connection is reused only after a response read to its end with
+//!   nothing after it, framed by its length or chunks, and kept alive by
+//!   the backend (HTTP/1.1 without `close`, HTTP/1.0 with `keep-alive`).
+//!   Bytes past a body, and bytes arriving on an idle connection, end the
+//!   connection: they never become the answer to the next request.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::pool::Conn;
+use crate::edge::headers::has_token;
+use crate::edge::listener::MAX_HEAD;
+use crate::http1::{digits, offset, BodyError, Decode, Decoder, Trailers};
+use crate::tls::connector::UpstreamStream;
+
+/// The most headers a response may have (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// The first read of a response: a head and a small body.
+const FIRST_READ: usize = 8 * 1024;
+
+/// A backend connection's socket: plain, or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl From<UpstreamStream> for Io {
+    fn from(s: UpstreamStream) -> Self {
+        match s {
+            UpstreamStream::Plain(t) => Io::Plain(t.into_inner()),
+            UpstreamStream::Tls(t) => Io::Tls(Box::new(t.into_inner())),
+        }
+    }
+}
+
+/// A request as it goes on the wire: encoded once, so it can be sent again
+/// on a new connection when a pooled one turns out closed.
+pub struct Outgoing {
+    pub head: Bytes,
+    pub body: Bytes,
+    pub method: Method,
+}
+
+impl Outgoing {
+    /// Encodes the request `head` for a backend: origin-form `target`, every
+    /// header of `head` except those named in `set` (which replace them) and
+    /// `Content-Length` (Usher's own, from the buffered body), and `host`
+    /// (the backend's authority) when the request has no `Host`.
+    pub fn new(
+        head: &http::request::Parts,
+        target: &str,
+        host: &str,
+        body: Bytes,
+        set: &[(&HeaderName, HeaderValue)],
+    ) -> Self {
+        let mut out = BytesMut::with_capacity(256 + head.headers.len() * 48);
+        out.put_slice(head.method.as_str().as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(target.as_bytes());
+        out.put_slice(b" HTTP/1.1\r\n");
+        let mut line = |name: &[u8], value: &[u8]| {
+            out.put_slice(name);
+            out.put_slice(b": ");
+            out.put_slice(value);
+            out.put_slice(b"\r\n");
+        };
+        if !head.headers.contains_key(header::HOST) {
+            line(b"host", host.as_bytes());
+        }
+        for (name, value) in &head.headers {
+            if *name == header::CONTENT_LENGTH || set.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            line(name.as_str().as_bytes(), value.as_bytes());
+        }
+        for (name, value) in set {
+            line(name.as_str().as_bytes(), value.as_bytes());
+        }
+        let with_length =
+            !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
+        if with_length {
+            line(
+                b"content-length",
+                crate::http1::itoa(body.len() as u64, &mut [0; 20]),
+            );
+        }
+        out.put_slice(b"\r\n");
+        Outgoing {
+            head: out.freeze(),
+            body,
+            method: head.method.clone(),
+        }
+    }
+}
+
+/// Why an exchange on a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the backend closed the connection before answering")]
+    Closed,
+    #[error("invalid response from the backend: {0}")]
+    Head(&'static str),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// How [`Connection::round_trip`] failed.
+pub enum Failure {
+    /// A reused connection that the backend had closed: nothing came back.
+    /// `written`: all of the request went out (it may then have been read).
+    Stale {
+        written: bool,
+    },
+    Broken(ClientError),
+}
+
+/// A response head, and how its body is framed.
+pub struct Head {
+    parts: http::response::Parts,
+    decode: Decode,
+    keep_alive: bool,
+}
+
+/// One connection to a backend, between requests or in one.
+pub struct Connection {
+    io: Io,
+    /// Read but not consumed yet; empty (and unallocated) between requests.
+    buf: BytesMut,
+    /// Responses read whole on it: a reused connection may have been closed
+    /// by the backend while idle.
+    served: u64,
+}
+
+impl Connection {
+    pub fn new(io: Io) -> Self {
+        Connection {
+            io,
+            buf: BytesMut::new(),
+            served: 0,
+        }
+    }
+
+    /// Whether an idle connection can take a request: still open, and
+    /// nothing arrived on it. Does not wait (a read polled once, with no
+    /// one to wake: no system call unless the socket became readable).
+    pub fn is_idle_and_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+
+    /// Writes `req` and reads the response head. Reading starts while the
+    /// request is still being written, so a backend that answers early (a
+    /// 413 before the whole upload) is heard; the connection then closes
+    /// after the response.
+    pub async fn round_trip(&mut self, req: &Outgoing) -> Result<Head, Failure> {
+        let reused = self.served > 0;
+        let (head, body) = (&req.head[..], &req.body[..]);
+        let total = head.len() + body.len();
+        let mut written = 0;
+        let mut write_failed: Option<io::Error> = None;
+        let mut received = false;
+        let no_body = req.method == Method::HEAD;
+        let stale_or = |received: bool, written: usize, e: ClientError| {
+            if reused && !received {
+                Failure::Stale {
+                    written: written == total,
+                }
+            } else {
+                Failure::Broken(e)
+            }
+        };
+        poll_fn(|cx| {
+            while write_failed.is_none() && written < total {
+                let mut rest = if written < head.len() {
+                    Buf::chain(&head[written..], body)
+                } else {
+                    Buf::chain(&[][..], &body[written - head.len()..])
+                };
+                match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, &mut rest) {
+                    Poll::Ready(Ok(0)) => write_failed = Some(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => write_failed = Some(e),
+                    Poll::Pending => break,
+                }
+            }
+            loop {
+                if !self.buf.is_empty() {
+                    received = true;
+                    match parse(&mut self.buf, no_body) {
+                        Ok(Parsed::Informational) => continue,
+                        Ok(Parsed::Final(mut h)) => {
+                            // An early answer: the rest of the request
+                            // would be read as the next one.
+                            h.keep_alive &= written == total;
+                            return Poll::Ready(Ok(h));
+                        }
+                        Ok(Parsed::Partial) if self.buf.len() > MAX_HEAD => {
+                            return Poll::Ready(Err(Failure::Broken(ClientError::Head(
+                                "response head too large",
+                            ))))
+                        }
+                        Ok(Parsed::Partial) => {}
+                        Err(reason) => {
+                            return Poll::Ready(Err(Failure::Broken(ClientError::Head(reason))))
+                        }
+                    }
+                }
+                if self.buf.capacity() - self.buf.len() < 1024 {
+                    let more = self.buf.len().max(FIRST_READ);
+                    self.buf.reserve(more);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(stale_or(received, written, ClientError::Closed)))
+                    }
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(stale_or(received, written, e.into())))
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match write_failed.take() {
+                Some(e) => Poll::Ready(Err(stale_or(received, written, e.into()))),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+enum Parsed {
+    Partial,
+    /// A 1xx other than 101, taken off the buffer.
+    Informational,
+    Final(Head),
+}
+
+fn invalid(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::TooManyHeaders => "too many headers",
+        httparse::Error::Status => "invalid status code",
+        httparse::Error::Version => "invalid status line",
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        _ => "invalid response head",
+    }
+}
+
+/// Parses a response head at the start of `buf` and, when it is whole, takes
+/// it off `buf`. `no_body`: the answer to a HEAD.
+fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(invalid(e)),
+    };
+    if len > MAX_HEAD {
+        return Err("response head too large");
+    }
+    let (Some(code), Some(minor)) = (res.code, res.version) else {
+        return Err("invalid status line");
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "invalid status code")?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Parsed::Informational);
+    }
+    let version = if minor == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let reason = res.reason.unwrap_or("");
+    let reason = (Some(reason) != status.canonical_reason())
+        .then(|| hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()).ok())
+        .flatten();
+    // Where each name and value is, so that values share the head's bytes.
+    let mut at = Vec::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = offset(buf, h.name.as_bytes()).ok_or("invalid header name")?;
+        let value = if h.value.is_empty() {
+            0..0
+        } else {
+            offset(buf, h.value).ok_or("invalid header value")?
+        };
+        at.push((name, value));
+    }
+    let head = buf.split_to(len).freeze();
+
+    let mut headers = HeaderMap::with_capacity(at.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut saw_close = false;
+    let (mut te, mut chunked) = (0, false);
+    let mut length: Option<u64> = None;
+    for (name, value) in at {
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| "invalid header name")?;
+        let value = if value.is_empty() {
+            HeaderValue::from_static("")
+        } else {
+            HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| "invalid header value")?
+        };
+        match name {
+            header::TRANSFER_ENCODING => {
+                te += 1;
+                chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
+            }
+            header::CONTENT_LENGTH => {
+                let n = digits(value.as_bytes()).ok_or("invalid Content-Length")?;
+                if length.is_some_and(|prev| prev != n) {
+                    return Err("conflicting Content-Length headers");
+                }
+                length = Some(n);
+            }
+            header::CONNECTION => {
+                if saw_close || has_token(&value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(&value, "keep-alive");
+                }
+            }
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    // Framed two ways, or by a coding Usher cannot frame: a splitting
+    // attempt or a body that cannot be relayed; either way never reused.
+    if te > 0 {
+        if length.is_some() {
+            return Err("response has both Content-Length and Transfer-Encoding");
+        }
+        if te > 1 || !chunked {
+            return Err("response has a Transfer-Encoding other than `chunked`");
+        }
+        if version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 response");
+        }
+    }
+    let decode = if no_body
+        || status == StatusCode::SWITCHING_PROTOCOLS
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Decode::Done
+    } else if te > 0 {
+        Decode::ChunkSize
+    } else {
+        match length {
+            Some(0) => Decode::Done,
+            Some(n) => Decode::Length(n),
+            None => {
+                keep_alive = false;
+                Decode::UntilClose
+            }
+        }
+    };
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        keep_alive = false;
+    }
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    if let Some(r) = reason {
+        response.extensions_mut().insert(r);
+    }
+    let (parts, ()) = response.into_parts();
+    Ok(Parsed::Final(Head {
+        parts,
+        decode,
+        keep_alive,
+    }))
+}
+
+/// A response body read straight off its backend connection. Read to its
+/// end, the connection goes back to the pool by itself (when it may be
+/// reused); dropped before, it is closed.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    decoder: Decoder,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// The response whose head `head` is, with its body on `conn`.
+    pub fn response(head: Head, conn: Conn) -> Response<ResponseBody> {
+        let mut body = ResponseBody {
+            decoder: Decoder::new(head.decode, Trailers::Parse),
+            keep_alive: head.keep_alive,
+            conn: None,
+        };
+        if body.decoder.is_done() {
+            body.finish(conn);
+        } else {
+            body.conn = Some(conn);
+        }
+        Response::from_parts(head.parts, body)
+    }
+
+    /// The body has been read whole: the connection goes back to the pool
+    /// if nothing follows it.
+    fn finish(&mut self, mut conn: Conn) {
+        let c = conn.connection();
+        c.served += 1;
+        if self.keep_alive && c.buf.is_empty() {
+            c.buf = BytesMut::new();
+            conn.checkin();
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let c = conn.connection();
+        let out = this.decoder.poll_frame(&mut c.io, &mut c.buf, cx);
+        if this.decoder.is_done() {
+            if let Some(conn) = this.conn.take() {
+                this.finish(conn);
+            }
+        } else if let Poll::Ready(Some(Err(_))) = out {
+            this.conn = None;
+        }
+        out
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.decoder.state, Decode::Done | Decode::Failed)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.decoder.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(s: &str) -> Result<Head, &'static str> {
+        match parse(&mut BytesMut::from(s.as_bytes()), false)? {
+            Parsed::Final(h) => Ok(h),
+            Parsed::Partial => Err("partial"),
+            Parsed::Informational => Err("informational"),
+        }
+    }
+
+    #[test]
+    fn framing_is_checked_and_decided() {
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!((h.decode, h.keep_alive), (Decode::Length(5), true));
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert_eq!(h.decode, Decode::ChunkSize);
+        let h = head("HTTP/1.0 200 OK\r\n\r\n").unwrap();
+        assert_eq!((h.decode, h.keep_alive), (Decode::UntilClose, false));
+        let h = head("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n").unwrap();
+        assert_eq!(h.decode, Decode::Done);
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        assert_eq!((h.decode, h.keep_alive), (Decode::Done, false));
+        let h =
+            head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n").unwrap();
+        assert!(h.keep_alive);
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+            "HTTP/1.1 abc\r\n\r\n",
+            "FOO\r\n\r\n",
+        ] {
+            assert!(head(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn informational_answers_are_taken_off_and_reasons_kept() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 200 Fine\r\n\r\n"[..],
+        );
+        assert!(matches!(parse(&mut b, false), Ok(Parsed::Informational)));
+        let Ok(Parsed::Final(h)) = parse(&mut b, true) else {
+            panic!("no final answer");
+        };
+        assert_eq!(h.decode, Decode::Done, "the answer to a HEAD has no body");
+        let reason = h
+            .parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .unwrap();
+        assert_eq!(reason.as_bytes(), b"Fine");
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn requests_are_encoded_with_usher_s_length_and_overrides() {
+        let mut req = http::Request::post("/a?b").body(()).unwrap();
+        req.headers_mut()
+            .insert("x-request-start", "1".parse().unwrap());
+        req.headers_mut()
+            .insert("content-length", "99".parse().unwrap());
+        req.headers_mut().append("x-multi", "1".parse().unwrap());
+        req.headers_mut().append("x-multi", "2".parse().unwrap());
+        let (parts, ()) = req.into_parts();
+        let start = HeaderName::from_static("x-request-start");
+        let out = Outgoing::new(
+            &parts,
+            "/a?b",
+            "10.0.0.1:80",
+            Bytes::from_static(b"hey"),
+            &[(&start, HeaderValue::from_static("2"))],
+        );
+        assert_eq!(
+            &out.head[..],
+            &b"POST /a?b HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-multi: 1\r\nx-multi: 2\r\nx-request-start: 2\r\ncontent-length: 3\r\n\r\n"[..]
+        );
+    }
+}
