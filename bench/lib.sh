@@ -129,15 +129,18 @@ raise_nofile() { ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev
 
 # start_backend PORT THREADS : an usher-worker, or waitress with the test app if the
 # worker binary is missing. Sets LAST_PID. BACKEND=waitress forces waitress.
+# BACKEND_CPU=N pins it (taskset), e.g. with the load generator, so that the proxy
+# has its core to itself (unpinned by default).
 start_backend() {
-  local port="$1" threads="$2"
+  local port="$1" threads="$2" pin=()
+  [[ -n "${BACKEND_CPU:-}" ]] && pin=(taskset -c "$BACKEND_CPU")
   if [[ "${BACKEND:-auto}" != "waitress" && -x "$BIN/usher-worker" ]]; then
     BACKEND_KIND="usher-worker"
-    start_bg "backend-$port" "$BIN/usher-worker" --listen "127.0.0.1:$port" \
+    start_bg "backend-$port" "${pin[@]}" "$BIN/usher-worker" --listen "127.0.0.1:$port" \
       --threads "$threads" --queue "${WORKER_QUEUE:-1024}" --grace 1s
   else
     BACKEND_KIND="waitress"
-    start_bg "backend-$port" env PYTHONPATH="$REPO/tests/python" waitress-serve \
+    start_bg "backend-$port" "${pin[@]}" env PYTHONPATH="$REPO/tests/python" waitress-serve \
       --threads="$threads" --listen="127.0.0.1:$port" --backlog=2048 \
       --connection-limit=4096 wsgi_app:app
   fi

@@ -194,7 +194,10 @@ impl Decoder {
                     let take = clamp(n).min(buf.len());
                     let data = buf.split_to(take).freeze();
                     let left = n - take as u64;
+                    // A length body is done with its last byte, so that its
+                    // connection is free as soon as that byte is read.
                     self.state = match self.state {
+                        Decode::Length(_) if left == 0 => Decode::Done,
                         Decode::Length(_) => Decode::Length(left),
                         _ if left == 0 => Decode::ChunkEnd,
                         _ => Decode::ChunkData(left),

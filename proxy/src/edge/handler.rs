@@ -126,8 +126,17 @@ pub async fn handle<B: RequestBody>(
         Some(route) => {
             let upstream = route.upstream.clone();
             if upgrade {
-                crate::edge::upgrade::forward(req, &upstream, &ctx, host.as_deref(), &request_id)
-                    .await
+                // Boxed: a tunnel's future is large, and would make every
+                // request's future as large (it is moved into a box per
+                // request: `edge::h1`).
+                Box::pin(crate::edge::upgrade::forward(
+                    req,
+                    &upstream,
+                    &ctx,
+                    host.as_deref(),
+                    &request_id,
+                ))
+                .await
             } else {
                 match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
                     Err(error) => Err(Failed {

@@ -24,8 +24,24 @@ pub fn has_token(v: &HeaderValue, token: &str) -> bool {
         .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// Whether `name` is hop-by-hop on its own (not counting those `Connection`
+/// names).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || name.as_str() == KEEP_ALIVE
+        || name.as_str() == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages have none: one pass over the names, no lookups.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Tokens are read as bytes: a value with one non-ASCII byte must not hide
     // the names beside it.
     let named: Vec<HeaderName> = h
@@ -128,8 +144,12 @@ pub use crate::syntax::valid_authority;
 
 /// A new request id: 16 random bytes in hex.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    let mut id = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, c) in id.iter_mut().enumerate() {
+        *c = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 /// The request's id: the client's `X-Request-Id` if it sent a usable one,
@@ -189,6 +209,17 @@ pub fn set_upstream_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_request_ids_are_32_hex_digits() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

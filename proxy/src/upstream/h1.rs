@@ -196,11 +196,9 @@ pub enum ClientError {
 
 /// How [`Connection::round_trip`] failed.
 pub enum Failure {
-    /// A reused connection that the backend had closed: nothing came back.
-    /// `written`: all of the request went out (it may then have been read).
-    Stale {
-        written: bool,
-    },
+    /// A reused connection that the backend had closed: the request did not
+    /// all go out, and nothing came back. It may be sent again.
+    Stale,
     Broken(ClientError),
 }
 
@@ -257,11 +255,13 @@ impl Connection {
         let mut write_failed: Option<io::Error> = None;
         let mut received = false;
         let no_body = req.method == Method::HEAD;
+        // Not all written and nothing back: the backend had closed the
+        // connection, and never had a whole request to run. Once all of it
+        // is out, a close may be a crash mid-request: that is the caller's
+        // failure to retry (idempotent requests only), as with hyper.
         let stale_or = |received: bool, written: usize, e: ClientError| {
-            if reused && !received {
-                Failure::Stale {
-                    written: written == total,
-                }
+            if reused && !received && written < total {
+                Failure::Stale
             } else {
                 Failure::Broken(e)
             }
