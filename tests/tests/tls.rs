@@ -465,6 +465,72 @@ async fn upstream_tls_with_ca_and_h2_and_h2c_backends() {
     );
 }
 
+/// Upstream TLS on HTTP/1.1 (Usher's own client side): a 4 MiB upload to an
+/// inner Usher over TLS comes back whole, which needs every TLS record
+/// flushed, and later requests reuse the pooled TLS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_on_http1_relays_a_large_upload_and_reuses_the_connection() {
+    let dir = TempDir::new("tls-upstream-h1");
+    let ca = Ca::new();
+    let (cert, key) = write_leaf(&dir.0, "inner", &ca.leaf(&["inner.test"]));
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_worker, worker_addr) = usher_e2e::spawn_worker(["--threads", "2"]);
+    let inner = Usher::start_ready(
+        &Config::new()
+            .listeners(&tls_listener("inner", &[(cert, key)], ""))
+            .route("*", "app")
+            .upstream("app", &backends(&[worker_addr], ""))
+            .top("access_log: { format: json }")
+            .yaml(),
+    );
+    let upstream = format!(
+        "    tls: {{ ca: \"{}\", server_name: inner.test }}\n{}\n    retries: {{ attempts: 0 }}\n    \
+         pool: {{ idle_timeout: 60s }}",
+        ca_file.display(),
+        backends(&[inner.addr], "")
+    );
+    let outer = Usher::start_ready(
+        &Config::new()
+            .listeners(r#"  - { name: outer, address: "LISTEN" }"#)
+            .route("*", "app")
+            .upstream("app", &upstream)
+            .yaml(),
+    );
+    let client = usher_e2e::Client::new().with_timeout(Duration::from_secs(20));
+    let upload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let r = client
+        .request(http::Method::POST, &outer.url("/echo"), upload.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        r.body == upload,
+        "the echo is not the upload ({} bytes back)",
+        r.body.len()
+    );
+    for i in 0..5 {
+        let r = client
+            .request(
+                http::Method::POST,
+                &outer.url("/echo"),
+                format!("small {i}"),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.text()), (StatusCode::OK, format!("small {i}")));
+    }
+    // The inner Usher saw HTTP/1.1 over TLS, on connections the outer one
+    // kept: one per outer worker thread at most, for 6 requests.
+    let log = inner.proc.output();
+    assert!(log.contains("HTTP/1.1"), "{log}");
+    let conns = inner.metric("usher_client_connections", &[("listener", "inner")]);
+    assert!(
+        (1.0..=2.0).contains(&conns),
+        "{conns} TLS connections for 6 requests: the pool did not reuse them"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     let dir = TempDir::new("tls-hs");

@@ -168,10 +168,7 @@ pub async fn serve(
             }
         }
         idle_for = keepalive;
-        let fut = exchange(wire, &slot, &ctx, header_timeout, &drain);
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| eprintln!("SIZE exchange {}", std::mem::size_of_val(&fut)));
-        match Box::pin(fut).await {
+        match Box::pin(exchange(wire, &slot, &ctx, header_timeout, &drain)).await {
             Some(w) => wire = w,
             None => return,
         }

@@ -26,7 +26,7 @@
 //!   Bytes past a body, and bytes arriving on an idle connection, end the
 //!   connection: they never become the answer to the next request.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -197,8 +197,10 @@ pub enum ClientError {
 /// How [`Connection::round_trip`] failed.
 pub enum Failure {
     /// A reused connection that the backend had closed: the request did not
-    /// all go out, and nothing came back. It may be sent again.
-    Stale,
+    /// all go out, and nothing came back. `partly`: some of it went out.
+    Stale {
+        partly: bool,
+    },
     Broken(ClientError),
 }
 
@@ -238,9 +240,11 @@ impl Connection {
         let mut cx = Context::from_waker(Waker::noop());
         let mut probe = [0u8; 1];
         let mut probe = ReadBuf::new(&mut probe);
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        // Unconstrained: with the task's budget spent, tokio answers
+        // `Pending` without looking at the socket.
+        let read = poll_fn(|cx| Poll::Ready(Pin::new(&mut self.io).poll_read(cx, &mut probe)));
+        let mut read = std::pin::pin!(tokio::task::unconstrained(read));
+        matches!(read.as_mut().poll(&mut cx), Poll::Ready(Poll::Pending))
     }
 
     /// Writes `req` and reads the response head. Reading starts while the
@@ -252,34 +256,48 @@ impl Connection {
         let (head, body) = (&req.head[..], &req.body[..]);
         let total = head.len() + body.len();
         let mut written = 0;
-        let mut write_failed: Option<io::Error> = None;
+        // Written, and flushed: TLS takes bytes into its buffer before they
+        // reach the socket.
+        let mut out = false;
+        let mut write_failed = false;
         let mut received = false;
         let no_body = req.method == Method::HEAD;
-        // Not all written and nothing back: the backend had closed the
+        // Not all out and nothing back: the backend had closed the
         // connection, and never had a whole request to run. Once all of it
         // is out, a close may be a crash mid-request: that is the caller's
         // failure to retry (idempotent requests only), as with hyper.
-        let stale_or = |received: bool, written: usize, e: ClientError| {
-            if reused && !received && written < total {
-                Failure::Stale
+        let stale_or = |received: bool, out: bool, written: usize, e: ClientError| {
+            if reused && !received && !out {
+                Failure::Stale {
+                    partly: written > 0,
+                }
             } else {
                 Failure::Broken(e)
             }
         };
         poll_fn(|cx| {
-            while write_failed.is_none() && written < total {
+            while !write_failed && written < total {
                 let mut rest = if written < head.len() {
                     Buf::chain(&head[written..], body)
                 } else {
                     Buf::chain(&[][..], &body[written - head.len()..])
                 };
                 match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, &mut rest) {
-                    Poll::Ready(Ok(0)) => write_failed = Some(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Ok(n)) => written += n,
-                    Poll::Ready(Err(e)) => write_failed = Some(e),
+                    Poll::Ready(Ok(n)) if n > 0 => written += n,
+                    Poll::Ready(_) => write_failed = true,
                     Poll::Pending => break,
                 }
             }
+            if !write_failed && !out && written == total {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => out = true,
+                    Poll::Ready(Err(_)) => write_failed = true,
+                    Poll::Pending => {}
+                }
+            }
+            // A failed write ends the writing, not the exchange: the backend
+            // may have answered before it closed (a 413 to an upload), and
+            // its close is read next.
             loop {
                 if !self.buf.is_empty() {
                     received = true;
@@ -288,7 +306,7 @@ impl Connection {
                         Ok(Parsed::Final(mut h)) => {
                             // An early answer: the rest of the request
                             // would be read as the next one.
-                            h.keep_alive &= written == total;
+                            h.keep_alive &= out;
                             return Poll::Ready(Ok(h));
                         }
                         Ok(Parsed::Partial) if self.buf.len() > MAX_HEAD => {
@@ -308,18 +326,15 @@ impl Connection {
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(stale_or(received, written, ClientError::Closed)))
+                        let e = ClientError::Closed;
+                        return Poll::Ready(Err(stale_or(received, out, written, e)));
                     }
                     Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(stale_or(received, written, e.into())))
+                        return Poll::Ready(Err(stale_or(received, out, written, e.into())))
                     }
-                    Poll::Pending => break,
+                    Poll::Pending => return Poll::Pending,
                 }
-            }
-            match write_failed.take() {
-                Some(e) => Poll::Ready(Err(stale_or(received, written, e.into()))),
-                None => Poll::Pending,
             }
         })
         .await

@@ -23,7 +23,8 @@
 //!   unasked-for bytes on it, is dropped before anything is written to it.
 //! - A reused connection that the backend closed before the request was all
 //!   written (nothing came back) sends the request once more on a new
-//!   connection: nothing of it ran. Once the request is all out, a close is
+//!   connection: nothing of it ran (a non-idempotent request only if none of
+//!   it went out, in case a backend acted on a part). Once the request is all out, a close is
 //!   a failure of the attempt (the backend may have crashed mid-request),
 //!   which the retry loop retries for idempotent methods only, as it did
 //!   with hyper's client.
@@ -37,6 +38,7 @@ use http::Response;
 use tokio::time::Instant;
 
 use super::h1::{ClientError, Connection, Failure, Io, Outgoing, ResponseBody};
+use super::retry::is_idempotent;
 use crate::tls::connector::UpstreamConnector;
 
 /// Why a request did not get a response head.
@@ -77,6 +79,12 @@ pub fn set_worker(index: usize) {
 
 fn worker() -> usize {
     WORKER.with(|w| w.get())
+}
+
+/// A poisoned lock only means a panic elsewhere while it was held; the idle
+/// stacks are plain data.
+fn lock(idle: &Mutex<Idle>) -> std::sync::MutexGuard<'_, Idle> {
+    idle.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Default)]
@@ -120,17 +128,19 @@ impl Pool {
             match conn.connection.round_trip(req).await {
                 Ok(head) => return Ok(ResponseBody::response(head, conn)),
                 // Closed by the backend before the request was all out:
-                // nothing of it ran.
-                Err(Failure::Stale) => {
+                // nothing of it ran, unless a backend acted on a part (so a
+                // non-idempotent request goes again only if none went out).
+                Err(Failure::Stale { partly }) if !partly || is_idempotent(&req.method) => {
                     tracing::debug!(backend = %addr, "stale pooled connection; resending on a new one");
                 }
+                Err(Failure::Stale { .. }) => return Err(SendError::Sent(ClientError::Closed)),
                 Err(Failure::Broken(e)) => return Err(SendError::Sent(e)),
             }
         }
         let mut conn = self.connect(addr).await?;
         match conn.connection.round_trip(req).await {
             Ok(head) => Ok(ResponseBody::response(head, conn)),
-            Err(Failure::Stale) => Err(SendError::Sent(ClientError::Closed)),
+            Err(Failure::Stale { .. }) => Err(SendError::Sent(ClientError::Closed)),
             Err(Failure::Broken(e)) => Err(SendError::Sent(e)),
         }
     }
@@ -138,7 +148,7 @@ impl Pool {
     /// The newest idle connection to `addr` that is still open and young
     /// enough; older and closed ones are dropped on the way.
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
-        let mut idle = self.shared.idle.lock().unwrap();
+        let mut idle = lock(&self.shared.idle);
         let stack = idle.by_backend.get_mut(&(addr, worker()))?;
         let now = Instant::now();
         while let Some((mut connection, since)) = stack.pop_back() {
@@ -175,7 +185,7 @@ impl Pool {
     /// Idle connections to `addr` (for tests).
     #[cfg(test)]
     fn idle_count(&self, addr: SocketAddr) -> usize {
-        let idle = self.shared.idle.lock().unwrap();
+        let idle = lock(&self.shared.idle);
         idle.by_backend
             .iter()
             .filter(|((a, _), _)| *a == addr)
@@ -200,7 +210,7 @@ impl Conn {
         if shared.max_idle == 0 {
             return;
         }
-        let mut idle = shared.idle.lock().unwrap();
+        let mut idle = lock(&shared.idle);
         let stack = idle.by_backend.entry((addr, worker())).or_default();
         if stack.len() >= shared.max_idle {
             stack.pop_front();
@@ -226,7 +236,7 @@ async fn sweep(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut idle = shared.idle.lock().unwrap();
+        let mut idle = lock(&shared.idle);
         let now = Instant::now();
         idle.by_backend.retain(|_, stack| {
             stack.retain_mut(|(connection, since)| {
