@@ -8,7 +8,8 @@
 //! - [`dispatch`]: **where a request waits** and **gets its backend**: the
 //!   central queue, the RAII slot, the queue discipline, service-time
 //!   estimates, the balancer, and each backend's capacity and in-flight count.
-//! - [`upstream`]: how it is sent: forwarding over the keep-alive pool,
+//! - [`upstream`]: how it is sent: forwarding over the keep-alive pool and
+//!   Usher's own HTTP/1 client side,
 //!   **where it is retried** (one loop and one budget), response framing and
 //!   the response body.
 //! - [`health`]: **where a backend is marked unhealthy**: active checks with
@@ -20,6 +21,8 @@
 //! - [`config`]: the YAML schema, units, validation and error locations.
 //! - [`observe`]: metrics and the access log.
 //! - [`tls`]: certificates, SNI, rotation, upstream TLS.
+//! - [`http1`]: HTTP/1 body framing shared by the edge and the upstream
+//!   client.
 //!
 //! [`app`] wires them together: build, spawn, wait for signals, drain.
 
