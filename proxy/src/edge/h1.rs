@@ -177,6 +177,10 @@ pub async fn serve(
 
 /// One request on the connection, from its first byte to the end of its
 /// response. Gives the wire back if the connection stays open for another.
+///
+/// Its future is boxed per request (`serve`), so its phases are futures of
+/// their own: awaited one after the other, they share the space, and the
+/// box (moved into place once per request) stays small.
 async fn exchange(
     mut wire: Wire,
     slot: &Slot,
@@ -189,13 +193,36 @@ async fn exchange(
         // Closed, failed or too slow before a whole head: nothing to answer.
         Ok(None) => return None,
         Err(refusal) => {
-            // A short text naming the reason; the connection closes after it.
-            let resp = error_response(&refusal);
-            let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
-            linger(wire).await;
+            refuse(wire, refusal).await;
             return None;
         }
     };
+    let answered = answer(head, wire, slot, ctx).await?;
+    respond(answered, drain).await
+}
+
+/// A head that cannot be served: a short text naming the reason, and the
+/// connection closes after it.
+async fn refuse(mut wire: Wire, refusal: Error) {
+    let resp = error_response(&refusal);
+    let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
+    linger(wire).await;
+}
+
+/// The handler's answer to a request, with what writing it needs.
+struct Answered {
+    wire: Wire,
+    response: Response<ProxyBody>,
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    /// Where the socket goes after a `101`.
+    upgrade: Option<oneshot::Sender<Box<dyn TunnelIo>>>,
+}
+
+/// Runs the handler on a parsed request. `None`: the client went away while
+/// its request was in the handler.
+async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -> Option<Answered> {
     let Parsed {
         mut request,
         keep_alive,
@@ -231,12 +258,30 @@ async fn exchange(
         }
         () = client_gone(slot) => None,
     };
-    let mut wire = lock(slot).take()?;
-    // The client went away while its request was in the handler.
-    let response = response?;
-    // A body the handler did not read to its end cannot be skipped safely:
-    // close after the answer (as hyper does).
-    let keep = keep_alive && wire.body_done && !drain.is_cancelled();
+    let wire = lock(slot).take()?;
+    Some(Answered {
+        // A body the handler did not read to its end cannot be skipped
+        // safely: close after the answer (as hyper does).
+        keep_alive: keep_alive && wire.body_done,
+        wire,
+        response: response?,
+        method,
+        version,
+        upgrade,
+    })
+}
+
+/// Writes the answer. `Some`: the connection stays open for another request.
+async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
+    let Answered {
+        mut wire,
+        response,
+        method,
+        version,
+        keep_alive,
+        upgrade,
+    } = a;
+    let keep = keep_alive && !drain.is_cancelled();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(tx) = upgrade else {
             // The handler never lets one through (`upstream::transmit`);

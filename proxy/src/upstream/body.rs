@@ -57,12 +57,21 @@ impl Body for UpstreamBody {
 /// The response body Usher sends to clients: either fully buffered, or a
 /// relay that streams the rest from the backend and holds the slot until
 /// the backend has sent it all.
+///
+/// Small (the rare parts are boxed): a response is moved from future to
+/// future on its way to the client.
 pub struct ProxyBody {
     buffered: VecDeque<Bytes>,
     remaining: u64,
-    trailers: Option<http::HeaderMap>,
-    rest: Option<UpstreamBody>,
-    slot: Option<Slot>,
+    trailers: Option<Box<http::HeaderMap>>,
+    relay: Option<Box<Relay>>,
+}
+
+/// The part of a streamed response still to come from the backend.
+struct Relay {
+    rest: UpstreamBody,
+    /// Held for as long as the backend sends: dropped with the relay.
+    _slot: Slot,
     timer: Option<(prometheus::Histogram, Instant)>,
 }
 
@@ -85,10 +94,8 @@ impl ProxyBody {
         ProxyBody {
             buffered: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
             remaining: size,
-            trailers,
-            rest: None,
-            slot: None,
-            timer: None,
+            trailers: trailers.map(Box::new),
+            relay: None,
         }
     }
 
@@ -102,15 +109,17 @@ impl ProxyBody {
             buffered: chunks,
             remaining: 0,
             trailers: None,
-            rest: Some(rest),
-            slot: Some(slot),
-            timer,
+            relay: Some(Box::new(Relay {
+                rest,
+                _slot: slot,
+                timer,
+            })),
         }
     }
 
     /// Bytes known up front (buffered bodies only).
     pub fn known_len(&self) -> Option<u64> {
-        self.rest.is_none().then_some(self.remaining)
+        self.relay.is_none().then_some(self.remaining)
     }
 }
 
@@ -127,32 +136,32 @@ impl Body for ProxyBody {
             this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if let Some(rest) = this.rest.as_mut() {
-            let polled = Pin::new(rest).poll_frame(cx);
+        if let Some(relay) = this.relay.as_mut() {
+            let polled = Pin::new(&mut relay.rest).poll_frame(cx);
             if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
                 // The backend is done with this request: free its thread
                 // (a whole body has put its connection back already).
-                if let Some((h, t)) = this.timer.take() {
+                if let Some((h, t)) = relay.timer.take() {
                     h.observe(t.elapsed().as_secs_f64());
                 }
-                this.rest = None;
-                this.slot.take();
+                this.relay = None;
             }
             return polled;
         }
-        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))))
     }
 
     fn is_end_stream(&self) -> bool {
         self.buffered.is_empty()
-            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            && self.relay.as_ref().is_none_or(|r| r.rest.is_end_stream())
             && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.rest {
+        match &self.relay {
             None => SizeHint::with_exact(self.remaining),
-            Some(r) => {
+            Some(relay) => {
+                let r = &relay.rest;
                 // What is still buffered plus what the backend has yet to
                 // send. Raised upper bound first: `SizeHint` asserts
                 // lower <= upper on every set.
