@@ -108,6 +108,15 @@ pub fn fill<R: AsyncRead + Unpin>(
     Poll::Ready(Ok(n))
 }
 
+/// Room for the next read of a head: `first` bytes at first, then as much
+/// again as is buffered, so a large head takes few reads.
+pub fn reserve_for_head(buf: &mut BytesMut, first: usize) {
+    if buf.capacity() - buf.len() < 1024 {
+        let more = buf.len().max(first);
+        buf.reserve(more);
+    }
+}
+
 /// At least one more byte, or the close as [`BodyError::Eof`].
 fn more<R: AsyncRead + Unpin>(
     io: &mut R,

@@ -373,10 +373,7 @@ async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>,
                 return Err(Error::HeadTooLarge("request head too large"));
             }
         }
-        if wire.buf.capacity() - wire.buf.len() < 1024 {
-            let more = wire.buf.len().max(FIRST_READ);
-            wire.buf.reserve(more);
-        }
+        crate::http1::reserve_for_head(&mut wire.buf, FIRST_READ);
         match tokio::time::timeout_at(deadline, wire.stream.read_buf(&mut wire.buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Ok(None),

@@ -17,42 +17,9 @@ use crate::dispatch::Slot;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body as it arrives from a backend: off Usher's own HTTP/1
-/// connection (which goes back to the pool when the body has been read
-/// whole), or from hyper's h2 client.
-pub enum UpstreamBody {
-    H1(ResponseBody),
-    H2(Incoming),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-        };
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::H1(b) => b.is_end_stream(),
-            UpstreamBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::H1(b) => b.size_hint(),
-            UpstreamBody::H2(b) => b.size_hint(),
-        }
-    }
-}
+/// connection (`Left`, which goes back to the pool when the body has been
+/// read whole), or from hyper's h2 client (`Right`).
+pub type UpstreamBody = http_body_util::Either<ResponseBody, Incoming>;
 
 /// The response body Usher sends to clients: either fully buffered, or a
 /// relay that streams the rest from the backend and holds the slot until

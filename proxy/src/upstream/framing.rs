@@ -9,6 +9,13 @@ use http::{Method, StatusCode};
 /// [`usher_worker::LoadReport`]), consumed here and never passed to clients.
 pub use usher_worker::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 
+/// Whether a request with a buffered body of `len` bytes says its length to
+/// the backend: when it has a body, and always for the methods that carry
+/// one (an empty POST says `Content-Length: 0`).
+pub fn request_has_length(method: &Method, len: usize) -> bool {
+    len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
 /// Takes a backend's framing headers off its response, so that the framing
 /// the client sees is Usher's own, made from the body Usher really read
 /// (hyper writes `Content-Length` from the body's exact size, or chunks).

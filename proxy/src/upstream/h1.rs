@@ -38,6 +38,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use super::pool::Conn;
 use crate::edge::headers::has_token;
@@ -51,74 +52,13 @@ const MAX_HEADERS: usize = 100;
 const FIRST_READ: usize = 8 * 1024;
 
 /// A backend connection's socket: plain, or TLS.
-pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
-}
+pub type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 impl From<UpstreamStream> for Io {
     fn from(s: UpstreamStream) -> Self {
         match s {
-            UpstreamStream::Plain(t) => Io::Plain(t.into_inner()),
-            UpstreamStream::Tls(t) => Io::Tls(Box::new(t.into_inner())),
+            UpstreamStream::Plain(t) => Either::Left(t.into_inner()),
+            UpstreamStream::Tls(t) => Either::Right(Box::new(t.into_inner())),
         }
     }
 }
@@ -166,9 +106,7 @@ impl Outgoing {
         for (name, value) in set {
             line(name.as_str().as_bytes(), value.as_bytes());
         }
-        let with_length =
-            !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
-        if with_length {
+        if super::framing::request_has_length(&head.method, body.len()) {
             line(
                 b"content-length",
                 crate::http1::itoa(body.len() as u64, &mut [0; 20]),
@@ -202,6 +140,16 @@ pub enum Failure {
         partly: bool,
     },
     Broken(ClientError),
+}
+
+impl From<Failure> for ClientError {
+    /// A stale connection not sent on again: nothing came back.
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Stale { .. } => ClientError::Closed,
+            Failure::Broken(e) => e,
+        }
+    }
 }
 
 /// A response head, and how its body is framed.
@@ -320,10 +268,7 @@ impl Connection {
                         }
                     }
                 }
-                if self.buf.capacity() - self.buf.len() < 1024 {
-                    let more = self.buf.len().max(FIRST_READ);
-                    self.buf.reserve(more);
-                }
+                crate::http1::reserve_for_head(&mut self.buf, FIRST_READ);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                     Poll::Ready(Ok(0)) => {
                         let e = ClientError::Closed;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
@@ -509,7 +509,7 @@ impl Upstream {
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(Box::pin(async move {
                     match pool.send(addr, &out).await {
-                        Ok(r) => Ok(r.map(UpstreamBody::H1)),
+                        Ok(r) => Ok(r.map(UpstreamBody::Left)),
                         Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
                         Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
                     }
@@ -523,7 +523,7 @@ impl Upstream {
                 let pending = self.client.request(req);
                 Ok(Box::pin(async move {
                     match pending.await {
-                        Ok(r) => Ok(r.map(UpstreamBody::H2)),
+                        Ok(r) => Ok(r.map(UpstreamBody::Right)),
                         Err(e) if e.is_connect() => Err(Transmit::Connect(error_chain(&e))),
                         Err(e) => Err(Transmit::Sent(error_chain(&e))),
                     }
@@ -614,7 +614,7 @@ impl Upstream {
         // must refuse (Usher does); the client's host travels in
         // `X-Forwarded-Host`.
         req.headers_mut().remove(http::header::HOST);
-        if len > 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
+        if framing::request_has_length(&head.method, len) {
             req.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         } else {

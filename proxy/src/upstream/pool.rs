@@ -133,15 +133,13 @@ impl Pool {
                 Err(Failure::Stale { partly }) if !partly || is_idempotent(&req.method) => {
                     tracing::debug!(backend = %addr, "stale pooled connection; resending on a new one");
                 }
-                Err(Failure::Stale { .. }) => return Err(SendError::Sent(ClientError::Closed)),
-                Err(Failure::Broken(e)) => return Err(SendError::Sent(e)),
+                Err(f) => return Err(SendError::Sent(f.into())),
             }
         }
         let mut conn = self.connect(addr).await?;
         match conn.connection.round_trip(req).await {
             Ok(head) => Ok(ResponseBody::response(head, conn)),
-            Err(Failure::Stale { .. }) => Err(SendError::Sent(ClientError::Closed)),
-            Err(Failure::Broken(e)) => Err(SendError::Sent(e)),
+            Err(f) => Err(SendError::Sent(f.into())),
         }
     }
 
