@@ -304,12 +304,53 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str>
     };
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid trailer name")?;
+        let name = header_name(f.name.as_bytes()).map_err(|_| "invalid trailer name")?;
         let value = HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
         map.append(name, value);
     }
     buf.advance(len);
     Ok(Some(map))
+}
+
+/// `x-` and `sec-` names that are not among `http`'s standard ones but that
+/// Usher reads or sets, or that common apps and browsers send: interned, so
+/// that parsing one does not allocate (`HeaderName::from_bytes` copies every
+/// name it does not know).
+static INTERNED: [HeaderName; 18] = [
+    HeaderName::from_static("x-usher-load"),
+    HeaderName::from_static("x-usher-worker"),
+    HeaderName::from_static("x-usher-refused"),
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-request-start"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-powered-by"),
+    HeaderName::from_static("x-requested-with"),
+    HeaderName::from_static("x-csrftoken"),
+    HeaderName::from_static("sec-ch-ua"),
+    HeaderName::from_static("sec-ch-ua-mobile"),
+    HeaderName::from_static("sec-ch-ua-platform"),
+    HeaderName::from_static("sec-fetch-site"),
+    HeaderName::from_static("sec-fetch-mode"),
+    HeaderName::from_static("sec-fetch-dest"),
+];
+
+/// A header name off the wire, as `HeaderName::from_bytes` reads it (same
+/// validation, lowercased), without an allocation for the names above.
+pub fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    let prefixed = |p: &[u8]| b.len() > p.len() && b[..p.len()].eq_ignore_ascii_case(p);
+    if prefixed(b"x-") || prefixed(b"sec-") {
+        // A known name matched case-insensitively is made of token bytes.
+        if let Some(n) = INTERNED
+            .iter()
+            .find(|n| n.as_str().len() == b.len() && n.as_str().as_bytes().eq_ignore_ascii_case(b))
+        {
+            return Ok(n.clone());
+        }
+    }
+    HeaderName::from_bytes(b)
 }
 
 /// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
@@ -415,6 +456,33 @@ pub fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_names_read_as_from_bytes_reads_them() {
+        for n in INTERNED.iter() {
+            assert_eq!(
+                HeaderName::from_bytes(n.as_str().as_bytes()).ok().as_ref(),
+                Some(n)
+            );
+        }
+        for b in [
+            &b"X-Usher-Load"[..],
+            b"X-FORWARDED-FOR",
+            b"Sec-Fetch-Site",
+            b"x-other",
+            b"X-",
+            b"sec-",
+            b"Content-Type",
+            b"set-cookie",
+            b"x-bad name",
+            b"x-bad\xff",
+            b"",
+        ] {
+            let (ours, http) = (header_name(b), HeaderName::from_bytes(b));
+            assert_eq!(ours.is_ok(), http.is_ok(), "{b:?}");
+            assert_eq!(ours.ok(), http.ok(), "{b:?}");
+        }
+    }
 
     #[test]
     fn chunk_size_lines_are_strict() {

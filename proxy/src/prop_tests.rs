@@ -1212,7 +1212,8 @@ proptest! {
         let before = h.clone();
         let peer = peer.to_string();
 
-        headers::set_forwarded(&mut h, &peer, proto, host.as_deref());
+        let host_value = host.as_deref().and_then(|s| HeaderValue::from_str(s).ok());
+        headers::set_forwarded(&mut h, &headers::ip_value(peer.parse().unwrap()), proto, host_value.as_ref());
 
         let prev = prior
             .as_deref()

@@ -46,7 +46,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -435,9 +435,12 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     let mut saw_cl = false;
     let mut expect_continue = false;
     let mut wants_upgrade = method == Method::CONNECT;
-    let mut headers = HeaderMap::with_capacity(at.len());
+    // Room for what the handler adds (`X-Forwarded-*`, `X-Request-Id`),
+    // so that the map is not grown (and rehashed) on the way.
+    let mut headers = HeaderMap::with_capacity(at.len() + 6);
     for (name, value) in at {
-        let name = HeaderName::from_bytes(&head[name]).map_err(|_| bad("invalid header name"))?;
+        let name =
+            crate::http1::header_name(&head[name]).map_err(|_| bad("invalid header name"))?;
         let value = if value.is_empty() {
             HeaderValue::from_static("")
         } else {

@@ -36,7 +36,7 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     /// `peer`'s IP as text, for `X-Forwarded-For` (made once per connection).
-    pub peer_ip: String,
+    pub peer_ip: HeaderValue,
     pub tls: bool,
     /// `Strict-Transport-Security` for every response (TLS listeners).
     pub hsts: Option<HeaderValue>,
@@ -63,12 +63,16 @@ pub async fn handle<B: RequestBody>(
 
     let (host, bad_host) = match headers::request_authority(req.version(), req.uri(), req.headers())
     {
-        Ok(h) => (h.map(str::to_string), None),
+        Ok(h) => (
+            h.and_then(|a| headers::authority_value(req.headers(), a)),
+            None,
+        ),
         Err(reason) => (None, Some(reason)),
     };
+    let host_str = host.as_ref().and_then(|v| v.to_str().ok());
     let route = match bad_host {
         Some(_) => None,
-        None => state.route(host.as_deref().unwrap_or(""), req.uri().path()),
+        None => state.route(host_str.unwrap_or(""), req.uri().path()),
     };
     let (route_name, upstream_name) = match route {
         Some(r) => (r.name.as_str(), r.upstream.name.as_str()),
@@ -102,7 +106,7 @@ pub async fn handle<B: RequestBody>(
         }),
         _ if ctx.redirect_https_port.is_some() => Ok(Forwarded {
             response: redirect_to_https(
-                host.as_deref(),
+                host_str,
                 req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 ctx.redirect_https_port.unwrap_or(443),
             ),
@@ -117,7 +121,7 @@ pub async fn handle<B: RequestBody>(
         }),
         None => Err(Failed {
             error: Error::NoRoute {
-                host: host.clone().unwrap_or_default(),
+                host: host_str.unwrap_or_default().to_string(),
                 path: req.uri().path().to_string(),
             },
             backend: None,
@@ -133,12 +137,12 @@ pub async fn handle<B: RequestBody>(
                     req,
                     &upstream,
                     &ctx,
-                    host.as_deref(),
+                    host.as_ref(),
                     &request_id,
                 ))
                 .await
             } else {
-                match read_request(req, &state, &ctx, host.as_deref(), &request_id).await {
+                match read_request(req, &state, &ctx, host.as_ref(), &request_id).await {
                     Err(error) => Err(Failed {
                         error,
                         backend: None,
@@ -251,7 +255,7 @@ async fn read_request<B: RequestBody>(
     req: Request<B>,
     state: &State,
     ctx: &ConnCtx,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<(http::request::Parts, Bytes, std::time::SystemTime), Error> {
     headers::check_framing(req.headers()).map_err(Error::BadRequest)?;

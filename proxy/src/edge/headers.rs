@@ -161,30 +161,56 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(new_request_id)
 }
 
+/// The request's authority (from [`request_authority`]) as a header value:
+/// the `Host` header's own when it is that one (shared, not copied).
+pub fn authority_value(h: &HeaderMap, authority: &str) -> Option<HeaderValue> {
+    match h.get(header::HOST) {
+        Some(v) if v.as_bytes() == authority.as_bytes() => Some(v.clone()),
+        _ => HeaderValue::from_str(authority).ok(),
+    }
+}
+
+/// A peer's address as it goes into `X-Forwarded-For`: made once per
+/// connection.
+pub fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
 /// Every `X-Forwarded-For` line the client sent is kept, in order, as one
 /// list (a line that is not text is dropped). A client's `X-Forwarded-Host`
 /// never passes when Usher has no host of its own to put there.
-pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host: Option<&str>) {
-    let mut xff = String::new();
-    for prev in h
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    peer_ip: &HeaderValue,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let mut prev = h
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-    {
-        let prev = prev.trim();
-        if !prev.is_empty() {
-            xff.push_str(prev);
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    let xff = if prev.peek().is_none() {
+        // The common case: the peer alone, shared from the connection.
+        Some(peer_ip.clone())
+    } else {
+        let mut xff = String::new();
+        for p in prev {
+            xff.push_str(p);
             xff.push_str(", ");
         }
-    }
-    xff.push_str(peer_ip);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+        xff.push_str(peer_ip.to_str().unwrap_or_default());
+        HeaderValue::from_str(&xff).ok()
+    };
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+    match host {
+        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v.clone()),
         None => h.remove(&X_FORWARDED_HOST),
     };
 }
@@ -194,15 +220,17 @@ pub fn set_forwarded(h: &mut HeaderMap, peer_ip: &str, proto: &'static str, host
 /// [`request_authority`]: an absolute-form target's or h2's `:authority`).
 pub fn set_upstream_identity(
     h: &mut HeaderMap,
-    peer_ip: &str,
+    peer_ip: &HeaderValue,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
     set_forwarded(h, peer_ip, proto, host);
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-        h.insert(header::HOST, v);
+    if let Some(v) = host {
+        if h.get(header::HOST) != Some(v) {
+            h.insert(header::HOST, v.clone());
+        }
     }
 }
 
@@ -330,7 +358,12 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        set_forwarded(&mut h, "127.0.0.1", "http", Some("example.com"));
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            "http",
+            Some(&HeaderValue::from_static("example.com")),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
@@ -338,7 +371,7 @@ mod tests {
         h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
         h.append("x-forwarded-for", "2.2.2.2, 3.3.3.3".parse().unwrap());
         h.insert("x-forwarded-host", "spoofed".parse().unwrap());
-        set_forwarded(&mut h, "9.9.9.9", "http", None);
+        set_forwarded(&mut h, &HeaderValue::from_static("9.9.9.9"), "http", None);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 9.9.9.9");
         assert!(!h.contains_key("x-forwarded-host"));
     }

@@ -352,7 +352,7 @@ pub async fn serve(
             ctx: Arc::new(ConnCtx {
                 shared: shared.clone(),
                 peer,
-                peer_ip: peer.ip().to_string(),
+                peer_ip: crate::edge::headers::ip_value(peer.ip()),
                 tls: settings.tls.is_some(),
                 hsts: lc
                     .as_ref()

@@ -185,7 +185,7 @@ pub async fn forward<B>(
     mut req: Request<B>,
     up: &Arc<Upstream>,
     ctx: &ConnCtx,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -205,11 +205,8 @@ pub async fn forward<B>(
     prepare_head(&mut head, ctx, host, request_id);
     if up.cfg.request_start_header {
         // An upgrade waits for no slot (unless `hold_slot`): no queue time.
-        crate::upstream::stamp::stamp_request_start(
-            &mut head.headers,
-            std::time::SystemTime::now(),
-            Duration::ZERO,
-        );
+        crate::upstream::stamp::Stamp::new(std::time::SystemTime::now(), Duration::ZERO)
+            .insert_into(&mut head.headers);
     }
     let mut exchange = Upgrade {
         up: up.clone(),
@@ -306,7 +303,7 @@ impl crate::upstream::Exchange for Upgrade {
 fn prepare_head(
     head: &mut http::request::Parts,
     ctx: &ConnCtx,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
     let h = &mut head.headers;

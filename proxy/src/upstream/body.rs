@@ -54,12 +54,13 @@ impl ProxyBody {
     }
 
     pub(crate) fn buffered(
-        chunks: VecDeque<Bytes>,
+        mut chunks: VecDeque<Bytes>,
         size: u64,
         trailers: Option<http::HeaderMap>,
     ) -> Self {
+        chunks.retain(|c| !c.is_empty());
         ProxyBody {
-            buffered: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            buffered: chunks,
             remaining: size,
             trailers: trailers.map(Box::new),
             relay: None,

@@ -31,7 +31,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -66,7 +66,7 @@ impl From<UpstreamStream> for Io {
 /// A request as it goes on the wire: encoded once, so it can be sent again
 /// on a new connection when a pooled one turns out closed.
 pub struct Outgoing {
-    pub head: Bytes,
+    pub head: Vec<u8>,
     pub body: Bytes,
     pub method: Method,
 }
@@ -75,24 +75,25 @@ impl Outgoing {
     /// Encodes the request `head` for a backend: origin-form `target`, every
     /// header of `head` except those named in `set` (which replace them) and
     /// `Content-Length` (Usher's own, from the buffered body), and `host`
-    /// (the backend's authority) when the request has no `Host`.
+    /// (the backend's authority) when the request has no `Host`. The headers
+    /// in `set` have numbers for values (`stamp::Stamp`).
     pub fn new(
         head: &http::request::Parts,
         target: &str,
         host: &str,
         body: Bytes,
-        set: &[(&HeaderName, HeaderValue)],
+        set: &[(&HeaderName, u64)],
     ) -> Self {
-        let mut out = BytesMut::with_capacity(256 + head.headers.len() * 48);
-        out.put_slice(head.method.as_str().as_bytes());
-        out.put_u8(b' ');
-        out.put_slice(target.as_bytes());
-        out.put_slice(b" HTTP/1.1\r\n");
+        let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
+        out.extend_from_slice(head.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
         let mut line = |name: &[u8], value: &[u8]| {
-            out.put_slice(name);
-            out.put_slice(b": ");
-            out.put_slice(value);
-            out.put_slice(b"\r\n");
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
         };
         if !head.headers.contains_key(header::HOST) {
             line(b"host", host.as_bytes());
@@ -103,8 +104,11 @@ impl Outgoing {
             }
             line(name.as_str().as_bytes(), value.as_bytes());
         }
-        for (name, value) in set {
-            line(name.as_str().as_bytes(), value.as_bytes());
+        for &(name, n) in set {
+            line(
+                name.as_str().as_bytes(),
+                crate::http1::itoa(n, &mut [0; 20]),
+            );
         }
         if super::framing::request_has_length(&head.method, body.len()) {
             line(
@@ -112,9 +116,9 @@ impl Outgoing {
                 crate::http1::itoa(body.len() as u64, &mut [0; 20]),
             );
         }
-        out.put_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n");
         Outgoing {
-            head: out.freeze(),
+            head: out,
             body,
             method: head.method.clone(),
         }
@@ -354,7 +358,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let (mut te, mut chunked) = (0, false);
     let mut length: Option<u64> = None;
     for (name, value) in at {
-        let name = HeaderName::from_bytes(&head[name]).map_err(|_| "invalid header name")?;
+        let name = crate::http1::header_name(&head[name]).map_err(|_| "invalid header name")?;
         let value = if value.is_empty() {
             HeaderValue::from_static("")
         } else {
@@ -580,7 +584,7 @@ mod tests {
             "/a?b",
             "10.0.0.1:80",
             Bytes::from_static(b"hey"),
-            &[(&start, HeaderValue::from_static("2"))],
+            &[(&start, 2)],
         );
         assert_eq!(
             &out.head[..],

@@ -296,7 +296,7 @@ impl Upstream {
         let stamp = self
             .cfg
             .request_start_header
-            .then(|| stamp::request_start(read_at, queued));
+            .then(|| stamp::Stamp::new(read_at, queued));
         let mut pending = match self.transmit(head, body, &backend, stamp) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
@@ -497,14 +497,14 @@ impl Upstream {
         head: &http::request::Parts,
         body: Bytes,
         backend: &Backend,
-        stamp: Option<[(&'static http::HeaderName, HeaderValue); 2]>,
+        stamp: Option<stamp::Stamp>,
     ) -> Result<Pending, Error> {
         match self.cfg.protocol {
             UpstreamProtocol::Http1 => {
                 // Origin-form, with the `Host` the edge set (an HTTP/1.0
                 // request may have none: then the backend's address).
                 let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
-                let set = stamp.as_ref().map_or(&[][..], |s| &s[..]);
+                let set = stamp.as_ref().map_or(&[][..], stamp::Stamp::fields);
                 let out = Outgoing::new(head, target, backend.authority.as_str(), body, set);
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(Box::pin(async move {
@@ -517,8 +517,8 @@ impl Upstream {
             }
             UpstreamProtocol::Http2 => {
                 let mut req = self.h2_request(head, body, backend)?;
-                for (name, value) in stamp.into_iter().flatten() {
-                    req.headers_mut().insert(name.clone(), value);
+                if let Some(stamp) = stamp {
+                    stamp.insert_into(req.headers_mut());
                 }
                 let pending = self.client.request(req);
                 Ok(Box::pin(async move {
