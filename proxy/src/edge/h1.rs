@@ -125,6 +125,9 @@ pub async fn serve(
         pipelined: false,
     };
     let mut idle_for = header_timeout.min(keepalive);
+    // One wait for the drain for the connection's life: registered once,
+    // not once per request.
+    let mut drained = std::pin::pin!(drain.clone().cancelled_owned());
     loop {
         // Empty lines between requests are allowed (RFC 9112 §2.2).
         while let Some(n) = [&b"\r\n"[..], b"\n"]
@@ -142,8 +145,9 @@ pub async fn serve(
             let deadline = Instant::now() + idle_for;
             loop {
                 let ready = tokio::select! {
+                    biased;
+                    () = &mut drained => false,
                     r = tokio::time::timeout_at(deadline, wire.stream.readable()) => matches!(r, Ok(Ok(()))),
-                    () = drain.cancelled() => false,
                 };
                 if !ready {
                     return;
@@ -252,6 +256,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
     });
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
+        biased;
         r = &mut handler => {
             let Ok(r) = r;
             Some(r)

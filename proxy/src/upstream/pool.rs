@@ -136,7 +136,9 @@ impl Pool {
                 Err(f) => return Err(SendError::Sent(f.into())),
             }
         }
-        let mut conn = self.connect(addr).await?;
+        // Boxed: connecting (TCP, maybe TLS) is rare on a warm pool, and its
+        // future would make every request's as large.
+        let mut conn = Box::pin(self.connect(addr)).await?;
         match conn.connection.round_trip(req).await {
             Ok(head) => Ok(ResponseBody::response(head, conn)),
             Err(f) => Err(SendError::Sent(f.into())),
