@@ -426,26 +426,38 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Only the dispatcher calls these, under its lock.
+    /// Only the dispatcher calls these, under its lock. `now`: the caller's
+    /// clock reading (one per dispatch step, not one per count).
+    #[cfg(test)]
     pub(crate) fn inc(&self) {
-        let _area = self.advance_area();
+        self.inc_at(Instant::now());
+    }
+    pub(crate) fn inc_at(&self, now: Instant) {
+        let _area = self.advance_area(now);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
+    #[cfg(test)]
     pub(crate) fn dec(&self) {
-        let _area = self.advance_area();
+        self.dec_at(Instant::now());
+    }
+    pub(crate) fn dec_at(&self, now: Instant) {
+        let _area = self.advance_area(now);
         let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
 
-    fn micros(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    fn micros(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Brings the in-flight integral up to now; the count may change while
+    /// Brings the in-flight integral up to `now`; the count may change while
     /// the returned guard is held.
-    fn advance_area(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
-        let now = self.micros();
+    fn advance_area(&self, now: Instant) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        let now = self.micros(now);
         let mut a = self.load_area.lock().unwrap_or_else(|e| e.into_inner());
+        // Readings taken before the lock may arrive out of order (several
+        // worker threads): the integral never goes back in time.
+        let now = now.max(a.1);
         // Requests that can be running: past the threads (a prefetched
         // extra) one waits in the worker's queue and contends with nobody.
         let running = self
@@ -462,7 +474,12 @@ impl Backend {
     /// count of requests running (in flight, at most the threads) between
     /// them (see [`Backend::learn`]).
     pub fn load_mark(&self) -> LoadMark {
-        let a = self.advance_area();
+        self.load_mark_at(Instant::now())
+    }
+
+    /// [`Backend::load_mark`] at a clock reading the caller already has.
+    pub fn load_mark_at(&self, now: Instant) -> LoadMark {
+        let a = self.advance_area(now);
         LoadMark {
             area: a.0,
             at_us: a.1,
@@ -536,7 +553,7 @@ impl Backend {
     pub fn learned_view(&self) -> LearnedView {
         let threads = self.threads();
         let why = if self.learns() && self.learn_enabled.load(Ordering::Relaxed) {
-            let now_ms = self.micros() / 1000;
+            let now_ms = self.micros(Instant::now()) / 1000;
             let l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
             l.why(threads, now_ms)
         } else {

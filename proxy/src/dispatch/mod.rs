@@ -401,7 +401,7 @@ impl Dispatcher {
             if inner.prefetch.limit > 0 {
                 // Time alone brings threads near their end: the head (maybe
                 // this one) may go as an extra now.
-                self.serve_queue(&mut inner);
+                self.serve_queue_at(&mut inner, now, tnow);
             }
             self.metrics.depth.set(inner.queue.len() as i64);
             (rx, id, inner.timeout)
@@ -479,7 +479,7 @@ impl Dispatcher {
             None => (Self::pick_extra(inner, avoid, expected, now, tnow)?, false),
         };
         let backend = inner.backends[i].clone();
-        backend.inc();
+        backend.inc_at(now);
         let id = inner.next_id;
         inner.next_id += 1;
         inner.tracks[i].running.push(InFlight {
@@ -565,9 +565,10 @@ impl Dispatcher {
                 inner.estimates.observe(class, secs);
             }
         }
-        backend.dec();
-        let ran = Self::finished(&mut inner, backend, id, tokio::time::Instant::now());
-        self.serve_queue(&mut inner);
+        let (now, tnow) = (Instant::now(), tokio::time::Instant::now());
+        backend.dec_at(now);
+        let ran = Self::finished(&mut inner, backend, id, tnow);
+        self.serve_queue_at(&mut inner, now, tnow);
         ran
     }
 
@@ -622,8 +623,16 @@ impl Dispatcher {
     /// Hands free slots to the head of the queue, in order; then, if the
     /// queue is overloaded, sheds the waiters that are too old.
     fn serve_queue(self: &Arc<Self>, inner: &mut Inner) {
-        let now = Instant::now();
-        let tnow = tokio::time::Instant::now();
+        self.serve_queue_at(inner, Instant::now(), tokio::time::Instant::now());
+    }
+
+    /// [`Dispatcher::serve_queue`] at clock readings the caller has.
+    fn serve_queue_at(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        now: Instant,
+        tnow: tokio::time::Instant,
+    ) {
         if !inner.queue.is_empty() && !inner.backends.iter().any(|b| b.health.is_available(now)) {
             // Nothing can serve them: tell them now instead of at the timeout.
             for w in inner.queue.drain(..) {
@@ -645,7 +654,7 @@ impl Dispatcher {
                 // The request went away between its timeout and now; undo
                 // without re-entering the lock we hold.
                 slot.armed = false;
-                slot.backend.dec();
+                slot.backend.dec_at(now);
                 if let Some(t) = inner
                     .tracks
                     .iter_mut()

@@ -35,7 +35,8 @@ pub struct Shared {
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
-    /// `peer`'s IP as text, for `X-Forwarded-For` (made once per connection).
+    /// `peer`'s IP as a header value, for `X-Forwarded-For` (made once per
+    /// connection, shared by its requests).
     pub peer_ip: HeaderValue,
     pub tls: bool,
     /// `Strict-Transport-Security` for every response (TLS listeners).

@@ -292,7 +292,7 @@ impl Upstream {
         let class = self.class_of(head);
         let backend = slot.backend().clone();
         let started = Instant::now();
-        let sent = backend.load_mark();
+        let sent = backend.load_mark_at(started);
         let stamp = self
             .cfg
             .request_start_header
