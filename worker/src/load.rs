@@ -191,8 +191,22 @@ impl FromStr for LoadReport {
     type Err = LoadReportError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse_noting_busy(s).map(|(report, _)| report)
+    }
+}
+
+impl LoadReport {
+    /// Reads a report as [`FromStr`] does, in one pass, and says whether it
+    /// names `busy` at all (a proxy counts a worker's taken threads only
+    /// from reports that say them).
+    pub fn parse_noting_busy(s: &str) -> Result<(Self, bool), LoadReportError> {
         let (mut threads, mut busy, mut queued, mut refused) = (None, 0, 0, 0);
-        for (key, value) in s.split(',').filter_map(|item| item.split_once('=')) {
+        let mut says_busy = false;
+        for item in s.split(',') {
+            says_busy |= item.split('=').next().is_some_and(|k| k.trim() == "busy");
+            let Some((key, value)) = item.split_once('=') else {
+                continue;
+            };
             let (key, value) = (key.trim(), value.trim());
             let not_a_number = |key| LoadReportError::NotANumber {
                 key,
@@ -210,18 +224,34 @@ impl FromStr for LoadReport {
             };
             *slot = value.parse().map_err(|_| not_a_number(key))?;
         }
-        Ok(LoadReport {
+        let report = LoadReport {
             threads: threads.ok_or(LoadReportError::NoThreads)?,
             busy,
             queued,
             refused,
-        })
+        };
+        Ok((report, says_busy))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_says_whether_it_names_busy() {
+        let (r, says) = LoadReport::parse_noting_busy("threads=4, busy=2, queued=1").unwrap();
+        assert_eq!((r.threads, r.busy, r.queued, says), (4, 2, 1, true));
+        let (r, says) = LoadReport::parse_noting_busy("threads=4").unwrap();
+        assert_eq!((r.busy, says), (0, false));
+        let (_, says) = LoadReport::parse_noting_busy("threads=4, busy").unwrap();
+        assert!(says);
+        assert_eq!(
+            LoadReport::parse_noting_busy("threads=4, busy=x").map(|(r, _)| r),
+            "threads=4, busy=x".parse::<LoadReport>()
+        );
+        assert!(LoadReport::parse_noting_busy("busy=1").is_err());
+    }
 
     #[test]
     fn guard_tracks_busy_and_peak() {

@@ -36,10 +36,7 @@ pub use crate::health::Load;
 /// [`LoadReport`]; this narrows it to a capacity and, when the report names
 /// `busy`, what is taken.
 pub fn parse_load(v: &str) -> Option<Load> {
-    let report: LoadReport = v.parse().ok()?;
-    let says_busy = v
-        .split(',')
-        .any(|item| item.split('=').next().is_some_and(|k| k.trim() == "busy"));
+    let (report, says_busy) = LoadReport::parse_noting_busy(v).ok()?;
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
         taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
