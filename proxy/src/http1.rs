@@ -317,9 +317,9 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str>
 /// that parsing one does not allocate (`HeaderName::from_bytes` copies every
 /// name it does not know).
 static INTERNED: [HeaderName; 18] = [
-    HeaderName::from_static("x-usher-load"),
-    HeaderName::from_static("x-usher-worker"),
-    HeaderName::from_static("x-usher-refused"),
+    usher_worker::X_USHER_LOAD,
+    usher_worker::X_USHER_WORKER,
+    usher_worker::X_USHER_REFUSED,
     HeaderName::from_static("x-request-id"),
     HeaderName::from_static("x-request-start"),
     HeaderName::from_static("x-forwarded-for"),

@@ -550,7 +550,7 @@ impl Backend {
     pub fn learned_view(&self) -> LearnedView {
         let threads = self.threads();
         let why = if self.learns() && self.learn_enabled.load(Ordering::Relaxed) {
-            let now_ms = self.micros(Instant::now()) / 1000;
+            let now_ms = self.now_ms();
             let l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
             l.why(threads, now_ms)
         } else {
