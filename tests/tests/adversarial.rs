@@ -1999,3 +1999,52 @@ fn h2_two_host_headers_are_400() {
     e.assert_backends_saw_nothing();
     e.finish();
 }
+
+/// The backend trusts what Usher tells it about a request (who sent it, over
+/// what, for which host, under which id), so a client's own versions of
+/// those headers never reach it beside Usher's: one of each, Usher's values,
+/// the client's `X-Forwarded-For` kept as the start of the list. An
+/// absolute-form target routes, and is the `Host` the backend gets.
+#[test]
+fn the_backend_gets_usher_s_forwarding_headers_never_the_client_s() {
+    let e = Edge::start();
+    let spoofed = "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n\
+                   X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
+                   X-Request-Id: trace-1\r\nConnection: close, X-Secret\r\nX-Secret: hop\r\n";
+    for (target, host, backend, routed) in [
+        ("/who", "main.test", &e.main, "main.test"),
+        ("http://alt.test/who", "main.test", &e.alt, "alt.test"),
+    ] {
+        let mut c = e.client();
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{spoofed}\r\n").as_bytes())
+            .unwrap();
+        let r = c.expect_response(&format!("GET {target} with spoofed forwarding headers"));
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.header("x-request-id"), Some("trace-1"));
+        let seen = backend.requests();
+        let req = seen
+            .iter()
+            .find(|r| r.target == "/who")
+            .unwrap_or_else(|| panic!("{} got no /who: {seen:?}", backend.name()));
+        for (name, want) in [
+            ("host", routed),
+            ("x-forwarded-for", "6.6.6.6, 7.7.7.7, 127.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", routed),
+            ("x-request-id", "trace-1"),
+        ] {
+            assert_eq!(req.header(name), Some(want), "{name} for {target}: {req:?}");
+            assert_eq!(
+                req.header_count(name),
+                1,
+                "one {name} for {target}: {req:?}"
+            );
+        }
+        assert_eq!(
+            req.header_count("x-secret"),
+            0,
+            "a Connection-named header passed"
+        );
+    }
+    e.finish();
+}

@@ -192,7 +192,7 @@ async fn exchange(
     header_timeout: Duration,
     drain: &CancellationToken,
 ) -> Option<Wire> {
-    let head = match read_head(&mut wire, Instant::now() + header_timeout).await {
+    let head = match read_head(&mut wire, header_timeout).await {
         Ok(Some(h)) => h,
         // Closed, failed or too slow before a whole head: nothing to answer.
         Ok(None) => return None,
@@ -367,8 +367,10 @@ struct Parsed {
 }
 
 /// Reads until a whole head is in `wire.buf`, and parses it. `Ok(None)`:
-/// the client closed, failed, or did not finish the head by `deadline`.
-async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>, Error> {
+/// the client closed, failed, or did not finish the head within `timeout`
+/// (counted from the first wait: a head already read whole needs no clock).
+async fn read_head(wire: &mut Wire, timeout: Duration) -> Result<Option<Parsed>, Error> {
+    let mut deadline = None;
     loop {
         if !wire.buf.is_empty() {
             if let Some(p) = parse(&mut wire.buf)? {
@@ -379,6 +381,7 @@ async fn read_head(wire: &mut Wire, deadline: Instant) -> Result<Option<Parsed>,
             }
         }
         crate::http1::reserve_for_head(&mut wire.buf, FIRST_READ);
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
         match tokio::time::timeout_at(deadline, wire.stream.read_buf(&mut wire.buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Ok(None),
@@ -775,11 +778,27 @@ async fn write_response(
 /// `SEND_TIMEOUT` fails.
 async fn write_all(stream: &mut TcpStream, mut buf: impl Buf) -> io::Result<()> {
     while buf.has_remaining() {
-        let write =
-            poll_fn(|cx| tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf));
-        let n = tokio::time::timeout(SEND_TIMEOUT, write)
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        // Tried once first: a socket with room takes it at once, and no
+        // timer is made (nor the clock read) for a write that cannot stall.
+        let now = poll_fn(|cx| {
+            Poll::Ready(tokio_util::io::poll_write_buf(
+                Pin::new(&mut *stream),
+                cx,
+                &mut buf,
+            ))
+        })
+        .await;
+        let n = match now {
+            Poll::Ready(r) => r?,
+            Poll::Pending => {
+                let write = poll_fn(|cx| {
+                    tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf)
+                });
+                tokio::time::timeout(SEND_TIMEOUT, write)
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??
+            }
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 
 use crate::control::state::State;
-use crate::edge::headers::{self, X_REQUEST_ID};
+use crate::edge::headers::{self, Identity, X_REQUEST_ID};
 use crate::error::Error;
 use crate::observe::access_log::{AccessLog, Entry};
 use crate::observe::metrics::Metrics;
@@ -149,7 +149,9 @@ pub async fn handle<B: RequestBody>(
                         backend: None,
                         queue_wait: Duration::ZERO,
                     }),
-                    Ok((head, body, read_at)) => upstream.forward(head, body, read_at).await,
+                    Ok((head, identity, body, read_at)) => {
+                        upstream.forward(head, identity, body, read_at).await
+                    }
                 }
             }
         }
@@ -243,7 +245,9 @@ pub async fn handle<B: RequestBody>(
 }
 
 /// Checks framing, reads the whole body (bounded in size, in time between
-/// reads, and in total time), and rewrites the head for the backend.
+/// reads, and in total time), and rewrites the head for the backend: less
+/// its hop-by-hop and framing headers, with what Usher tells the backend
+/// beside it (`Identity`).
 ///
 /// HTTP/1 request trailers are refused (400, and the connection closes): no
 /// backend needs them (the body is re-sent with a `Content-Length`), and a
@@ -258,7 +262,7 @@ async fn read_request<B: RequestBody>(
     ctx: &ConnCtx,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
-) -> Result<(http::request::Parts, Bytes, std::time::SystemTime), Error> {
+) -> Result<(http::request::Parts, Identity, Bytes, std::time::SystemTime), Error> {
     headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
     let limit = state.config.limits.max_request_body.0;
     let declared = req
@@ -321,13 +325,13 @@ async fn read_request<B: RequestBody>(
     headers::strip_hop_by_hop(h);
     h.remove(header::CONTENT_LENGTH);
     let proto = if ctx.tls { "https" } else { "http" };
-    headers::set_upstream_identity(h, &ctx.peer_ip, proto, host, request_id);
+    let identity = Identity::new(h, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;
     let body = match first {
         Some(f) if buf.is_empty() => f,
         _ => buf.freeze(),
     };
-    Ok((head, body, read_at))
+    Ok((head, identity, body, read_at))
 }
 
 /// `308` to the same host (without its port) and path on `https://`.

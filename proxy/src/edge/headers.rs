@@ -176,43 +176,16 @@ pub fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
 }
 
-/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
-/// Every `X-Forwarded-For` line the client sent is kept, in order, as one
-/// list (a line that is not text is dropped). A client's `X-Forwarded-Host`
-/// never passes when Usher has no host of its own to put there.
+/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`, as
+/// [`Identity`] does (tests check the list rules through it).
+#[cfg(test)]
 pub fn set_forwarded(
     h: &mut HeaderMap,
     peer_ip: &HeaderValue,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let mut prev = h
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .peekable();
-    let xff = if prev.peek().is_none() {
-        // The common case: the peer alone, shared from the connection.
-        Some(peer_ip.clone())
-    } else {
-        let mut xff = String::new();
-        for p in prev {
-            xff.push_str(p);
-            xff.push_str(", ");
-        }
-        xff.push_str(peer_ip.to_str().unwrap_or_default());
-        HeaderValue::from_str(&xff).ok()
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    match host {
-        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v.clone()),
-        None => h.remove(&X_FORWARDED_HOST),
-    };
+    Identity::new(h, peer_ip, proto, host, &HeaderValue::from_static("-")).insert_forwarded(h);
 }
 
 /// What Usher tells a backend about the request: `X-Forwarded-*`,
@@ -225,11 +198,124 @@ pub fn set_upstream_identity(
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
-    set_forwarded(h, peer_ip, proto, host);
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(v) = host {
-        if h.get(header::HOST) != Some(v) {
-            h.insert(header::HOST, v.clone());
+    Identity::new(h, peer_ip, proto, host, request_id).insert_into(h);
+}
+
+/// The headers [`set_upstream_identity`] sets, made once per request and
+/// kept beside the client's head rather than put into it: an HTTP/1 backend
+/// gets them written straight into the request it is sent
+/// (`upstream::h1::Outgoing`), skipping the client's own, and an h2 backend
+/// through [`Identity::insert_into`]. Inserting five names into a header map
+/// costs more than writing five lines.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `None` only when the joined list is not a header value: the client's
+    /// lines then pass as they are.
+    forwarded_for: Option<HeaderValue>,
+    proto: &'static str,
+    /// The routed host: `Host` and `X-Forwarded-Host`. With none, the
+    /// client's `X-Forwarded-Host` is dropped and its `Host` (if any) kept.
+    host: Option<HeaderValue>,
+    request_id: HeaderValue,
+}
+
+impl Identity {
+    /// Every `X-Forwarded-For` line the client sent is kept, in order, as one
+    /// list with the peer appended (a line that is not text is dropped).
+    pub fn new(
+        h: &HeaderMap,
+        peer_ip: &HeaderValue,
+        proto: &'static str,
+        host: Option<&HeaderValue>,
+        request_id: &HeaderValue,
+    ) -> Self {
+        let mut prev = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .peekable();
+        let forwarded_for = if prev.peek().is_none() {
+            // The common case: the peer alone, shared from the connection.
+            Some(peer_ip.clone())
+        } else {
+            let mut xff = String::new();
+            for p in prev {
+                xff.push_str(p);
+                xff.push_str(", ");
+            }
+            xff.push_str(peer_ip.to_str().unwrap_or_default());
+            HeaderValue::from_str(&xff).ok()
+        };
+        Identity {
+            forwarded_for,
+            proto,
+            host: host.cloned(),
+            request_id: request_id.clone(),
+        }
+    }
+
+    /// The routed host, when there is one (it replaces the client's `Host`).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// Sets the `X-Forwarded-*` headers in `h`, replacing the client's.
+    fn insert_forwarded(&self, h: &mut HeaderMap) {
+        if let Some(v) = &self.forwarded_for {
+            h.insert(X_FORWARDED_FOR.clone(), v.clone());
+        }
+        h.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(self.proto),
+        );
+        match &self.host {
+            Some(v) => h.insert(X_FORWARDED_HOST.clone(), v.clone()),
+            None => h.remove(&X_FORWARDED_HOST),
+        };
+    }
+
+    /// Whether the client's header `name` gives way to these: it is not sent.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        if *name == header::HOST {
+            return self.host.is_some();
+        }
+        // Only `x-` names below; most headers are standard ones.
+        if !name.as_str().starts_with("x-") {
+            return false;
+        }
+        (*name == X_FORWARDED_FOR && self.forwarded_for.is_some())
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || *name == X_REQUEST_ID
+    }
+
+    /// The `X-` headers as name and value, in the order they are sent
+    /// (`Host` is not among them: see [`Identity::host`]).
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
+        let xff = self
+            .forwarded_for
+            .as_ref()
+            .map(|v| (&X_FORWARDED_FOR, v.as_bytes()));
+        let host = self
+            .host
+            .as_ref()
+            .map(|v| (&X_FORWARDED_HOST, v.as_bytes()));
+        xff.into_iter()
+            .chain([(&X_FORWARDED_PROTO, self.proto.as_bytes())])
+            .chain(host)
+            .chain([(&X_REQUEST_ID, self.request_id.as_bytes())])
+    }
+
+    /// Sets them all in `h`, replacing the client's.
+    pub fn insert_into(&self, h: &mut HeaderMap) {
+        self.insert_forwarded(h);
+        h.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        if let Some(v) = &self.host {
+            if h.get(header::HOST) != Some(v) {
+                h.insert(header::HOST, v.clone());
+            }
         }
     }
 }

@@ -41,7 +41,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 use super::pool::Conn;
-use crate::edge::headers::has_token;
+use crate::edge::headers::{has_token, Identity};
 use crate::edge::listener::MAX_HEAD;
 use crate::http1::{digits, offset, BodyError, Decode, Decoder, Trailers};
 use crate::tls::connector::UpstreamStream;
@@ -73,15 +73,17 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// Encodes the request `head` for a backend: origin-form `target`, every
-    /// header of `head` except those named in `set` (which replace them) and
-    /// `Content-Length` (Usher's own, from the buffered body), and `host`
-    /// (the backend's authority) when the request has no `Host`. The headers
+    /// header of `head` except those that `identity` or `set` replace and
+    /// `Content-Length` (Usher's own, from the buffered body), then theirs.
+    /// The `Host` is `identity`'s, else the request's own, else `host` (the
+    /// backend's authority: an HTTP/1.0 request may have none). The headers
     /// in `set` have numbers for values (`stamp::Stamp`).
     pub fn new(
         head: &http::request::Parts,
         target: &str,
         host: &str,
         body: Bytes,
+        identity: Option<&Identity>,
         set: &[(&HeaderName, u64)],
     ) -> Self {
         let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
@@ -95,14 +97,22 @@ impl Outgoing {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         };
-        if !head.headers.contains_key(header::HOST) {
-            line(b"host", host.as_bytes());
+        match identity.and_then(Identity::host) {
+            Some(v) => line(b"host", v.as_bytes()),
+            None if !head.headers.contains_key(header::HOST) => line(b"host", host.as_bytes()),
+            None => {}
         }
         for (name, value) in &head.headers {
-            if *name == header::CONTENT_LENGTH || set.iter().any(|(n, _)| *n == name) {
+            if *name == header::CONTENT_LENGTH
+                || identity.is_some_and(|i| i.replaces(name))
+                || set.iter().any(|(n, _)| *n == name)
+            {
                 continue;
             }
             line(name.as_str().as_bytes(), value.as_bytes());
+        }
+        for (name, value) in identity.into_iter().flat_map(Identity::fields) {
+            line(name.as_str().as_bytes(), value);
         }
         for &(name, n) in set {
             line(
@@ -584,11 +594,65 @@ mod tests {
             "/a?b",
             "10.0.0.1:80",
             Bytes::from_static(b"hey"),
+            None,
             &[(&start, 2)],
         );
         assert_eq!(
             &out.head[..],
             &b"POST /a?b HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-multi: 1\r\nx-multi: 2\r\nx-request-start: 2\r\ncontent-length: 3\r\n\r\n"[..]
         );
+    }
+
+    #[test]
+    fn the_identity_replaces_the_client_s_own_and_matches_a_header_map_s() {
+        let mut req = http::Request::get("/").body(()).unwrap();
+        let h = req.headers_mut();
+        h.insert("host", "Spoofed".parse().unwrap());
+        h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
+        h.insert("x-forwarded-proto", "gopher".parse().unwrap());
+        h.insert("x-forwarded-host", "spoofed".parse().unwrap());
+        h.insert("x-request-id", "theirs".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        let (parts, ()) = req.into_parts();
+        let peer = HeaderValue::from_static("9.9.9.9");
+        let id = HeaderValue::from_static("ours");
+        for host in [Some(HeaderValue::from_static("app.test")), None] {
+            let identity = Identity::new(&parts.headers, &peer, "https", host.as_ref(), &id);
+            let out = Outgoing::new(
+                &parts,
+                "/",
+                "10.0.0.1:80",
+                Bytes::new(),
+                Some(&identity),
+                &[],
+            );
+            let mut map = parts.headers.clone();
+            identity.insert_into(&mut map);
+            // What an HTTP/1 backend reads is what an h2 one gets in its map.
+            let mut slots = [httparse::EMPTY_HEADER; 16];
+            let mut read = httparse::Request::new(&mut slots);
+            assert!(read.parse(&out.head).unwrap().is_complete());
+            let mut sent = HeaderMap::new();
+            for h in read.headers.iter() {
+                sent.append(
+                    HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            assert_eq!(sent, map, "host {host:?}");
+            assert_eq!(sent["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 9.9.9.9");
+            assert_eq!(sent["x-request-id"], "ours");
+            match host {
+                Some(_) => {
+                    assert_eq!(sent["host"], "app.test");
+                    assert_eq!(sent["x-forwarded-host"], "app.test");
+                }
+                None => {
+                    assert_eq!(sent["host"], "Spoofed");
+                    assert!(!sent.contains_key("x-forwarded-host"));
+                }
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Full};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load, Backend};
 use crate::dispatch::{Dispatcher, Slot};
+use crate::edge::headers::Identity;
 use crate::error::Error;
 use crate::health::{self, Verdict};
 use crate::observe::metrics::Metrics;
@@ -138,6 +139,7 @@ pub trait Exchange: Send {
 struct Buffered {
     up: Arc<Upstream>,
     head: Arc<http::request::Parts>,
+    identity: Identity,
     body: Bytes,
     /// When Usher finished reading the request (`X-Request-Start`).
     read_at: std::time::SystemTime,
@@ -163,8 +165,9 @@ impl Exchange for Buffered {
         // `Detached` runs it here and moves only an abandoned remainder to a
         // task of its own. (While queued, a vanished client just leaves.)
         let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
-        let stamp = (self.read_at, admitted.waited);
-        Detached::new(async move { up.send(&head, body, admitted.slot, stamp).await }).await
+        let (identity, stamp) = (self.identity.clone(), (self.read_at, admitted.waited));
+        Detached::new(async move { up.send(&head, &identity, body, admitted.slot, stamp).await })
+            .await
     }
 }
 
@@ -174,6 +177,7 @@ impl Upstream {
     pub async fn forward(
         self: &Arc<Self>,
         head: http::request::Parts,
+        identity: Identity,
         body: Bytes,
         read_at: std::time::SystemTime,
     ) -> Result<Forwarded, Failed> {
@@ -181,6 +185,7 @@ impl Upstream {
         let mut exchange = Buffered {
             up: self.clone(),
             head: Arc::new(head),
+            identity,
             body,
             read_at,
         };
@@ -285,6 +290,7 @@ impl Upstream {
     async fn send(
         &self,
         head: &http::request::Parts,
+        identity: &Identity,
         body: Bytes,
         slot: Slot,
         (read_at, queued): (std::time::SystemTime, Duration),
@@ -297,7 +303,7 @@ impl Upstream {
             .cfg
             .request_start_header
             .then(|| stamp::Stamp::new(read_at, queued));
-        let mut pending = match self.transmit(head, body, &backend, stamp) {
+        let mut pending = match self.transmit(head, identity, body, &backend, stamp) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
         };
@@ -495,6 +501,7 @@ impl Upstream {
     fn transmit(
         &self,
         head: &http::request::Parts,
+        identity: &Identity,
         body: Bytes,
         backend: &Backend,
         stamp: Option<stamp::Stamp>,
@@ -505,7 +512,14 @@ impl Upstream {
                 // request may have none: then the backend's address).
                 let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
                 let set = stamp.as_ref().map_or(&[][..], stamp::Stamp::fields);
-                let out = Outgoing::new(head, target, backend.authority.as_str(), body, set);
+                let out = Outgoing::new(
+                    head,
+                    target,
+                    backend.authority.as_str(),
+                    body,
+                    Some(identity),
+                    set,
+                );
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(Box::pin(async move {
                     match pool.send(addr, &out).await {
@@ -516,7 +530,7 @@ impl Upstream {
                 }))
             }
             UpstreamProtocol::Http2 => {
-                let mut req = self.h2_request(head, body, backend)?;
+                let mut req = self.h2_request(head, identity, body, backend)?;
                 if let Some(stamp) = stamp {
                     stamp.insert_into(req.headers_mut());
                 }
@@ -587,6 +601,7 @@ impl Upstream {
     fn h2_request(
         &self,
         head: &http::request::Parts,
+        identity: &Identity,
         body: Bytes,
         backend: &Backend,
     ) -> Result<Request<Full<Bytes>>, Error> {
@@ -599,6 +614,7 @@ impl Upstream {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = head.method.clone();
         *req.headers_mut() = head.headers.clone();
+        identity.insert_into(req.headers_mut());
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(if self.cfg.tls.is_some() {
             http::uri::Scheme::HTTPS

@@ -29,7 +29,7 @@
 //!   which the retry loop retries for idempotent methods only, as it did
 //!   with hyper's client.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -89,8 +89,10 @@ fn lock(idle: &Mutex<Idle>) -> std::sync::MutexGuard<'_, Idle> {
 
 #[derive(Default)]
 struct Idle {
-    /// Per backend and worker thread.
-    by_backend: HashMap<(SocketAddr, usize), VecDeque<(Connection, Instant)>>,
+    /// Per backend and worker thread. Keyed by backend addresses, which come
+    /// from the config and discovery, so a fast hasher is safe (two lookups
+    /// per request).
+    by_backend: rustc_hash::FxHashMap<(SocketAddr, usize), VecDeque<(Connection, Instant)>>,
     /// Whether the eviction task runs (it ends when nothing is idle).
     sweeping: bool,
 }
@@ -302,7 +304,7 @@ mod tests {
 
     fn get() -> Outgoing {
         let (head, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        Outgoing::new(&head, "/", "t", bytes::Bytes::new(), &[])
+        Outgoing::new(&head, "/", "t", bytes::Bytes::new(), None, &[])
     }
 
     async fn roundtrip(p: &Pool, addr: SocketAddr) -> Result<String, String> {
