@@ -655,14 +655,6 @@ async fn write_response(
         // HTTP/1.0 and a length not known up front: the close ends the body.
         keep_alive = false;
     }
-    if parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "close"))
-    {
-        keep_alive = false;
-    }
 
     let mut head = Vec::with_capacity(160 + parts.headers.len() * 48);
     head.extend_from_slice(if version == Version::HTTP_10 {
@@ -684,7 +676,12 @@ async fn write_response(
         match *name {
             header::TRANSFER_ENCODING => continue,
             header::CONTENT_LENGTH if !keep_length => continue,
-            header::CONNECTION => saw_connection = true,
+            header::CONNECTION => {
+                saw_connection = true;
+                // Usher's own `close` (an error, a declined upgrade) ends
+                // the connection after this answer.
+                keep_alive &= !has_token(value, "close");
+            }
             header::DATE => saw_date = true,
             _ => {}
         }

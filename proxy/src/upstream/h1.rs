@@ -171,6 +171,8 @@ pub struct Head {
     parts: http::response::Parts,
     decode: Decode,
     keep_alive: bool,
+    /// `X-Usher-Load`: taken off the head, not put in `parts`.
+    load: Option<HeaderValue>,
 }
 
 /// One connection to a backend, between requests or in one.
@@ -367,6 +369,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let mut saw_close = false;
     let (mut te, mut chunked) = (0, false);
     let mut length: Option<u64> = None;
+    let mut load = None;
     for (name, value) in at {
         let name = crate::http1::header_name(&head[name]).map_err(|_| "invalid header name")?;
         let value = if value.is_empty() {
@@ -393,6 +396,12 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
                 } else if !keep_alive {
                     keep_alive = has_token(&value, "keep-alive");
                 }
+            }
+            // Read by the exchange (the first one, as `remove` would), and
+            // never relayed: no need to index it in the map.
+            _ if name == super::framing::X_USHER_LOAD => {
+                load.get_or_insert(value);
+                continue;
             }
             _ => {}
         }
@@ -444,6 +453,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
         parts,
         decode,
         keep_alive,
+        load,
     }))
 }
 
@@ -454,6 +464,8 @@ pub struct ResponseBody {
     conn: Option<Conn>,
     decoder: Decoder,
     keep_alive: bool,
+    /// The head's `X-Usher-Load`, kept out of its header map (see `parse`).
+    load: Option<HeaderValue>,
 }
 
 impl ResponseBody {
@@ -463,6 +475,7 @@ impl ResponseBody {
             decoder: Decoder::new(head.decode, Trailers::Parse),
             keep_alive: head.keep_alive,
             conn: None,
+            load: head.load,
         };
         if body.decoder.is_done() {
             body.finish(conn);
@@ -470,6 +483,12 @@ impl ResponseBody {
             body.conn = Some(conn);
         }
         Response::from_parts(head.parts, body)
+    }
+
+    /// The worker's load report that came with the head. It is for Usher
+    /// alone, so it was never put among the headers the client gets.
+    pub fn take_load(&mut self) -> Option<HeaderValue> {
+        self.load.take()
     }
 
     /// The body has been read whole: the connection goes back to the pool

@@ -353,9 +353,11 @@ impl Upstream {
         // never reaches the client. This replica's other requests on the
         // backend hold threads; this one no longer does.
         let own = backend.in_flight().saturating_sub(1);
-        let load = response
-            .headers_mut()
-            .remove(&X_USHER_LOAD)
+        let load = match response.body_mut() {
+            UpstreamBody::Left(h1) => h1.take_load(),
+            UpstreamBody::Right(_) => response.headers_mut().remove(&X_USHER_LOAD),
+        };
+        let load = load
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(parse_load);
