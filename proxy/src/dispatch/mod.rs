@@ -334,9 +334,9 @@ impl Dispatcher {
         retry: bool,
         class: &str,
     ) -> Result<Admitted, Rejected> {
-        let start = Instant::now();
-        let (rx, id, timeout) = {
+        let (rx, id, timeout, start) = {
             let mut inner = self.inner.lock().unwrap();
+            // The wait is counted from here: one clock reading for the step.
             let now = Instant::now();
             let tnow = tokio::time::Instant::now();
             if !inner.backends.iter().any(|b| b.health.is_available(now)) {
@@ -404,7 +404,7 @@ impl Dispatcher {
                 self.serve_queue_at(&mut inner, now, tnow);
             }
             self.metrics.depth.set(inner.queue.len() as i64);
-            (rx, id, inner.timeout)
+            (rx, id, inner.timeout, now)
         };
         let guard = Enqueued {
             dispatcher: self,

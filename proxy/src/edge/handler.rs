@@ -281,7 +281,9 @@ async fn read_request<B: RequestBody>(
     let (mut head, mut body) = req.into_parts();
     let gap = state.config.timeouts.client_body.0;
     let total = state.config.timeouts.client_request.0;
-    let deadline = tokio::time::Instant::now() + total;
+    // Both clocks start at the first wait: a request without a body (most)
+    // reads none.
+    let mut deadline = None;
     // A body that arrives in one frame is passed on as it is; only one that
     // comes in pieces is copied together.
     let mut first: Option<Bytes> = None;
@@ -290,7 +292,9 @@ async fn read_request<B: RequestBody>(
         if body.is_end_stream() {
             break;
         }
-        let next = tokio::time::Instant::now() + gap;
+        let now = tokio::time::Instant::now();
+        let deadline = *deadline.get_or_insert(now + total);
+        let next = now + gap;
         let frame = match tokio::time::timeout_at(next.min(deadline), body.frame()).await {
             Err(_) if next < deadline => return Err(Error::ClientTooSlow(gap)),
             Err(_) => return Err(Error::RequestDeadline(total)),

@@ -308,7 +308,9 @@ impl Upstream {
             Err(e) => return Attempt::NotSent(e),
         };
         let timeout = self.cfg.timeouts.response.0;
-        let deadline = tokio::time::Instant::now() + timeout;
+        // The same reading as `started` (tokio's clock is the system's
+        // outside paused tests, and none pauses this path).
+        let deadline = tokio::time::Instant::from_std(started) + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
         let result = tokio::time::timeout_at(deadline, &mut pending).await;

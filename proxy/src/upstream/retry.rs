@@ -31,18 +31,23 @@ impl RetryBudget {
         }
     }
 
+    fn cap(&self) -> f64 {
+        (self.floor_per_sec * 10.0).max(10.0) + 100.0 * self.ratio
+    }
+
     fn refill(&self, s: &mut (f64, Instant)) {
         let now = Instant::now();
         let dt = now.duration_since(s.1).as_secs_f64();
         s.1 = now;
-        let cap = (self.floor_per_sec * 10.0).max(10.0) + 100.0 * self.ratio;
-        s.0 = (s.0 + dt * self.floor_per_sec).min(cap);
+        s.0 = (s.0 + dt * self.floor_per_sec).min(self.cap());
     }
 
+    /// One request's share. No clock read (one per request would be): the
+    /// floor's credit for the time since the last refill is added when a
+    /// retry asks (`withdraw`), under the same cap.
     pub fn deposit(&self) {
         let mut s = self.state.lock().unwrap();
-        self.refill(&mut s);
-        s.0 += self.ratio;
+        s.0 = (s.0 + self.ratio).min(self.cap() + self.ratio);
     }
 
     pub fn withdraw(&self) -> bool {
