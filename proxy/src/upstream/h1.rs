@@ -324,9 +324,12 @@ fn invalid(e: httparse::Error) -> &'static str {
 /// Parses a response head at the start of `buf` and, when it is whole, takes
 /// it off `buf`. `no_body`: the answer to a HEAD.
 fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut slots);
-    let len = match res.parse(buf) {
+    // Uninitialised, as the edge's (`edge::h1::parse`).
+    let mut slots = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(invalid(e)),
