@@ -2048,3 +2048,28 @@ fn the_backend_gets_usher_s_forwarding_headers_never_the_client_s() {
     }
     e.finish();
 }
+
+/// A worker's load report (`X-Usher-Load`) is for Usher alone: it reaches no
+/// client, on the answers to an upgrade request either, declined or not.
+#[test]
+fn the_load_report_never_reaches_a_client_on_an_upgrade() {
+    let declined = "HTTP/1.1 200 OK\r\nX-Usher-Load: threads=4, busy=1, queued=0\r\n\
+                    Content-Length: 2\r\n\r\nno";
+    let e = Edge::with(main_answering("/ws-no", Reply::raw(declined)), "", "");
+    let mut c = e.client();
+    c.send(&upgrade_request("/ws-no", "")).unwrap();
+    let r = c.expect_response("declined upgrade with a load report");
+    assert_eq!((r.status, r.text().as_str()), (200, "no"), "{}", r.head);
+    assert_eq!(r.header("x-usher-load"), None, "{}", r.head);
+    e.finish();
+
+    let switched = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nX-Usher-Load: threads=4, busy=1, queued=0\r\n\r\n";
+    let e = Edge::with(main_answering("/ws-yes", Reply::raw(switched)), "", "");
+    let mut c = e.client();
+    c.send(&upgrade_request("/ws-yes", "")).unwrap();
+    let r = c.head_response(Duration::from_secs(5)).expect("a 101");
+    assert_eq!(r.status, 101, "{}", r.head);
+    assert_eq!(r.header("x-usher-load"), None, "{}", r.head);
+    e.finish();
+}

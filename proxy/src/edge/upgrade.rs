@@ -492,6 +492,10 @@ async fn exchange(
         }
         Ok(Ok(r)) => r,
     };
+    // A worker's load report is for Usher, on a tunnel's answer as on any
+    // other (tunnels are counted by ticket, not by the report).
+    resp.headers_mut()
+        .remove(&crate::upstream::framing::X_USHER_LOAD);
     let status = resp.status();
     up.count(&backend, status.as_str());
     if status != StatusCode::SWITCHING_PROTOCOLS {
