@@ -214,23 +214,17 @@ impl LoadReport {
             let Some(value) = value else {
                 continue;
             };
-            let key = match key {
-                b"threads" => "threads",
-                b"busy" => "busy",
-                b"queued" => "queued",
-                b"refused" => "refused",
-                _ => continue,
-            };
             let value = std::str::from_utf8(value).unwrap_or_default();
-            let not_a_number = || LoadReportError::NotANumber {
+            let not_a_number = |key| LoadReportError::NotANumber {
                 key,
                 value: value.to_string(),
             };
             match key {
-                "refused" => refused = value.parse().map_err(|_| not_a_number())?,
-                "threads" => threads = Some(value.parse().map_err(|_| not_a_number())?),
-                "busy" => busy = value.parse().map_err(|_| not_a_number())?,
-                _ => queued = value.parse().map_err(|_| not_a_number())?,
+                b"threads" => threads = Some(value.parse().map_err(|_| not_a_number("threads"))?),
+                b"busy" => busy = value.parse().map_err(|_| not_a_number("busy"))?,
+                b"queued" => queued = value.parse().map_err(|_| not_a_number("queued"))?,
+                b"refused" => refused = value.parse().map_err(|_| not_a_number("refused"))?,
+                _ => {}
             }
         }
         let report = LoadReport {

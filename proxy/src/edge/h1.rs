@@ -777,26 +777,16 @@ async fn write_response(
 /// `SEND_TIMEOUT` fails.
 async fn write_all(stream: &mut TcpStream, mut buf: impl Buf) -> io::Result<()> {
     while buf.has_remaining() {
-        // Tried once first: a socket with room takes it at once, and no
+        let mut write = std::pin::pin!(poll_fn(|cx| {
+            tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf)
+        }));
+        // Polled once first: a socket with room takes it at once, and no
         // timer is made (nor the clock read) for a write that cannot stall.
-        let now = poll_fn(|cx| {
-            Poll::Ready(tokio_util::io::poll_write_buf(
-                Pin::new(&mut *stream),
-                cx,
-                &mut buf,
-            ))
-        })
-        .await;
-        let n = match now {
+        let n = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             Poll::Ready(r) => r?,
-            Poll::Pending => {
-                let write = poll_fn(|cx| {
-                    tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf)
-                });
-                tokio::time::timeout(SEND_TIMEOUT, write)
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??
-            }
+            Poll::Pending => tokio::time::timeout(SEND_TIMEOUT, write)
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());

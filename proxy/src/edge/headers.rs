@@ -212,7 +212,7 @@ pub struct Identity {
     /// `None` only when the joined list is not a header value: the client's
     /// lines then pass as they are.
     forwarded_for: Option<HeaderValue>,
-    proto: &'static str,
+    proto: HeaderValue,
     /// The routed host: `Host` and `X-Forwarded-Host`. With none, the
     /// client's `X-Forwarded-Host` is dropped and its `Host` (if any) kept.
     host: Option<HeaderValue>,
@@ -250,7 +250,7 @@ impl Identity {
         };
         Identity {
             forwarded_for,
-            proto,
+            proto: HeaderValue::from_static(proto),
             host: host.cloned(),
             request_id: request_id.clone(),
         }
@@ -261,51 +261,40 @@ impl Identity {
         self.host.as_ref()
     }
 
-    /// Sets the `X-Forwarded-*` headers in `h`, replacing the client's.
-    fn insert_forwarded(&self, h: &mut HeaderMap) {
-        if let Some(v) = &self.forwarded_for {
-            h.insert(X_FORWARDED_FOR.clone(), v.clone());
-        }
-        h.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(self.proto),
-        );
-        match &self.host {
-            Some(v) => h.insert(X_FORWARDED_HOST.clone(), v.clone()),
-            None => h.remove(&X_FORWARDED_HOST),
-        };
+    /// The `X-Forwarded-*` headers as they are sent: the one list of them
+    /// (`Host` is not among them: see [`Identity::host`]).
+    fn forwarded(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let xff = self.forwarded_for.as_ref().map(|v| (&X_FORWARDED_FOR, v));
+        let host = self.host.as_ref().map(|v| (&X_FORWARDED_HOST, v));
+        xff.into_iter()
+            .chain([(&X_FORWARDED_PROTO, &self.proto)])
+            .chain(host)
+    }
+
+    /// Every `X-` header, in the order they are sent.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.forwarded().chain([(&X_REQUEST_ID, &self.request_id)])
     }
 
     /// Whether the client's header `name` gives way to these: it is not sent.
+    /// A client's `X-Forwarded-Host` never is, even when Usher has none.
     pub fn replaces(&self, name: &HeaderName) -> bool {
         if *name == header::HOST {
             return self.host.is_some();
         }
         // Only `x-` names below; most headers are standard ones.
-        if !name.as_str().starts_with("x-") {
-            return false;
-        }
-        (*name == X_FORWARDED_FOR && self.forwarded_for.is_some())
-            || *name == X_FORWARDED_PROTO
-            || *name == X_FORWARDED_HOST
-            || *name == X_REQUEST_ID
+        name.as_str().starts_with("x-")
+            && (*name == X_FORWARDED_HOST || self.fields().any(|(n, _)| n == name))
     }
 
-    /// The `X-` headers as name and value, in the order they are sent
-    /// (`Host` is not among them: see [`Identity::host`]).
-    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
-        let xff = self
-            .forwarded_for
-            .as_ref()
-            .map(|v| (&X_FORWARDED_FOR, v.as_bytes()));
-        let host = self
-            .host
-            .as_ref()
-            .map(|v| (&X_FORWARDED_HOST, v.as_bytes()));
-        xff.into_iter()
-            .chain([(&X_FORWARDED_PROTO, self.proto.as_bytes())])
-            .chain(host)
-            .chain([(&X_REQUEST_ID, self.request_id.as_bytes())])
+    /// Sets the `X-Forwarded-*` headers in `h`, replacing the client's.
+    fn insert_forwarded(&self, h: &mut HeaderMap) {
+        for (name, value) in self.forwarded() {
+            h.insert(name.clone(), value.clone());
+        }
+        if self.host.is_none() {
+            h.remove(&X_FORWARDED_HOST);
+        }
     }
 
     /// Sets them all in `h`, replacing the client's.

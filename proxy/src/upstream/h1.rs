@@ -112,7 +112,7 @@ impl Outgoing {
             line(name.as_str().as_bytes(), value.as_bytes());
         }
         for (name, value) in identity.into_iter().flat_map(Identity::fields) {
-            line(name.as_str().as_bytes(), value);
+            line(name.as_str().as_bytes(), value.as_bytes());
         }
         for &(name, n) in set {
             line(
