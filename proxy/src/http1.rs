@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::AsyncRead;
 
@@ -312,45 +312,106 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str>
     Ok(Some(map))
 }
 
-/// `x-` and `sec-` names that are not among `http`'s standard ones but that
-/// Usher reads or sets, or that common apps and browsers send: interned, so
-/// that parsing one does not allocate (`HeaderName::from_bytes` copies every
-/// name it does not know).
-static INTERNED: [HeaderName; 18] = [
-    usher_worker::X_USHER_LOAD,
-    usher_worker::X_USHER_WORKER,
-    usher_worker::X_USHER_REFUSED,
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("x-request-start"),
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-powered-by"),
-    HeaderName::from_static("x-requested-with"),
-    HeaderName::from_static("x-csrftoken"),
-    HeaderName::from_static("sec-ch-ua"),
-    HeaderName::from_static("sec-ch-ua-mobile"),
-    HeaderName::from_static("sec-ch-ua-platform"),
-    HeaderName::from_static("sec-fetch-site"),
-    HeaderName::from_static("sec-fetch-mode"),
-    HeaderName::from_static("sec-fetch-dest"),
-];
+/// Writes [`known_name`] and, for its test, [`known_names`]: `len => [names]`
+/// lists lowercase names of exactly that length.
+macro_rules! known_names {
+    ($($len:literal => [$($name:expr),+ $(,)?]),+ $(,)?) => {
+        /// `b` compared case-insensitively with the known names of its
+        /// length: no hashing of the name, and no allocation for a custom
+        /// one (`HeaderName::from_bytes` copies every name `http` does not
+        /// know).
+        fn known_name(b: &[u8]) -> Option<HeaderName> {
+            match b.len() {
+                $($len => {
+                    $({
+                        const N: HeaderName = $name;
+                        if N.as_str().as_bytes().eq_ignore_ascii_case(b) {
+                            return Some(N);
+                        }
+                    })+
+                    None
+                })+
+                _ => None,
+            }
+        }
+
+        #[cfg(test)]
+        fn known_names() -> Vec<(usize, HeaderName)> {
+            vec![$($(($len, $name)),+),+]
+        }
+    };
+}
+
+// The standard names that are common, and the `x-` and `sec-` ones that
+// Usher reads or sets or that common apps and browsers send.
+known_names! {
+    2 => [header::TE],
+    3 => [header::AGE, header::VIA, header::DNT],
+    4 => [header::HOST, header::DATE, header::VARY, header::ETAG, header::LINK],
+    5 => [header::ALLOW, header::RANGE],
+    6 => [header::ACCEPT, header::COOKIE, header::EXPECT, header::ORIGIN, header::SERVER, header::PRAGMA],
+    7 => [header::REFERER, header::UPGRADE, header::EXPIRES, header::TRAILER],
+    8 => [header::LOCATION, header::IF_RANGE, header::IF_MATCH],
+    9 => [header::FORWARDED, HeaderName::from_static("x-real-ip"), HeaderName::from_static("sec-ch-ua")],
+    10 => [header::CONNECTION, header::USER_AGENT, header::SET_COOKIE, HeaderName::from_static("keep-alive")],
+    11 => [header::RETRY_AFTER, HeaderName::from_static("x-csrftoken")],
+    12 => [
+        header::CONTENT_TYPE,
+        usher_worker::X_USHER_LOAD,
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("x-powered-by"),
+        header::MAX_FORWARDS,
+    ],
+    13 => [
+        header::CACHE_CONTROL,
+        header::AUTHORIZATION,
+        header::LAST_MODIFIED,
+        header::ACCEPT_RANGES,
+        header::IF_NONE_MATCH,
+        header::CONTENT_RANGE,
+    ],
+    14 => [
+        header::CONTENT_LENGTH,
+        usher_worker::X_USHER_WORKER,
+        header::ACCEPT_CHARSET,
+        HeaderName::from_static("sec-fetch-site"),
+        HeaderName::from_static("sec-fetch-mode"),
+        HeaderName::from_static("sec-fetch-dest"),
+    ],
+    15 => [
+        header::ACCEPT_ENCODING,
+        header::ACCEPT_LANGUAGE,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-request-start"),
+        usher_worker::X_USHER_REFUSED,
+        header::X_FRAME_OPTIONS,
+    ],
+    16 => [
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+        header::CONTENT_LOCATION,
+        HeaderName::from_static("x-forwarded-host"),
+        HeaderName::from_static("x-requested-with"),
+        HeaderName::from_static("sec-ch-ua-mobile"),
+        HeaderName::from_static("proxy-connection"),
+    ],
+    17 => [header::TRANSFER_ENCODING, header::IF_MODIFIED_SINCE, HeaderName::from_static("x-forwarded-proto")],
+    18 => [HeaderName::from_static("sec-ch-ua-platform")],
+    19 => [header::CONTENT_DISPOSITION],
+    22 => [header::X_CONTENT_TYPE_OPTIONS],
+    23 => [header::CONTENT_SECURITY_POLICY],
+    25 => [header::STRICT_TRANSPORT_SECURITY],
+    27 => [header::ACCESS_CONTROL_ALLOW_ORIGIN],
+}
 
 /// A header name off the wire, as `HeaderName::from_bytes` reads it (same
-/// validation, lowercased), without an allocation for the names above.
+/// validation, lowercased). A known name matched case-insensitively is made
+/// of token bytes, so any match is valid.
 pub fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-    let prefixed = |p: &[u8]| b.len() > p.len() && b[..p.len()].eq_ignore_ascii_case(p);
-    if prefixed(b"x-") || prefixed(b"sec-") {
-        // A known name matched case-insensitively is made of token bytes.
-        if let Some(n) = INTERNED
-            .iter()
-            .find(|n| n.as_str().len() == b.len() && n.as_str().as_bytes().eq_ignore_ascii_case(b))
-        {
-            return Ok(n.clone());
-        }
+    match known_name(b) {
+        Some(n) => Ok(n),
+        None => HeaderName::from_bytes(b),
     }
-    HeaderName::from_bytes(b)
 }
 
 /// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
@@ -459,11 +520,14 @@ mod tests {
 
     #[test]
     fn header_names_read_as_from_bytes_reads_them() {
-        for n in INTERNED.iter() {
+        for (len, n) in known_names() {
+            assert_eq!(n.as_str().len(), len, "{n} is listed under {len}");
             assert_eq!(
                 HeaderName::from_bytes(n.as_str().as_bytes()).ok().as_ref(),
-                Some(n)
+                Some(&n)
             );
+            let upper = n.as_str().to_ascii_uppercase();
+            assert_eq!(header_name(upper.as_bytes()).ok().as_ref(), Some(&n));
         }
         for b in [
             &b"X-Usher-Load"[..],
@@ -476,7 +540,10 @@ mod tests {
             b"set-cookie",
             b"x-bad name",
             b"x-bad\xff",
+            b"Content-Lengt\xe8",
+            b"content-length ",
             b"",
+            b"an-unusually-long-header-name-of-no-one-s",
         ] {
             let (ours, http) = (header_name(b), HeaderName::from_bytes(b));
             assert_eq!(ours.is_ok(), http.is_ok(), "{b:?}");

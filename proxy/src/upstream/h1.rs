@@ -373,6 +373,10 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let (mut te, mut chunked) = (0, false);
     let mut length: Option<u64> = None;
     let mut load = None;
+    // The length of a HEAD's or a 304's answer describes the
+    // representation and is relayed; any other framing is Usher's own
+    // (`framing::take_response_framing`, which the map then skips).
+    let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
     for (name, value) in at {
         let name = crate::http1::header_name(&head[name]).map_err(|_| "invalid header name")?;
         let value = if value.is_empty() {
@@ -384,6 +388,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
             header::TRANSFER_ENCODING => {
                 te += 1;
                 chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
+                continue;
             }
             header::CONTENT_LENGTH => {
                 let n = digits(value.as_bytes()).ok_or("invalid Content-Length")?;
@@ -391,6 +396,9 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
                     return Err("conflicting Content-Length headers");
                 }
                 length = Some(n);
+                if !relay_length {
+                    continue;
+                }
             }
             header::CONNECTION => {
                 if saw_close || has_token(&value, "close") {
@@ -555,8 +563,21 @@ mod tests {
     fn framing_is_checked_and_decided() {
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").unwrap();
         assert_eq!((h.decode, h.keep_alive), (Decode::Length(5), true));
+        // The framing the client gets is Usher's own: not in the map...
+        assert!(h.parts.headers.is_empty());
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert_eq!(h.decode, Decode::ChunkSize);
+        assert!(h.parts.headers.is_empty());
+        // ...but for the length a HEAD's or a 304's answer describes.
+        let h = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n").unwrap();
+        assert_eq!(h.decode, Decode::Done);
+        assert_eq!(h.parts.headers["content-length"], "7");
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"[..]);
+        let Ok(Parsed::Final(h)) = parse(&mut b, true) else {
+            panic!("no answer to a HEAD");
+        };
+        assert_eq!(h.decode, Decode::Done);
+        assert_eq!(h.parts.headers["content-length"], "7");
         let h = head("HTTP/1.0 200 OK\r\n\r\n").unwrap();
         assert_eq!((h.decode, h.keep_alive), (Decode::UntilClose, false));
         let h = head("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n").unwrap();

@@ -403,6 +403,9 @@ impl Upstream {
         // a broken backend, not an answer: 502, counted by passive health.
         let refused = if status == StatusCode::SWITCHING_PROTOCOLS {
             Err("101 Switching Protocols to a request that did not ask to upgrade")
+        } else if let UpstreamBody::Left(_) = response.body() {
+            // Checked, and kept out of the map, by the HTTP/1 parser.
+            Ok(())
         } else {
             framing::take_response_framing(&head.method, status, response.headers_mut())
         };
