@@ -214,16 +214,15 @@ impl LoadReport {
             let Some(value) = value else {
                 continue;
             };
-            let value = std::str::from_utf8(value).unwrap_or_default();
             let not_a_number = |key| LoadReportError::NotANumber {
                 key,
-                value: value.to_string(),
+                value: String::from_utf8_lossy(value).into_owned(),
             };
             match key {
-                b"threads" => threads = Some(value.parse().map_err(|_| not_a_number("threads"))?),
-                b"busy" => busy = value.parse().map_err(|_| not_a_number("busy"))?,
-                b"queued" => queued = value.parse().map_err(|_| not_a_number("queued"))?,
-                b"refused" => refused = value.parse().map_err(|_| not_a_number("refused"))?,
+                b"threads" => threads = Some(whole(value).ok_or_else(|| not_a_number("threads"))?),
+                b"busy" => busy = whole(value).ok_or_else(|| not_a_number("busy"))?,
+                b"queued" => queued = whole(value).ok_or_else(|| not_a_number("queued"))?,
+                b"refused" => refused = whole(value).ok_or_else(|| not_a_number("refused"))?,
                 _ => {}
             }
         }
@@ -235,6 +234,21 @@ impl LoadReport {
         };
         Ok((report, says_busy))
     }
+}
+
+/// A whole number as `str::parse` reads one (ASCII digits after an optional
+/// `+`, and no overflow), over bytes: no UTF-8 check of the report.
+fn whole<T: TryFrom<u64>>(v: &[u8]) -> Option<T> {
+    let digits = v.strip_prefix(b"+").unwrap_or(v);
+    if digits.is_empty() {
+        return None;
+    }
+    let n = digits.iter().try_fold(0u64, |n, &c| {
+        let d = c.wrapping_sub(b'0');
+        (d < 10).then_some(())?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })?;
+    T::try_from(n).ok()
 }
 
 #[cfg(test)]
@@ -254,6 +268,39 @@ mod tests {
             "threads=4, busy=x".parse::<LoadReport>()
         );
         assert!(LoadReport::parse_noting_busy("busy=1").is_err());
+    }
+
+    #[test]
+    fn numbers_are_read_as_str_parse_reads_them() {
+        for v in [
+            "0",
+            "7",
+            "+7",
+            "",
+            "+",
+            "-1",
+            "1 2",
+            "07",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1e3",
+            "١",
+            "4\u{a0}",
+        ] {
+            assert_eq!(
+                whole::<usize>(v.as_bytes()),
+                v.parse::<usize>().ok(),
+                "{v:?}"
+            );
+            assert_eq!(whole::<u64>(v.as_bytes()), v.parse::<u64>().ok(), "{v:?}");
+        }
+        assert_eq!(
+            "threads=4, busy=\u{e9}".parse::<LoadReport>(),
+            Err(LoadReportError::NotANumber {
+                key: "busy",
+                value: "\u{e9}".into()
+            })
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 
 use crate::control::state::State;
-use crate::edge::headers::{self, Identity, X_REQUEST_ID};
+use crate::edge::headers::{self, Identity, Present, X_REQUEST_ID};
 use crate::error::Error;
 use crate::observe::access_log::{AccessLog, Entry};
 use crate::observe::metrics::Metrics;
@@ -60,14 +60,15 @@ pub async fn handle<B: RequestBody>(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let state = ctx.shared.state.load_full();
-    let request_id = headers::request_id(req.headers());
+    let present = Present::of(req.headers());
+    let request_id = if present.request_id {
+        headers::request_id(req.headers())
+    } else {
+        headers::new_request_id()
+    };
 
-    let (host, bad_host) = match headers::request_authority(req.version(), req.uri(), req.headers())
-    {
-        Ok(h) => (
-            h.and_then(|a| headers::authority_value(req.headers(), a)),
-            None,
-        ),
+    let (host, bad_host) = match headers::request_host(req.version(), req.uri(), req.headers()) {
+        Ok(h) => (h, None),
         Err(reason) => (None, Some(reason)),
     };
     let host_str = host.as_ref().and_then(|v| v.to_str().ok());
@@ -98,7 +99,7 @@ pub async fn handle<B: RequestBody>(
     let queue_wait: Duration;
     let mut error_text: Option<String> = None;
 
-    let upgrade = route.is_some() && crate::edge::upgrade::is_upgrade(&req);
+    let upgrade = route.is_some() && present.connection && crate::edge::upgrade::is_upgrade(&req);
     let result = match route {
         _ if bad_host.is_some() => Err(Failed {
             error: Error::BadRequest(bad_host.unwrap_or("invalid Host")),
@@ -143,7 +144,7 @@ pub async fn handle<B: RequestBody>(
                 ))
                 .await
             } else {
-                match read_request(req, &state, &ctx, host.as_ref(), &request_id).await {
+                match read_request(req, present, &state, &ctx, host.as_ref(), &request_id).await {
                     Err(error) => Err(Failed {
                         error,
                         backend: None,
@@ -258,16 +259,22 @@ pub async fn handle<B: RequestBody>(
 /// h2 frames trailers itself; they are dropped.
 async fn read_request<B: RequestBody>(
     req: Request<B>,
+    present: Present,
     state: &State,
     ctx: &ConnCtx,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) -> Result<(http::request::Parts, Identity, Bytes, std::time::SystemTime), Error> {
-    headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
+    // What `present` says the head lacks is not looked up.
+    let framed = present.content_length || present.transfer_encoding;
+    if framed {
+        headers::check_framing(req.headers()).map_err(Error::BadRequest)?;
+    }
     let limit = state.config.limits.max_request_body.0;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
+    let declared = present
+        .content_length
+        .then(|| req.headers().get(header::CONTENT_LENGTH))
+        .flatten()
         .map(|v| {
             v.to_str()
                 .ok()
@@ -326,8 +333,12 @@ async fn read_request<B: RequestBody>(
 
     let read_at = std::time::SystemTime::now();
     let h = &mut head.headers;
-    headers::strip_hop_by_hop(h);
-    h.remove(header::CONTENT_LENGTH);
+    if present.hop_by_hop {
+        headers::strip_hop_by_hop(h);
+    }
+    if present.content_length {
+        h.remove(header::CONTENT_LENGTH);
+    }
     let proto = if ctx.tls { "https" } else { "http" };
     let identity = Identity::new(h, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;

@@ -36,6 +36,36 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == PROXY_CONNECTION
 }
 
+/// Which of the names the request path looks up a request carries, read in
+/// one pass over its names. Looking up a name a map does not hold still
+/// hashes it and probes; most requests carry few of these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Present {
+    pub connection: bool,
+    pub content_length: bool,
+    pub transfer_encoding: bool,
+    pub request_id: bool,
+    /// Any hop-by-hop name ([`strip_hop_by_hop`] has work to do).
+    pub hop_by_hop: bool,
+}
+
+impl Present {
+    pub fn of(h: &HeaderMap) -> Self {
+        let mut p = Present::default();
+        for name in h.keys() {
+            match *name {
+                header::CONNECTION => p.connection = true,
+                header::CONTENT_LENGTH => p.content_length = true,
+                header::TRANSFER_ENCODING => p.transfer_encoding = true,
+                _ if *name == X_REQUEST_ID => p.request_id = true,
+                _ => {}
+            }
+            p.hop_by_hop |= is_hop_by_hop(name);
+        }
+        p
+    }
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages have none: one pass over the names, no lookups.
@@ -104,17 +134,43 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
 ///
 /// Anything else is a 400: a proxy that routes on one `Host` while the
 /// backend reads another is a cache-poisoning and ACL-bypass vector.
+///
+/// The authority comes as a header value: the `Host` header's own when it is
+/// that one (shared, not copied).
+pub fn request_host(
+    version: Version,
+    uri: &Uri,
+    h: &HeaderMap,
+) -> Result<Option<HeaderValue>, &'static str> {
+    let (authority, host) = authority_and_host(version, uri, h)?;
+    Ok(authority.and_then(|a| match host {
+        Some(v) if v.as_bytes() == a.as_bytes() => Some(v.clone()),
+        _ => HeaderValue::from_str(a).ok(),
+    }))
+}
+
+/// The authority alone (tests).
+#[cfg(test)]
 pub fn request_authority<'a>(
     version: Version,
     uri: &'a Uri,
     h: &'a HeaderMap,
 ) -> Result<Option<&'a str>, &'static str> {
+    authority_and_host(version, uri, h).map(|(a, _)| a)
+}
+
+/// The authority, with the one `Host` header when there is one.
+fn authority_and_host<'a>(
+    version: Version,
+    uri: &'a Uri,
+    h: &'a HeaderMap,
+) -> Result<(Option<&'a str>, Option<&'a HeaderValue>), &'static str> {
     let mut all = h.get_all(header::HOST).iter();
-    let host = all.next();
+    let header = all.next();
     if all.next().is_some() {
         return Err("more than one Host header");
     }
-    let host = match host {
+    let host = match header {
         None => None,
         Some(v) => match v.to_str() {
             Ok(s) if valid_authority(s) => Some(s),
@@ -129,15 +185,15 @@ pub fn request_authority<'a>(
     if version >= Version::HTTP_2 {
         return match (target, host) {
             (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(":authority and Host disagree"),
-            (Some(a), _) => Ok(Some(a)),
-            (None, Some(h)) => Ok(Some(h)),
+            (Some(a), _) => Ok((Some(a), header)),
+            (None, Some(h)) => Ok((Some(h), header)),
             (None, None) => Err("neither :authority nor Host"),
         };
     }
     if host.is_none() && version == Version::HTTP_11 {
         return Err("missing Host header");
     }
-    Ok(target.or(host))
+    Ok((target.or(host), header))
 }
 
 pub use crate::syntax::valid_authority;
@@ -159,15 +215,6 @@ pub fn request_id(h: &HeaderMap) -> HeaderValue {
         .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
         .cloned()
         .unwrap_or_else(new_request_id)
-}
-
-/// The request's authority (from [`request_authority`]) as a header value:
-/// the `Host` header's own when it is that one (shared, not copied).
-pub fn authority_value(h: &HeaderMap, authority: &str) -> Option<HeaderValue> {
-    match h.get(header::HOST) {
-        Some(v) if v.as_bytes() == authority.as_bytes() => Some(v.clone()),
-        _ => HeaderValue::from_str(authority).ok(),
-    }
 }
 
 /// A peer's address as it goes into `X-Forwarded-For`: made once per
@@ -325,6 +372,24 @@ mod tests {
     }
 
     #[test]
+    fn present_names_what_a_head_carries() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "a".parse().unwrap());
+        h.insert("user-agent", "b".parse().unwrap());
+        assert_eq!(Present::of(&h), Present::default());
+        h.insert("x-request-id", "1".parse().unwrap());
+        h.insert("content-length", "2".parse().unwrap());
+        let p = Present::of(&h);
+        assert!(p.request_id && p.content_length && !p.hop_by_hop && !p.connection);
+        h.insert("keep-alive", "3".parse().unwrap());
+        assert!(Present::of(&h).hop_by_hop);
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("connection", "upgrade".parse().unwrap());
+        let p = Present::of(&h);
+        assert!(p.transfer_encoding && p.connection && p.hop_by_hop);
+    }
+
+    #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
         h.insert("connection", "close, x-secret".parse().unwrap());
@@ -427,6 +492,16 @@ mod tests {
             Ok(Some("main.test"))
         );
         assert!(request_authority(h2, &origin, &h(&[])).is_err());
+        // As a value: the Host header's own, else the target's authority.
+        let one = h(&["main.test"]);
+        let host = request_host(v11, &origin, &one).unwrap().unwrap();
+        assert_eq!(host.as_bytes().as_ptr(), one["host"].as_bytes().as_ptr());
+        assert_eq!(
+            request_host(v11, &absolute, &one).unwrap().unwrap(),
+            "alt.test"
+        );
+        assert_eq!(request_host(Version::HTTP_10, &origin, &h(&[])), Ok(None));
+        assert!(request_host(v11, &origin, &h(&["a", "b"])).is_err());
     }
 
     #[test]
