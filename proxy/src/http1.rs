@@ -325,7 +325,7 @@ macro_rules! known_names {
                 $($len => {
                     $({
                         const N: HeaderName = $name;
-                        if N.as_str().as_bytes().eq_ignore_ascii_case(b) {
+                        if same_name(N.as_str().as_bytes(), b) {
                             return Some(N);
                         }
                     })+
@@ -402,6 +402,43 @@ known_names! {
     23 => [header::CONTENT_SECURITY_POLICY],
     25 => [header::STRICT_TRANSPORT_SECURITY],
     27 => [header::ACCESS_CONTROL_ALLOW_ORIGIN],
+}
+
+/// Whether `b` is the lowercase name `n` (of `a-z`, `0-9` and `-`, and as
+/// long as `b`) in any ASCII case, compared eight bytes at a time past the
+/// first eight.
+fn same_name(n: &[u8], b: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    const LOW3: u64 = 0xe0e0_e0e0_e0e0_e0e0;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let len = n.len();
+    if len < 8 || len != b.len() {
+        return n.eq_ignore_ascii_case(b);
+    }
+    let word = |s: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut at = 0;
+    loop {
+        // The last word overlaps the one before it.
+        let at8 = at.min(len - 8);
+        let x = word(b, at8);
+        // Setting bit 5 lowercases a letter and keeps `n`'s bytes as they
+        // are; but a control byte (below 0x20) would pass for `-` or a digit:
+        // no name holds one (a zero byte in `x & LOW3`).
+        let y = x & LOW3;
+        let control = y.wrapping_sub(ONES) & !y & HIGH != 0;
+        if x | CASE != word(n, at8) || control {
+            return false;
+        }
+        if at8 + 8 >= len {
+            return true;
+        }
+        at += 8;
+    }
 }
 
 /// A header name off the wire, as `HeaderName::from_bytes` reads it (same
@@ -542,6 +579,14 @@ mod tests {
             b"x-bad\xff",
             b"Content-Lengt\xe8",
             b"content-length ",
+            b"content\rlength",
+            b"x-usher-worker",
+            b"X-USHER\x0dWORKER",
+            b"x-forwarded\x0dfor",
+            b"CONTENT-LOCATION",
+            b"content-locatioN",
+            b"Content-Locatiom",
+            b"Content-Length\x00",
             b"",
             b"an-unusually-long-header-name-of-no-one-s",
         ] {

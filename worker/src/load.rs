@@ -199,13 +199,13 @@ impl LoadReport {
     /// Reads a report as [`FromStr`] does, in one pass, and says whether it
     /// names `busy` at all (a proxy counts a worker's taken threads only
     /// from reports that say them).
-    pub fn parse_noting_busy(s: &str) -> Result<(Self, bool), LoadReportError> {
+    pub fn parse_noting_busy(s: impl AsRef<[u8]>) -> Result<(Self, bool), LoadReportError> {
         let (mut threads, mut busy, mut queued, mut refused) = (None, 0, 0, 0);
         let mut says_busy = false;
         // Over bytes: the proxy reads one report per response, and `str`'s
         // char searches and Unicode trims cost ~2000 instructions for a
         // 27-byte report. Splitting at ASCII bytes keeps every piece UTF-8.
-        for item in s.as_bytes().split(|&b| b == b',') {
+        for item in s.as_ref().split(|&b| b == b',') {
             let (key, value) = match item.iter().position(|&b| b == b'=') {
                 Some(at) => (item[..at].trim_ascii(), Some(item[at + 1..].trim_ascii())),
                 None => (item.trim_ascii(), None),

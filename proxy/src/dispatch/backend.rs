@@ -35,7 +35,7 @@ pub use crate::health::Load;
 /// A worker's `X-Usher-Load` report. The format is the worker's,
 /// [`LoadReport`]; this narrows it to a capacity and, when the report names
 /// `busy`, what is taken.
-pub fn parse_load(v: &str) -> Option<Load> {
+pub fn parse_load(v: &[u8]) -> Option<Load> {
     let (report, says_busy) = LoadReport::parse_noting_busy(v).ok()?;
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
@@ -640,11 +640,14 @@ mod tests {
     /// The format's own cases are tested in `worker/src/load.rs`.
     #[test]
     fn the_load_header_gives_a_capacity() {
-        let load = parse_load("threads=4, busy=3, queued=1").unwrap();
+        let load = parse_load(b"threads=4, busy=3, queued=1").unwrap();
         assert_eq!((load.threads, load.taken), (4, Some(4)));
-        assert_eq!(parse_load("busy=3"), None);
-        assert_eq!(parse_load("threads=4294967296"), None);
-        assert_eq!(parse_load("threads=2, queued=1").unwrap().taken, None);
+        assert_eq!(parse_load(b"busy=3"), None);
+        assert_eq!(parse_load(b"threads=4294967296"), None);
+        // Read over bytes: a byte that is not ASCII spoils only its own item.
+        assert_eq!(parse_load(b"threads=4, app=caf\xc3\xa9").unwrap().threads, 4);
+        assert_eq!(parse_load(b"threads=\xff"), None);
+        assert_eq!(parse_load(b"threads=2, queued=1").unwrap().taken, None);
     }
 
     #[test]
@@ -677,15 +680,15 @@ mod tests {
         let a = b();
         a.set_share(3);
         // 4 threads: 3 busy, none of them ours (a health check).
-        let load = parse_load("threads=4, busy=3, queued=0").unwrap();
+        let load = parse_load(b"threads=4, busy=3, queued=0").unwrap();
         a.note_load(load, 0);
         assert_eq!(a.capacity(), 1);
         assert_eq!(a.share_view().unwrap().by, "report");
         // On a response: busy=1 and we held 2 besides the answered one.
-        assert!(a.note_load(parse_load("threads=4, busy=1, queued=0").unwrap(), 1));
+        assert!(a.note_load(parse_load(b"threads=4, busy=1, queued=0").unwrap(), 1));
         assert_eq!(a.capacity(), 4);
         // Queued requests count as taken: someone over-filled it.
-        a.note_load(parse_load("threads=4, busy=4, queued=2").unwrap(), 0);
+        a.note_load(parse_load(b"threads=4, busy=4, queued=2").unwrap(), 0);
         assert_eq!(a.capacity(), 0);
         // A refusal says every thread not ours is taken.
         a.note_refused(1);
@@ -696,12 +699,12 @@ mod tests {
     #[test]
     fn alone_only_a_refusal_lowers_capacity() {
         let a = b();
-        a.note_load(parse_load("threads=4, busy=3, queued=0").unwrap(), 0);
+        a.note_load(parse_load(b"threads=4, busy=3, queued=0").unwrap(), 0);
         assert_eq!(a.capacity(), 4);
         assert!(a.share_view().is_none());
         a.note_refused(2);
         assert_eq!(a.capacity(), 2);
-        a.note_load(parse_load("threads=4, busy=3, queued=0").unwrap(), 0);
+        a.note_load(parse_load(b"threads=4, busy=3, queued=0").unwrap(), 0);
         assert_eq!(a.capacity(), 4);
     }
 
@@ -709,7 +712,7 @@ mod tests {
     fn a_report_without_busy_decides_no_share() {
         let a = b();
         a.set_share(3);
-        let load = parse_load("threads=6").unwrap();
+        let load = parse_load(b"threads=6").unwrap();
         assert_eq!(load.taken, None);
         a.note_load(load, 0);
         assert_eq!(a.capacity(), 2);

@@ -172,7 +172,7 @@ pub struct Head {
     decode: Decode,
     keep_alive: bool,
     /// `X-Usher-Load`: taken off the head, not put in `parts`.
-    load: Option<HeaderValue>,
+    load: Option<Bytes>,
 }
 
 /// One connection to a backend, between requests or in one.
@@ -377,21 +377,19 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     // representation and is relayed; any other framing is Usher's own
     // (`framing::take_response_framing`, which the map then skips).
     let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
-    for (name, value) in at {
+    for (name, at) in at {
         let name = crate::http1::header_name(&head[name]).map_err(|_| "invalid header name")?;
-        let value = if value.is_empty() {
-            HeaderValue::from_static("")
-        } else {
-            HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| "invalid header value")?
-        };
+        // httparse has checked the value's bytes; a header value is made
+        // only for what goes on in the map.
+        let raw = &head[at.clone()];
         match name {
             header::TRANSFER_ENCODING => {
                 te += 1;
-                chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
+                chunked = raw.eq_ignore_ascii_case(b"chunked");
                 continue;
             }
             header::CONTENT_LENGTH => {
-                let n = digits(value.as_bytes()).ok_or("invalid Content-Length")?;
+                let n = digits(raw).ok_or("invalid Content-Length")?;
                 if length.is_some_and(|prev| prev != n) {
                     return Err("conflicting Content-Length headers");
                 }
@@ -400,21 +398,26 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
                     continue;
                 }
             }
-            header::CONNECTION => {
-                if saw_close || has_token(&value, "close") {
-                    saw_close = true;
-                    keep_alive = false;
-                } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
-                }
-            }
             // Read by the exchange (the first one, as `remove` would), and
             // never relayed: no need to index it in the map.
             _ if name == super::framing::X_USHER_LOAD => {
-                load.get_or_insert(value);
+                load.get_or_insert_with(|| head.slice(at));
                 continue;
             }
             _ => {}
+        }
+        let value = if at.is_empty() {
+            HeaderValue::from_static("")
+        } else {
+            HeaderValue::from_maybe_shared(head.slice(at)).map_err(|_| "invalid header value")?
+        };
+        if name == header::CONNECTION {
+            if saw_close || has_token(&value, "close") {
+                saw_close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, "keep-alive");
+            }
         }
         headers.append(name, value);
     }
@@ -476,7 +479,7 @@ pub struct ResponseBody {
     decoder: Decoder,
     keep_alive: bool,
     /// The head's `X-Usher-Load`, kept out of its header map (see `parse`).
-    load: Option<HeaderValue>,
+    load: Option<Bytes>,
 }
 
 impl ResponseBody {
@@ -498,7 +501,7 @@ impl ResponseBody {
 
     /// The worker's load report that came with the head. It is for Usher
     /// alone, so it was never put among the headers the client gets.
-    pub fn take_load(&mut self) -> Option<HeaderValue> {
+    pub fn take_load(&mut self) -> Option<Bytes> {
         self.load.take()
     }
 

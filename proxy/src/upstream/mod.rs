@@ -355,13 +355,13 @@ impl Upstream {
         // never reaches the client. This replica's other requests on the
         // backend hold threads; this one no longer does.
         let own = backend.in_flight().saturating_sub(1);
-        let load = match response.body_mut() {
-            UpstreamBody::Left(h1) => h1.take_load(),
-            UpstreamBody::Right(_) => response.headers_mut().remove(&X_USHER_LOAD),
+        let (h1_load, h2_load) = match response.body_mut() {
+            UpstreamBody::Left(h1) => (h1.take_load(), None),
+            UpstreamBody::Right(_) => (None, response.headers_mut().remove(&X_USHER_LOAD)),
         };
-        let load = load
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
+        let load = h1_load
+            .as_deref()
+            .or(h2_load.as_ref().map(HeaderValue::as_bytes))
             .and_then(parse_load);
         if response.status() == StatusCode::SERVICE_UNAVAILABLE
             && response
