@@ -645,7 +645,10 @@ mod tests {
         assert_eq!(parse_load(b"busy=3"), None);
         assert_eq!(parse_load(b"threads=4294967296"), None);
         // Read over bytes: a byte that is not ASCII spoils only its own item.
-        assert_eq!(parse_load(b"threads=4, app=caf\xc3\xa9").unwrap().threads, 4);
+        assert_eq!(
+            parse_load(b"threads=4, app=caf\xc3\xa9").unwrap().threads,
+            4
+        );
         assert_eq!(parse_load(b"threads=\xff"), None);
         assert_eq!(parse_load(b"threads=2, queued=1").unwrap().taken, None);
     }

@@ -14,11 +14,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use tokio::time::Sleep;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load, Backend};
@@ -313,7 +315,9 @@ impl Upstream {
         let deadline = tokio::time::Instant::from_std(started) + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
-        let result = tokio::time::timeout_at(deadline, &mut pending).await;
+        // One timer for all of the attempt's waits.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+        let result = within(&mut timer, &mut pending).await;
         let mut response = match result {
             Err(_) => {
                 self.count(&backend, "timeout");
@@ -379,7 +383,7 @@ impl Upstream {
             self.count(&backend, "refused");
             // Read the short refusal so the connection stays reusable.
             let body = response.into_body().collect();
-            let _ = tokio::time::timeout_at(deadline, body).await;
+            let _ = within(&mut timer, body).await;
             drop(slot);
             return Attempt::Refused;
         }
@@ -432,7 +436,7 @@ impl Upstream {
         let mut size: u64 = 0;
         let mut trailers = None;
         loop {
-            let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            let frame = match within(&mut timer, incoming.frame()).await {
                 Err(_) => {
                     self.count(&backend, "timeout");
                     linger(slot, timeout, async move {
@@ -655,6 +659,24 @@ enum Transmit {
 }
 
 type Pending = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, Transmit>> + Send>>;
+
+/// `fut`'s output, or `Err` when `timer` fires first. Polled first, `fut`
+/// needs no timer when it is ready at once (a body frame already read), and
+/// the attempt's waits share one timer: a `timeout_at` each would make and
+/// drop one per wait.
+async fn within<F: Future>(timer: &mut Pin<&mut Sleep>, fut: F) -> Result<F::Output, Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        timer.as_mut().poll(cx).map(|()| Err(Elapsed))
+    })
+    .await
+}
+
+/// What [`within`] answers when its timer fired.
+struct Elapsed;
 
 /// Holds `slot` while `rest` (the remainder of a timed-out exchange) runs, so
 /// the backend is not given another request while its thread is still busy
