@@ -111,7 +111,11 @@ pub fn fill<R: AsyncRead + Unpin>(
 /// Room for the next read of a head: `first` bytes at first, then as much
 /// again as is buffered, so a large head takes few reads.
 pub fn reserve_for_head(buf: &mut BytesMut, first: usize) {
-    if buf.capacity() - buf.len() < 1024 {
+    if buf.capacity() == 0 {
+        // Given back between requests: a new buffer, made straight away
+        // (`reserve` on an empty one takes the slower path of growing it).
+        *buf = BytesMut::with_capacity(first);
+    } else if buf.capacity() - buf.len() < 1024 {
         let more = buf.len().max(first);
         buf.reserve(more);
     }

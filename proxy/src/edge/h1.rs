@@ -152,7 +152,7 @@ pub async fn serve(
                 if !ready {
                     return;
                 }
-                wire.buf.reserve(FIRST_READ);
+                crate::http1::reserve_for_head(&mut wire.buf, FIRST_READ);
                 // Polled once, not `try_read_buf`: a poll clears the
                 // readiness after a short read, so the next idle wait does
                 // not wake for nothing.
