@@ -529,15 +529,26 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, &'static s
 
 /// `n` in decimal, in `buf`.
 pub fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    // Two digits a step: a `X-Request-Start` has sixteen.
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
+    while n >= 10 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
         if n == 0 {
+            // `n` was 10..=99 at the last step: no leading zero to drop.
             return &buf[i..];
         }
     }
+    i -= 1;
+    buf[i] = b'0' + n as u8;
+    &buf[i..]
 }
 
 /// A chunk-size line: `n` in hex, then CRLF.
@@ -621,6 +632,13 @@ mod tests {
     fn numbers_are_written_as_http_wants_them() {
         assert_eq!(itoa(0, &mut [0; 20]), b"0");
         assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+        let powers = (0..20).flat_map(|p| {
+            let n = 10u64.pow(p);
+            [n - 1, n, n + 1]
+        });
+        for v in (0..2000).chain(powers).chain([1_796_186_872_625_279]) {
+            assert_eq!(itoa(v, &mut [0; 20]), v.to_string().as_bytes(), "{v}");
+        }
         assert_eq!(hex_line(0, &mut [0; 20]), b"0\r\n");
         assert_eq!(hex_line(0x1a2b, &mut [0; 20]), b"1a2b\r\n");
     }

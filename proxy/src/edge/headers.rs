@@ -200,10 +200,11 @@ pub use crate::syntax::valid_authority;
 
 /// A new request id: 16 random bytes in hex.
 pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
-    let n = fastrand::u128(..);
-    for (i, c) in id.iter_mut().enumerate() {
-        *c = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, b) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
     HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
@@ -237,7 +238,7 @@ pub fn set_forwarded(
 
 /// What Usher tells a backend about the request: `X-Forwarded-*`,
 /// `X-Request-Id`, and the `Host` it was routed by (see
-/// [`request_authority`]: an absolute-form target's or h2's `:authority`).
+/// [`request_host`]: an absolute-form target's or h2's `:authority`).
 pub fn set_upstream_identity(
     h: &mut HeaderMap,
     peer_ip: &HeaderValue,
