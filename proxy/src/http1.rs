@@ -455,6 +455,76 @@ pub fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderNa
     }
 }
 
+/// Header lines of an HTTP/1 backend's response that go to the client as
+/// they came, with no header map made for them: making a map entry per line
+/// cost more than the rest of relaying it. Only names Usher neither reads,
+/// replaces nor drops are kept this way (`upstream::h1::parse` decides, by
+/// `edge::headers::read_or_set_by_usher`). An HTTP/1 client gets them
+/// written after the map's headers (`edge::h1`); hyper's edges get them put
+/// into the map first (`edge::listener`).
+#[derive(Debug, Default)]
+pub struct Lines {
+    head: Bytes,
+    /// Each line's name and value, in `head`.
+    at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    /// One of them is a `Date` (the client then gets no other).
+    pub date: bool,
+}
+
+impl Lines {
+    /// Lines of `head` (a whole head of `count` lines), none yet.
+    pub fn of(head: Bytes, count: usize) -> Self {
+        Lines {
+            head,
+            at: Vec::with_capacity(count),
+            date: false,
+        }
+    }
+
+    /// The line whose name is at `name` and value at `value` in the head.
+    pub fn push(&mut self, name: std::ops::Range<usize>, value: std::ops::Range<usize>) {
+        self.at.push((name, value));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// How many bytes [`Lines::write_to`] writes.
+    pub fn len(&self) -> usize {
+        self.at.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+    }
+
+    /// Appends each as `name: value\r\n`, the name as the backend spelled
+    /// it (as nginx relays it; names are case-insensitive).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for (name, value) in &self.at {
+            out.extend_from_slice(&self.head[name.clone()]);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&self.head[value.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Moves them into `h`, as the parser would have put them there.
+    pub fn into_map(self, h: &mut HeaderMap) {
+        for (name, value) in self.at {
+            // Both were checked by the parser: neither fails here.
+            let Ok(name) = header_name(&self.head[name]) else {
+                continue;
+            };
+            let value = if value.is_empty() {
+                Ok(HeaderValue::from_static(""))
+            } else {
+                HeaderValue::from_maybe_shared(self.head.slice(value))
+            };
+            if let Ok(value) = value {
+                h.append(name, value);
+            }
+        }
+    }
+}
+
 /// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
 pub fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;

@@ -658,7 +658,8 @@ async fn write_response(
         keep_alive = false;
     }
 
-    let mut head = Vec::with_capacity(160 + parts.headers.len() * 48);
+    let lines = body.lines();
+    let mut head = Vec::with_capacity(160 + parts.headers.len() * 48 + lines.len());
     head.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
@@ -692,6 +693,9 @@ async fn write_response(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    // Lines relayed as they came name nothing Usher reads here but `Date`.
+    saw_date |= lines.date;
+    lines.write_to(&mut head);
     if let Some(n) = length.or(head_length) {
         head.extend_from_slice(b"content-length: ");
         head.extend_from_slice(itoa(n, &mut [0; 20]));

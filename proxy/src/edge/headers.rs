@@ -36,6 +36,19 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == PROXY_CONNECTION
 }
 
+/// Whether Usher reads, replaces or drops response header `name` on its way
+/// to the client: such a line goes into the header map, any other may be
+/// relayed as it came (`http1::Lines`). Hop-by-hop names, framing, the ids
+/// and HSTS Usher sets, and the worker's reports.
+pub fn read_or_set_by_usher(name: &HeaderName) -> bool {
+    is_hop_by_hop(name)
+        || *name == header::CONTENT_LENGTH
+        || *name == header::STRICT_TRANSPORT_SECURITY
+        || *name == X_REQUEST_ID
+        || *name == usher_worker::X_USHER_REFUSED
+        || *name == usher_worker::X_USHER_LOAD
+}
+
 /// Which of the names the request path looks up a request carries, read in
 /// one pass over its names. Looking up a name a map does not hold still
 /// hashes it and probes; most requests carry few of these.

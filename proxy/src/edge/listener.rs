@@ -46,6 +46,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Http2Config, ListenerConfig};
 use crate::edge::{handle, ConnCtx, Shared};
 use crate::tls::TlsListener;
+use crate::upstream::ProxyBody;
 
 #[derive(Clone)]
 pub struct ListenerSettings {
@@ -171,7 +172,11 @@ async fn serve_conn<I>(
     // Boxed: hyper keeps the service future's slot allocated for the whole
     // connection, so an unboxed `handle` future (~4 KiB) would stay resident
     // on every idle keep-alive connection. Boxed, it lives only per request.
-    let service = service_fn(move |req| Box::pin(handle(req, ctx.clone())));
+    // hyper writes the map alone: the lines kept out of it go in first.
+    let service = service_fn(move |req| {
+        let answer = handle(req, ctx.clone());
+        Box::pin(async move { answer.await.map(ProxyBody::lines_into_map) })
+    });
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
         Proto::Http1 => {
             let mut b = http1::Builder::new();

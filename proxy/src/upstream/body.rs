@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::h1::ResponseBody;
 use crate::dispatch::Slot;
+use crate::http1::Lines;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -32,6 +33,9 @@ pub struct ProxyBody {
     remaining: u64,
     trailers: Option<Box<http::HeaderMap>>,
     relay: Option<Box<Relay>>,
+    /// Header lines of the response that are not in its map (see
+    /// `http1::Lines`): the head travels with its body.
+    lines: Lines,
 }
 
 /// The part of a streamed response still to come from the backend.
@@ -64,6 +68,7 @@ impl ProxyBody {
             remaining: size,
             trailers: trailers.map(Box::new),
             relay: None,
+            lines: Lines::default(),
         }
     }
 
@@ -82,7 +87,30 @@ impl ProxyBody {
                 _slot: slot,
                 timer,
             })),
+            lines: Lines::default(),
         }
+    }
+
+    /// With `lines`, the response's header lines kept out of its map.
+    pub(crate) fn with_lines(mut self, lines: Lines) -> Self {
+        self.lines = lines;
+        self
+    }
+
+    /// The response's header lines kept out of its map.
+    pub fn lines(&self) -> &Lines {
+        &self.lines
+    }
+
+    /// Puts the lines kept out of `resp`'s map into it, for a writer that
+    /// knows only the map (hyper's).
+    pub fn lines_into_map(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        if resp.body().lines.is_empty() {
+            return resp;
+        }
+        let (mut parts, mut body) = resp.into_parts();
+        std::mem::take(&mut body.lines).into_map(&mut parts.headers);
+        Response::from_parts(parts, body)
     }
 
     /// Bytes known up front (buffered bodies only).

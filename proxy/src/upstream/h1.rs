@@ -41,9 +41,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 use super::pool::Conn;
-use crate::edge::headers::{has_token, Identity};
+use crate::edge::headers::{has_token, read_or_set_by_usher, Identity};
 use crate::edge::listener::MAX_HEAD;
-use crate::http1::{digits, offset, BodyError, Decode, Decoder, Trailers};
+use crate::http1::{digits, offset, BodyError, Decode, Decoder, Lines, Trailers};
 use crate::tls::connector::UpstreamStream;
 
 /// The most headers a response may have (hyper's default).
@@ -173,6 +173,8 @@ pub struct Head {
     keep_alive: bool,
     /// `X-Usher-Load`: taken off the head, not put in `parts`.
     load: Option<Bytes>,
+    /// The lines relayed as they came, not put in `parts` either.
+    lines: Lines,
 }
 
 /// One connection to a backend, between requests or in one.
@@ -367,7 +369,6 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     }
     let head = buf.split_to(len).freeze();
 
-    let mut headers = HeaderMap::with_capacity(at.len());
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     let (mut te, mut chunked) = (0, false);
@@ -377,8 +378,21 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     // representation and is relayed; any other framing is Usher's own
     // (`framing::take_response_framing`, which the map then skips).
     let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
-    for (name, at) in at {
-        let name = crate::http1::header_name(&head[name]).map_err(|_| "invalid header name")?;
+    // Lines Usher does not touch go to the client as they came; all go into
+    // the map when a `Connection` header may name some to drop.
+    let named_by_connection = at
+        .iter()
+        .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
+    let mut lines = Lines::of(head.clone(), at.len());
+    // Most lines go to `lines`: the map is made for the rest as they come.
+    let mut headers = if named_by_connection {
+        HeaderMap::with_capacity(at.len())
+    } else {
+        HeaderMap::new()
+    };
+    for (name_at, at) in at {
+        let name =
+            crate::http1::header_name(&head[name_at.clone()]).map_err(|_| "invalid header name")?;
         // httparse has checked the value's bytes; a header value is made
         // only for what goes on in the map.
         let raw = &head[at.clone()];
@@ -405,6 +419,11 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
                 continue;
             }
             _ => {}
+        }
+        if !named_by_connection && !read_or_set_by_usher(&name) {
+            lines.date |= name == header::DATE;
+            lines.push(name_at, at);
+            continue;
         }
         let value = if at.is_empty() {
             HeaderValue::from_static("")
@@ -468,6 +487,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
         decode,
         keep_alive,
         load,
+        lines,
     }))
 }
 
@@ -480,6 +500,8 @@ pub struct ResponseBody {
     keep_alive: bool,
     /// The head's `X-Usher-Load`, kept out of its header map (see `parse`).
     load: Option<Bytes>,
+    /// The head's lines relayed as they came (see `parse`).
+    lines: Lines,
 }
 
 impl ResponseBody {
@@ -490,6 +512,7 @@ impl ResponseBody {
             keep_alive: head.keep_alive,
             conn: None,
             load: head.load,
+            lines: head.lines,
         };
         if body.decoder.is_done() {
             body.finish(conn);
@@ -503,6 +526,11 @@ impl ResponseBody {
     /// alone, so it was never put among the headers the client gets.
     pub fn take_load(&mut self) -> Option<Bytes> {
         self.load.take()
+    }
+
+    /// The head's lines that go to the client as they came.
+    pub fn take_lines(&mut self) -> Lines {
+        std::mem::take(&mut self.lines)
     }
 
     /// The body has been read whole: the connection goes back to the pool
@@ -603,6 +631,42 @@ mod tests {
         ] {
             assert!(head(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn lines_usher_does_not_touch_are_relayed_as_they_came() {
+        let h = head(concat!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Request-Id: theirs\r\n",
+            "Set-Cookie: a=1\r\nX-Usher-Refused: busy\r\nSet-Cookie: b=2\r\n",
+            "Date: Wed, 02 Dec 2026 04:47:52 GMT\r\nKeep-Alive: timeout=5\r\n",
+            "Content-Length: 0\r\n\r\n"
+        ))
+        .unwrap();
+        // What Usher reads, replaces or drops is in the map...
+        let names: Vec<&str> = h.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-request-id", "x-usher-refused", "keep-alive"]);
+        // ...the rest, in order, as written.
+        let mut out = Vec::new();
+        h.lines.write_to(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nDate: Wed, 02 Dec 2026 04:47:52 GMT\r\n"
+        );
+        assert!(h.lines.date);
+        let mut map = HeaderMap::new();
+        h.lines.into_map(&mut map);
+        assert_eq!(map.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(map["content-type"], "text/plain");
+
+        // A `Connection` header may name any of them: all go to the map,
+        // for the hop-by-hop strip to see.
+        let h = head(concat!(
+            "HTTP/1.1 200 OK\r\nX-Secret: 1\r\nCONNECTION: x-secret\r\n",
+            "Content-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+        ))
+        .unwrap();
+        assert!(h.lines.is_empty());
+        assert_eq!(h.parts.headers.len(), 3);
     }
 
     #[test]

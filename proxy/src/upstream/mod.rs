@@ -28,6 +28,7 @@ use crate::dispatch::{Dispatcher, Slot};
 use crate::edge::headers::Identity;
 use crate::error::Error;
 use crate::health::{self, Verdict};
+use crate::http1::Lines;
 use crate::observe::metrics::Metrics;
 use crate::tls::connector::UpstreamConnector;
 use framing::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
@@ -359,9 +360,13 @@ impl Upstream {
         // never reaches the client. This replica's other requests on the
         // backend hold threads; this one no longer does.
         let own = backend.in_flight().saturating_sub(1);
-        let (h1_load, h2_load) = match response.body_mut() {
-            UpstreamBody::Left(h1) => (h1.take_load(), None),
-            UpstreamBody::Right(_) => (None, response.headers_mut().remove(&X_USHER_LOAD)),
+        let (h1_load, h2_load, lines) = match response.body_mut() {
+            UpstreamBody::Left(h1) => (h1.take_load(), None, h1.take_lines()),
+            UpstreamBody::Right(_) => (
+                None,
+                response.headers_mut().remove(&X_USHER_LOAD),
+                Lines::default(),
+            ),
         };
         let load = h1_load
             .as_deref()
@@ -470,7 +475,8 @@ impl Upstream {
                             incoming,
                             slot,
                             self.backend_timer(&labels, started),
-                        );
+                        )
+                        .with_lines(lines);
                         return Attempt::Done(Box::new(Response::from_parts(parts, body)));
                     }
                 }
@@ -501,7 +507,7 @@ impl Upstream {
                 .with_label_values(&labels)
                 .observe(took),
         }
-        let body = ProxyBody::buffered(buffered, size, trailers);
+        let body = ProxyBody::buffered(buffered, size, trailers).with_lines(lines);
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
     }
 
