@@ -304,6 +304,9 @@ impl Connection {
     }
 }
 
+// Returned once per response head and taken apart at once: a box would
+// cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     Partial,
     /// A 1xx other than 101, taken off the buffer.
