@@ -495,14 +495,19 @@ impl Lines {
         self.at.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
     }
 
-    /// Appends each as `name: value\r\n`, the name as the backend spelled
-    /// it (as nginx relays it; names are case-insensitive).
+    /// Appends each line as the backend wrote it, from its name to the end
+    /// of its value (httparse has checked that only `:` and blanks are
+    /// between), then CRLF: the name as the backend spelled it, as nginx
+    /// relays it (names are case-insensitive).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for (name, value) in &self.at {
-            out.extend_from_slice(&self.head[name.clone()]);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(&self.head[value.clone()]);
-            out.extend_from_slice(b"\r\n");
+            if value.is_empty() {
+                out.extend_from_slice(&self.head[name.clone()]);
+                out.extend_from_slice(b":\r\n");
+            } else {
+                out.extend_from_slice(&self.head[name.start..value.end]);
+                out.extend_from_slice(b"\r\n");
+            }
         }
     }
 

@@ -553,6 +553,84 @@ fn declined_upgrade_closes_the_connection_after_the_answer() {
     e.finish();
 }
 
+/// Every response line of a backend that Usher does not own reaches the
+/// client, in order and whole (each `Set-Cookie` its own line), over HTTP/1
+/// and h2 alike; hop-by-hop lines, those `Connection` names, and an
+/// `X-Request-Id` of the backend's own do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_response_lines_reach_the_client_but_hop_by_hop_and_usher_s_own() {
+    const PLAIN: &str = "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-App:  one\r\n\
+        Keep-Alive: timeout=1\r\nSet-Cookie:b=2\r\nX-Request-Id: forged\r\n\
+        Strict-Transport-Security: max-age=1\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok";
+    const NAMED: &str = "HTTP/1.1 200 OK\r\nX-Secret: 1\r\nX-App: two\r\n\
+        Connection: x-secret\r\nContent-Length: 2\r\n\r\nok";
+    let main = RecordingBackend::start("main", |r| match r.target.as_str() {
+        "/plain" => Reply::raw(PLAIN),
+        "/named" => Reply::raw(NAMED),
+        t => Reply::ok(format!("main {} {t}", r.method)),
+    });
+    let e = Edge::with(main, "", "");
+    let e = tokio::task::spawn_blocking(move || {
+        let mut c = e.client();
+        let r = get_on(&mut c, "/plain").unwrap_or_else(|err| panic!("{}", describe(&err)));
+        let names: Vec<String> = r
+            .headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        for gone in ["keep-alive", "connection", "transfer-encoding"] {
+            assert!(!names.iter().any(|n| n == gone), "{gone}: {}", r.head);
+        }
+        let cookies: Vec<&str> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "{}", r.head);
+        assert_eq!(r.header("x-app"), Some("one"), "{}", r.head);
+        assert_eq!(r.header("x-empty"), Some(""), "{}", r.head);
+        assert_eq!(r.header("strict-transport-security"), Some("max-age=1"));
+        let count = |name: &str| names.iter().filter(|n| *n == name).count();
+        assert_eq!(count("x-request-id"), 1, "{}", r.head);
+        assert_ne!(r.header("x-request-id"), Some("forged"), "{}", r.head);
+        assert_eq!(count("date"), 1, "{}", r.head);
+        assert_eq!(r.text(), "ok");
+        let r = get_on(&mut c, "/named").unwrap_or_else(|err| panic!("{}", describe(&err)));
+        assert_eq!(r.header("x-secret"), None, "{}", r.head);
+        assert_eq!(r.header("x-app"), Some("two"), "{}", r.head);
+        assert_eq!(c.after(Duration::from_millis(300)), After::Open);
+        e
+    })
+    .await
+    .unwrap();
+    // h2: hyper writes the head, from the map alone.
+    let tcp = tokio::net::TcpStream::connect(e.usher.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://main.test/plain").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(READ_TIMEOUT, resp)
+        .await
+        .expect("h2 response in time")
+        .unwrap();
+    let h = resp.headers();
+    let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"], "{h:?}");
+    assert_eq!(
+        h.get("x-app").map(|v| v.as_bytes()),
+        Some(&b"one"[..]),
+        "{h:?}"
+    );
+    assert!(h.get("keep-alive").is_none(), "{h:?}");
+    assert_eq!(h.get_all("x-request-id").iter().count(), 1, "{h:?}");
+    assert_eq!(h.get_all("date").iter().count(), 1, "{h:?}");
+    tokio::task::spawn_blocking(move || e.finish())
+        .await
+        .unwrap();
+}
+
 /// A backend switching protocols on a request that did not ask to: 502, and
 /// the client is not told to upgrade.
 #[test]

@@ -640,7 +640,7 @@ mod tests {
     fn lines_usher_does_not_touch_are_relayed_as_they_came() {
         let h = head(concat!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Request-Id: theirs\r\n",
-            "Set-Cookie: a=1\r\nX-Usher-Refused: busy\r\nSet-Cookie: b=2\r\n",
+            "Set-Cookie: a=1\r\nX-Usher-Refused: busy\r\nSet-Cookie:b=2  \r\nX-Empty:\r\n",
             "Date: Wed, 02 Dec 2026 04:47:52 GMT\r\nKeep-Alive: timeout=5\r\n",
             "Content-Length: 0\r\n\r\n"
         ))
@@ -653,13 +653,16 @@ mod tests {
         h.lines.write_to(&mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nDate: Wed, 02 Dec 2026 04:47:52 GMT\r\n"
+            "Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie:b=2\r\nX-Empty:\r\nDate: Wed, 02 Dec 2026 04:47:52 GMT\r\n"
         );
         assert!(h.lines.date);
         let mut map = HeaderMap::new();
         h.lines.into_map(&mut map);
         assert_eq!(map.get_all("set-cookie").iter().count(), 2);
         assert_eq!(map["content-type"], "text/plain");
+        assert_eq!(map["x-empty"], "");
+        let cookies: Vec<_> = map.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
 
         // A `Connection` header may name any of them: all go to the map,
         // for the hop-by-hop strip to see.
