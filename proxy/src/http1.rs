@@ -459,7 +459,8 @@ pub fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderNa
 /// they came, with no header map made for them: making a map entry per line
 /// cost more than the rest of relaying it. Only names Usher neither reads,
 /// replaces nor drops are kept this way (`upstream::h1::parse` decides, by
-/// `edge::headers::read_or_set_by_usher`). An HTTP/1 client gets them
+/// `edge::headers::read_or_set_by_usher`), and none when the head has a
+/// `Connection` header (which may name any). An HTTP/1 client gets them
 /// written after the map's headers (`edge::h1`); hyper's edges get them put
 /// into the map first (`edge::listener`).
 #[derive(Debug, Default)]
@@ -492,7 +493,11 @@ impl Lines {
 
     /// How many bytes [`Lines::write_to`] writes.
     pub fn len(&self) -> usize {
-        self.at.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+        let line = |(n, v): &(std::ops::Range<usize>, std::ops::Range<usize>)| match v.is_empty() {
+            true => n.len() + 3,
+            false => v.end - n.start + 2,
+        };
+        self.at.iter().map(line).sum()
     }
 
     /// Appends each line as the backend wrote it, from its name to the end

@@ -561,7 +561,8 @@ fn declined_upgrade_closes_the_connection_after_the_answer() {
 async fn backend_response_lines_reach_the_client_but_hop_by_hop_and_usher_s_own() {
     const PLAIN: &str = "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-App:  one\r\n\
         Keep-Alive: timeout=1\r\nSet-Cookie:b=2\r\nX-Request-Id: forged\r\n\
-        Strict-Transport-Security: max-age=1\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok";
+        Strict-Transport-Security: max-age=1\r\nX-Empty:\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\
+        X-Usher-Load: threads=4, busy=1, queued=0\r\nContent-Length: 2\r\n\r\nok";
     const NAMED: &str = "HTTP/1.1 200 OK\r\nX-Secret: 1\r\nX-App: two\r\n\
         Connection: x-secret\r\nContent-Length: 2\r\n\r\nok";
     let main = RecordingBackend::start("main", |r| match r.target.as_str() {
@@ -594,7 +595,11 @@ async fn backend_response_lines_reach_the_client_but_hop_by_hop_and_usher_s_own(
         let count = |name: &str| names.iter().filter(|n| *n == name).count();
         assert_eq!(count("x-request-id"), 1, "{}", r.head);
         assert_ne!(r.header("x-request-id"), Some("forged"), "{}", r.head);
+        // The backend's own `Date`, and no second one; its load report
+        // is Usher's alone.
         assert_eq!(count("date"), 1, "{}", r.head);
+        assert_eq!(r.header("date"), Some("Tue, 01 Dec 2026 10:00:00 GMT"));
+        assert_eq!(r.header("x-usher-load"), None, "{}", r.head);
         assert_eq!(r.text(), "ok");
         let r = get_on(&mut c, "/named").unwrap_or_else(|err| panic!("{}", describe(&err)));
         assert_eq!(r.header("x-secret"), None, "{}", r.head);
@@ -626,6 +631,8 @@ async fn backend_response_lines_reach_the_client_but_hop_by_hop_and_usher_s_own(
     assert!(h.get("keep-alive").is_none(), "{h:?}");
     assert_eq!(h.get_all("x-request-id").iter().count(), 1, "{h:?}");
     assert_eq!(h.get_all("date").iter().count(), 1, "{h:?}");
+    assert_eq!(h["date"], "Tue, 01 Dec 2026 10:00:00 GMT");
+    assert!(h.get("x-usher-load").is_none(), "{h:?}");
     tokio::task::spawn_blocking(move || e.finish())
         .await
         .unwrap();

@@ -658,7 +658,7 @@ async fn write_response(
         keep_alive = false;
     }
 
-    let lines = body.lines();
+    let lines = body.take_lines();
     let mut head = Vec::with_capacity(160 + parts.headers.len() * 48 + lines.len());
     head.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
@@ -696,6 +696,7 @@ async fn write_response(
     // Lines relayed as they came name nothing Usher reads here but `Date`.
     saw_date |= lines.date;
     lines.write_to(&mut head);
+    drop(lines);
     if let Some(n) = length.or(head_length) {
         head.extend_from_slice(b"content-length: ");
         head.extend_from_slice(itoa(n, &mut [0; 20]));

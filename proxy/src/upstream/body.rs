@@ -97,9 +97,10 @@ impl ProxyBody {
         self
     }
 
-    /// The response's header lines kept out of its map.
-    pub fn lines(&self) -> &Lines {
-        &self.lines
+    /// The response's header lines kept out of its map, taken: once they
+    /// are written, the backend's head they point into can go.
+    pub fn take_lines(&mut self) -> Lines {
+        std::mem::take(&mut self.lines)
     }
 
     /// Puts the lines kept out of `resp`'s map into it, for a writer that
@@ -109,7 +110,7 @@ impl ProxyBody {
             return resp;
         }
         let (mut parts, mut body) = resp.into_parts();
-        std::mem::take(&mut body.lines).into_map(&mut parts.headers);
+        body.take_lines().into_map(&mut parts.headers);
         Response::from_parts(parts, body)
     }
 

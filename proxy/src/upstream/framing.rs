@@ -27,6 +27,10 @@ pub fn request_has_length(method: &Method, len: usize) -> bool {
 ///
 /// For `HEAD` and `304` the `Content-Length` describes the representation, not
 /// this message (which has no body), so it stays.
+///
+/// For h2 backends and a tunnel's plain answer (hyper's client): Usher's own
+/// HTTP/1 parser applies the same rules and keeps the framing out of the map
+/// (`upstream::h1::parse`).
 pub fn take_response_framing(
     method: &Method,
     status: StatusCode,

@@ -378,15 +378,16 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let mut length: Option<u64> = None;
     let mut load = None;
     // The length of a HEAD's or a 304's answer describes the
-    // representation and is relayed; any other framing is Usher's own
-    // (`framing::take_response_framing`, which the map then skips).
+    // representation and is relayed; any other framing is Usher's own:
+    // kept out of the map, so `framing::take_response_framing` is skipped
+    // for an HTTP/1 backend.
     let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
     // Lines Usher does not touch go to the client as they came; all go into
     // the map when a `Connection` header may name some to drop.
     let named_by_connection = at
         .iter()
         .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
-    let mut lines = Lines::of(head.clone(), at.len());
+    let mut lines = Lines::of(head.clone(), if named_by_connection { 0 } else { at.len() });
     // Most lines go to `lines`: the map is made for the rest as they come.
     let mut headers = if named_by_connection {
         HeaderMap::with_capacity(at.len())
@@ -651,6 +652,7 @@ mod tests {
         // ...the rest, in order, as written.
         let mut out = Vec::new();
         h.lines.write_to(&mut out);
+        assert_eq!(out.len(), h.lines.len());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "Content-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie:b=2\r\nX-Empty:\r\nDate: Wed, 02 Dec 2026 04:47:52 GMT\r\n"

@@ -676,7 +676,10 @@ async fn within<F: Future>(timer: &mut Pin<&mut Sleep>, fut: F) -> Result<F::Out
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        timer.as_mut().poll(cx).map(|()| Err(Elapsed))
+        // As `Timeout` does: the deadline is seen even when `fut` has used
+        // up the task's budget.
+        let timer = std::pin::pin!(tokio::task::unconstrained(timer.as_mut()));
+        timer.poll(cx).map(|()| Err(Elapsed))
     })
     .await
 }
