@@ -455,14 +455,20 @@ pub fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderNa
     }
 }
 
-/// Header lines of an HTTP/1 backend's response that go to the client as
-/// they came, with no header map made for them: making a map entry per line
-/// cost more than the rest of relaying it. Only names Usher neither reads,
-/// replaces nor drops are kept this way (`upstream::h1::parse` decides, by
-/// `edge::headers::read_or_set_by_usher`), and none when the head has a
-/// `Connection` header (which may name any). An HTTP/1 client gets them
-/// written after the map's headers (`edge::h1`); hyper's edges get them put
-/// into the map first (`edge::listener`).
+/// Header lines of an HTTP/1 head that pass the proxy as they came, with no
+/// header map made for them: making a map entry per line cost more than the
+/// rest of relaying it. Only names Usher neither reads, replaces nor drops
+/// are kept this way, and none when the head has a `Connection` header
+/// (which may name any).
+///
+/// - A backend's response (`upstream::h1::parse`, by
+///   `edge::headers::read_or_set_by_usher`): an HTTP/1 client gets them
+///   written after the map's headers (`edge::h1`); hyper's edges get them put
+///   into the map first (`edge::listener`).
+/// - A client's request (`edge::h1::parse`, by
+///   `edge::headers::read_by_usher_in_requests`): an HTTP/1 backend gets them
+///   written after the map's headers (`upstream::h1::Outgoing`); an h2
+///   backend and a tunnel get them put into the map.
 #[derive(Debug, Default)]
 pub struct Lines {
     head: Bytes,
@@ -473,17 +479,21 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// Lines of `head` (a whole head of `count` lines), none yet.
-    pub fn of(head: Bytes, count: usize) -> Self {
-        Lines {
-            head,
-            at: Vec::with_capacity(count),
-            date: false,
+    /// The line whose name is at `name` and value at `value` in `head`,
+    /// with at most `more` lines of the head left after it. Nothing is kept
+    /// (nor allocated) until the first line.
+    pub fn push(
+        &mut self,
+        head: &Bytes,
+        name: std::ops::Range<usize>,
+        value: std::ops::Range<usize>,
+        more: usize,
+    ) {
+        if self.at.capacity() == 0 {
+            self.head = head.clone();
+            // Made at its size (`reserve` on an empty one grows it slowly).
+            self.at = Vec::with_capacity(more + 1);
         }
-    }
-
-    /// The line whose name is at `name` and value at `value` in the head.
-    pub fn push(&mut self, name: std::ops::Range<usize>, value: std::ops::Range<usize>) {
         self.at.push((name, value));
     }
 
@@ -516,17 +526,17 @@ impl Lines {
         }
     }
 
-    /// Moves them into `h`, as the parser would have put them there.
-    pub fn into_map(self, h: &mut HeaderMap) {
-        for (name, value) in self.at {
+    /// Puts them into `h` too, as the parser would have put them there.
+    pub fn append_to(&self, h: &mut HeaderMap) {
+        for (name, value) in &self.at {
             // Both were checked by the parser: neither fails here.
-            let Ok(name) = header_name(&self.head[name]) else {
+            let Ok(name) = header_name(&self.head[name.clone()]) else {
                 continue;
             };
             let value = if value.is_empty() {
                 Ok(HeaderValue::from_static(""))
             } else {
-                HeaderValue::from_maybe_shared(self.head.slice(value))
+                HeaderValue::from_maybe_shared(self.head.slice(value.clone()))
             };
             if let Ok(value) = value {
                 h.append(name, value);

@@ -1525,6 +1525,67 @@ fn too_many_headers_is_431() {
     refused(req.as_bytes(), 431);
 }
 
+/// Every request line of a client that Usher does not own reaches the
+/// backend, in order and whole (each `Cookie` its own line, an empty value
+/// kept); hop-by-hop lines, those `Connection` names, and the client's own
+/// `X-Forwarded-*`, `X-Request-Id` and `X-Request-Start` do not.
+#[test]
+fn client_request_lines_reach_the_backend_but_hop_by_hop_and_usher_s_own() {
+    let e = Edge::start();
+    let seen = accepted(
+        &e,
+        b"GET /lines HTTP/1.1\r\nHost: main.test\r\nCookie: a=1\r\nX-App:  one\r\n\
+          Keep-Alive: timeout=1\r\nCookie:b=2\r\nX-Forwarded-For: 6.6.6.6\r\n\
+          X-Request-Start: t=1\r\nX-Empty:\r\nX-Forwarded-Host: evil.test\r\n\
+          Accept: */*\r\n\r\n",
+        "GET",
+        "/lines",
+    );
+    let cookies: Vec<&str> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"], "{seen:#?}");
+    assert_eq!(seen.header("x-app"), Some("one"), "{seen:#?}");
+    assert_eq!(seen.header("x-empty"), Some(""), "{seen:#?}");
+    assert_eq!(seen.header("accept"), Some("*/*"), "{seen:#?}");
+    assert_eq!(seen.header("keep-alive"), None, "{seen:#?}");
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-request-start",
+        "host",
+    ] {
+        assert_eq!(seen.header_count(name), 1, "{name}: {seen:#?}");
+    }
+    assert!(seen
+        .header("x-forwarded-for")
+        .is_some_and(|v| v.ends_with("127.0.0.1")));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some("main.test"),
+        "{seen:#?}"
+    );
+    assert_ne!(seen.header("x-request-start"), Some("t=1"), "{seen:#?}");
+
+    e.finish();
+
+    // A `Connection` header may name any line: the one it names is dropped.
+    let e = Edge::start();
+    let seen = accepted(
+        &e,
+        b"GET /named HTTP/1.1\r\nHost: main.test\r\nX-Secret: 1\r\nX-App: two\r\n\
+          Connection: x-secret\r\n\r\n",
+        "GET",
+        "/named",
+    );
+    assert_eq!(seen.header("x-secret"), None, "{seen:#?}");
+    assert_eq!(seen.header("x-app"), Some("two"), "{seen:#?}");
+    e.finish();
+}
+
 /// `Connection` may name hop-by-hop headers for the proxy to drop; naming
 /// the framing or the Host must not change what the backend gets.
 #[test]

@@ -56,13 +56,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::edge::handler::error_response;
-use crate::edge::headers::has_token;
+use crate::edge::headers::{has_token, read_by_usher_in_requests};
 use crate::edge::listener::ListenerSettings;
 use crate::edge::upgrade::{ClientUpgrade, TunnelIo};
 use crate::edge::{handle, ConnCtx};
 use crate::error::Error;
 use crate::http1::{
-    digits, hex_line, itoa, last_coding_is_chunked, offset, BodyError, Decode, Decoder, Trailers,
+    digits, hex_line, itoa, last_coding_is_chunked, offset, BodyError, Decode, Decoder, Lines,
+    Trailers,
 };
 use crate::upstream::ProxyBody;
 
@@ -233,6 +234,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
         body,
         expect_continue,
         wants_upgrade,
+        lines,
     } = head;
     let method = request.method().clone();
     let version = request.version();
@@ -253,6 +255,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
         } else {
             0
         },
+        lines,
     });
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
@@ -364,6 +367,8 @@ struct Parsed {
     body: Decode,
     expect_continue: bool,
     wants_upgrade: bool,
+    /// The lines relayed as they came, not put in `request`'s map.
+    lines: Option<Box<Lines>>,
 }
 
 /// Reads until a whole head is in `wire.buf`, and parses it. `Ok(None)`:
@@ -445,12 +450,28 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     let mut saw_cl = false;
     let mut expect_continue = false;
     let mut wants_upgrade = method == Method::CONNECT;
+    // Lines Usher does not read go to the backend as they came; all go into
+    // the map when a `Connection` header may name some to drop.
+    let named_by_connection = at
+        .iter()
+        .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
+    let mut lines = Lines::default();
+    let count = at.len();
     // No room for more: what Usher tells an HTTP/1 backend is written
     // beside the map (`headers::Identity`), not into it.
-    let mut headers = HeaderMap::with_capacity(at.len());
-    for (name, value) in at {
-        let name =
-            crate::http1::header_name(&head[name]).map_err(|_| bad("invalid header name"))?;
+    // `Host` and a few more go to the map; most, when there are many, not.
+    let mut headers = if named_by_connection {
+        HeaderMap::with_capacity(at.len())
+    } else {
+        HeaderMap::with_capacity(at.len().min(4))
+    };
+    for (i, (name_at, value)) in at.into_iter().enumerate() {
+        let name = crate::http1::header_name(&head[name_at.clone()])
+            .map_err(|_| bad("invalid header name"))?;
+        if !named_by_connection && !read_by_usher_in_requests(&name) {
+            lines.push(&head, name_at, value, count - i - 1);
+            continue;
+        }
         let value = if value.is_empty() {
             HeaderValue::from_static("")
         } else {
@@ -523,6 +544,9 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
         body,
         expect_continue,
         wants_upgrade,
+        // Boxed, and only when there are any: the head moves from future
+        // to future, and a request often has none (`Host` goes to the map).
+        lines: (!lines.is_empty()).then(|| Box::new(lines)),
     }))
 }
 
@@ -547,9 +571,17 @@ pub struct H1Body {
     decoder: Decoder,
     /// Bytes of `100 Continue` still to write.
     continue_left: usize,
+    /// The head's lines relayed as they came (see `parse`): they travel
+    /// with the body, as a response's do (`ProxyBody`).
+    lines: Option<Box<Lines>>,
 }
 
 impl H1Body {
+    /// The head's lines kept out of its map (see `parse`).
+    pub fn take_lines(&mut self) -> Option<Box<Lines>> {
+        self.lines.take()
+    }
+
     fn poll_body(
         &mut self,
         w: &mut Wire,
@@ -871,7 +903,14 @@ mod tests {
         let p = parse(&mut b).unwrap().unwrap();
         assert_eq!(p.request.uri(), "/a?b");
         assert_eq!(p.request.headers()["host"], "x");
-        assert_eq!(p.request.headers()["x-e"], "");
+        // A line Usher does not read is kept as it came, out of the map.
+        let mut lines = Vec::new();
+        p.lines
+            .as_ref()
+            .expect("a relayed line")
+            .write_to(&mut lines);
+        assert_eq!(lines, b"X-E:\r\n");
+        assert!(!p.request.headers().contains_key("x-e"));
         assert!(p.keep_alive);
         assert_eq!(p.body, Decode::Done);
         assert_eq!(&b[..], b"NEXT");

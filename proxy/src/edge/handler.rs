@@ -18,9 +18,10 @@ use hyper::body::Body;
 use crate::control::state::State;
 use crate::edge::headers::{self, Identity, Present, X_REQUEST_ID};
 use crate::error::Error;
+use crate::http1::Lines;
 use crate::observe::access_log::{AccessLog, Entry};
 use crate::observe::metrics::Metrics;
-use crate::upstream::{text, Failed, Forwarded, ProxyBody};
+use crate::upstream::{text, Failed, Forwarded, ProxyBody, RequestHead};
 
 /// What every request on one listener shares.
 pub struct Shared {
@@ -46,11 +47,22 @@ pub struct ConnCtx {
 }
 
 /// A request body as the edge hands it over: hyper's (TLS, h2) or Usher's
-/// own HTTP/1 reader's (`h1.rs`).
-pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+/// own HTTP/1 reader's (`h1.rs`), which carries the head's lines that are
+/// not in its map (`http1::Lines`).
+pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {
+    /// The request head's lines kept out of its map, if any.
+    fn take_lines(&mut self) -> Option<Box<Lines>> {
+        None
+    }
+}
 
-impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
-{}
+impl RequestBody for hyper::body::Incoming {}
+
+impl RequestBody for crate::edge::h1::H1Body {
+    fn take_lines(&mut self) -> Option<Box<Lines>> {
+        self.take_lines()
+    }
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -132,6 +144,12 @@ pub async fn handle<B: RequestBody>(
         Some(route) => {
             let upstream = route.upstream.clone();
             if upgrade {
+                // A tunnel's request goes through hyper's client: the map
+                // takes the lines kept out of it.
+                let mut req = req;
+                if let Some(lines) = req.body_mut().take_lines() {
+                    lines.append_to(req.headers_mut());
+                }
                 // Boxed: a tunnel's future is large, and would make every
                 // request's future as large (it is moved into a box per
                 // request: `edge::h1`).
@@ -264,7 +282,7 @@ async fn read_request<B: RequestBody>(
     ctx: &ConnCtx,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
-) -> Result<(http::request::Parts, Identity, Bytes, std::time::SystemTime), Error> {
+) -> Result<(RequestHead, Identity, Bytes, std::time::SystemTime), Error> {
     // What `present` says the head lacks is not looked up.
     let framed = present.content_length || present.transfer_encoding;
     if framed {
@@ -286,6 +304,7 @@ async fn read_request<B: RequestBody>(
         return Err(Error::BodyTooLarge { limit });
     }
     let (mut head, mut body) = req.into_parts();
+    let lines = body.take_lines();
     let gap = state.config.timeouts.client_body.0;
     let total = state.config.timeouts.client_request.0;
     // Both clocks start at the first wait: a request without a body (most)
@@ -346,7 +365,7 @@ async fn read_request<B: RequestBody>(
         Some(f) if buf.is_empty() => f,
         _ => buf.freeze(),
     };
-    Ok((head, identity, body, read_at))
+    Ok((RequestHead { parts: head, lines }, identity, body, read_at))
 }
 
 /// `308` to the same host (without its port) and path on `https://`.

@@ -49,6 +49,26 @@ pub fn read_or_set_by_usher(name: &HeaderName) -> bool {
         || *name == usher_worker::X_USHER_LOAD
 }
 
+/// Whether Usher reads, replaces or drops request header `name` on its way
+/// to the backend: such a line goes into the header map, any other may be
+/// relayed as it came (`http1::Lines`). Hop-by-hop names, framing and
+/// `Expect`, `Host`, what Usher tells the backend (`Identity`, and the
+/// `X-Request-Start` stamp), and `User-Agent` (the access log).
+pub fn read_by_usher_in_requests(name: &HeaderName) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            *name,
+            header::HOST | header::CONTENT_LENGTH | header::EXPECT | header::USER_AGENT
+        )
+        || name.as_str().starts_with("x-")
+            && (*name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST
+                || *name == X_REQUEST_ID
+                || *name == crate::upstream::stamp::X_REQUEST_START
+                || *name == crate::upstream::stamp::X_USHER_QUEUE_MS)
+}
+
 /// Which of the names the request path looks up a request carries, read in
 /// one pass over its names. Looking up a name a map does not hold still
 /// hashes it and probes; most requests carry few of these.

@@ -110,7 +110,7 @@ impl ProxyBody {
             return resp;
         }
         let (mut parts, mut body) = resp.into_parts();
-        body.take_lines().into_map(&mut parts.headers);
+        body.take_lines().append_to(&mut parts.headers);
         Response::from_parts(parts, body)
     }
 

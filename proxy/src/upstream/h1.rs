@@ -74,32 +74,37 @@ pub struct Outgoing {
 impl Outgoing {
     /// Encodes the request `head` for a backend: origin-form `target`, every
     /// header of `head` except those that `identity` or `set` replace and
-    /// `Content-Length` (Usher's own, from the buffered body), then theirs.
+    /// `Content-Length` (Usher's own, from the buffered body), the `lines`
+    /// kept out of its map as they came, then theirs.
     /// The `Host` is `identity`'s, else the request's own, else `host` (the
     /// backend's authority: an HTTP/1.0 request may have none). The headers
     /// in `set` have numbers for values (`stamp::Stamp`).
     pub fn new(
         head: &http::request::Parts,
+        lines: Option<&Lines>,
         target: &str,
         host: &str,
         body: Bytes,
         identity: Option<&Identity>,
         set: &[(&HeaderName, u64)],
     ) -> Self {
-        let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
+        let mut out =
+            Vec::with_capacity(256 + head.headers.len() * 48 + lines.map_or(0, Lines::len));
         out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut line = |name: &[u8], value: &[u8]| {
+        fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
-        };
+        }
         match identity.and_then(Identity::host) {
-            Some(v) => line(b"host", v.as_bytes()),
-            None if !head.headers.contains_key(header::HOST) => line(b"host", host.as_bytes()),
+            Some(v) => line(&mut out, b"host", v.as_bytes()),
+            None if !head.headers.contains_key(header::HOST) => {
+                line(&mut out, b"host", host.as_bytes())
+            }
             None => {}
         }
         for (name, value) in &head.headers {
@@ -109,19 +114,26 @@ impl Outgoing {
             {
                 continue;
             }
-            line(name.as_str().as_bytes(), value.as_bytes());
+            line(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        // None of them is one that `identity` or `set` replaces
+        // (`headers::read_by_usher_in_requests`).
+        if let Some(lines) = lines {
+            lines.write_to(&mut out);
         }
         for (name, value) in identity.into_iter().flat_map(Identity::fields) {
-            line(name.as_str().as_bytes(), value.as_bytes());
+            line(&mut out, name.as_str().as_bytes(), value.as_bytes());
         }
         for &(name, n) in set {
             line(
+                &mut out,
                 name.as_str().as_bytes(),
                 crate::http1::itoa(n, &mut [0; 20]),
             );
         }
         if super::framing::request_has_length(&head.method, body.len()) {
             line(
+                &mut out,
                 b"content-length",
                 crate::http1::itoa(body.len() as u64, &mut [0; 20]),
             );
@@ -387,14 +399,15 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let named_by_connection = at
         .iter()
         .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
-    let mut lines = Lines::of(head.clone(), if named_by_connection { 0 } else { at.len() });
+    let mut lines = Lines::default();
+    let count = at.len();
     // Most lines go to `lines`: the map is made for the rest as they come.
     let mut headers = if named_by_connection {
         HeaderMap::with_capacity(at.len())
     } else {
         HeaderMap::new()
     };
-    for (name_at, at) in at {
+    for (i, (name_at, at)) in at.into_iter().enumerate() {
         let name =
             crate::http1::header_name(&head[name_at.clone()]).map_err(|_| "invalid header name")?;
         // httparse has checked the value's bytes; a header value is made
@@ -426,7 +439,7 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
         }
         if !named_by_connection && !read_or_set_by_usher(&name) {
             lines.date |= name == header::DATE;
-            lines.push(name_at, at);
+            lines.push(&head, name_at, at, count - i - 1);
             continue;
         }
         let value = if at.is_empty() {
@@ -659,7 +672,7 @@ mod tests {
         );
         assert!(h.lines.date);
         let mut map = HeaderMap::new();
-        h.lines.into_map(&mut map);
+        h.lines.append_to(&mut map);
         assert_eq!(map.get_all("set-cookie").iter().count(), 2);
         assert_eq!(map["content-type"], "text/plain");
         assert_eq!(map["x-empty"], "");
@@ -709,6 +722,7 @@ mod tests {
         let start = HeaderName::from_static("x-request-start");
         let out = Outgoing::new(
             &parts,
+            None,
             "/a?b",
             "10.0.0.1:80",
             Bytes::from_static(b"hey"),
@@ -739,6 +753,7 @@ mod tests {
             let identity = Identity::new(&parts.headers, &peer, "https", host.as_ref(), &id);
             let out = Outgoing::new(
                 &parts,
+                None,
                 "/",
                 "10.0.0.1:80",
                 Bytes::new(),

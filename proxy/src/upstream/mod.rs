@@ -138,10 +138,17 @@ pub trait Exchange: Send {
     ) -> impl std::future::Future<Output = Attempt<Self::Output>> + Send;
 }
 
+/// A request head as the edge read it: its header map, and the lines kept
+/// out of the map (`http1::Lines`), which go to the backend as they came.
+pub struct RequestHead {
+    pub parts: http::request::Parts,
+    pub lines: Option<Box<Lines>>,
+}
+
 /// A buffered request: a slot from the dispatcher, then [`Upstream::send`].
 struct Buffered {
     up: Arc<Upstream>,
-    head: Arc<http::request::Parts>,
+    head: Arc<RequestHead>,
     identity: Identity,
     body: Bytes,
     /// When Usher finished reading the request (`X-Request-Start`).
@@ -153,7 +160,7 @@ impl Exchange for Buffered {
     type Output = Box<Response<ProxyBody>>;
 
     async fn admit(&mut self, avoid: &[SocketAddr], retry: bool) -> Result<Self::Admission, Error> {
-        let class = self.up.class_of(&self.head);
+        let class = self.up.class_of(&self.head.parts);
         self.up
             .dispatcher
             .acquire_as(avoid, retry, class)
@@ -179,12 +186,12 @@ impl Upstream {
     /// the response.
     pub async fn forward(
         self: &Arc<Self>,
-        head: http::request::Parts,
+        head: RequestHead,
         identity: Identity,
         body: Bytes,
         read_at: std::time::SystemTime,
     ) -> Result<Forwarded, Failed> {
-        let method = head.method.clone();
+        let method = head.parts.method.clone();
         let mut exchange = Buffered {
             up: self.clone(),
             head: Arc::new(head),
@@ -292,13 +299,13 @@ impl Upstream {
     /// One attempt on the backend that `slot` reserves.
     async fn send(
         &self,
-        head: &http::request::Parts,
+        head: &RequestHead,
         identity: &Identity,
         body: Bytes,
         slot: Slot,
         (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
-        let class = self.class_of(head);
+        let class = self.class_of(&head.parts);
         let backend = slot.backend().clone();
         let started = Instant::now();
         let sent = backend.load_mark_at(started);
@@ -416,7 +423,7 @@ impl Upstream {
             // Checked, and kept out of the map, by the HTTP/1 parser.
             Ok(())
         } else {
-            framing::take_response_framing(&head.method, status, response.headers_mut())
+            framing::take_response_framing(&head.parts.method, status, response.headers_mut())
         };
         if let Err(reason) = refused {
             self.count(&backend, "error");
@@ -517,7 +524,7 @@ impl Upstream {
     /// lingering.
     fn transmit(
         &self,
-        head: &http::request::Parts,
+        head: &RequestHead,
         identity: &Identity,
         body: Bytes,
         backend: &Backend,
@@ -527,10 +534,11 @@ impl Upstream {
             UpstreamProtocol::Http1 => {
                 // Origin-form, with the `Host` the edge set (an HTTP/1.0
                 // request may have none: then the backend's address).
-                let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+                let target = head.parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let set = stamp.as_ref().map_or(&[][..], stamp::Stamp::fields);
                 let out = Outgoing::new(
-                    head,
+                    &head.parts,
+                    head.lines.as_deref(),
                     target,
                     backend.authority.as_str(),
                     body,
@@ -547,7 +555,10 @@ impl Upstream {
                 }))
             }
             UpstreamProtocol::Http2 => {
-                let mut req = self.h2_request(head, identity, body, backend)?;
+                let mut req = self.h2_request(&head.parts, identity, body, backend)?;
+                if let Some(lines) = &head.lines {
+                    lines.append_to(req.headers_mut());
+                }
                 if let Some(stamp) = stamp {
                     stamp.insert_into(req.headers_mut());
                 }

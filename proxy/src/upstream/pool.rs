@@ -304,7 +304,7 @@ mod tests {
 
     fn get() -> Outgoing {
         let (head, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        Outgoing::new(&head, "/", "t", bytes::Bytes::new(), None, &[])
+        Outgoing::new(&head, None, "/", "t", bytes::Bytes::new(), None, &[])
     }
 
     async fn roundtrip(p: &Pool, addr: SocketAddr) -> Result<String, String> {
