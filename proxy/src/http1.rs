@@ -489,6 +489,10 @@ impl Lines {
         value: std::ops::Range<usize>,
         more: usize,
     ) {
+        debug_assert!(
+            self.at.is_empty() || self.head.as_ptr() == head.as_ptr(),
+            "every line of one head"
+        );
         if self.at.capacity() == 0 {
             self.head = head.clone();
             // Made at its size (`reserve` on an empty one grows it slowly).

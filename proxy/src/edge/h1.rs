@@ -457,9 +457,8 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
         .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
     let mut lines = Lines::default();
     let count = at.len();
-    // No room for more: what Usher tells an HTTP/1 backend is written
-    // beside the map (`headers::Identity`), not into it.
-    // `Host` and a few more go to the map; most, when there are many, not.
+    // Only the names Usher reads go to the map: `Host` and a few more. What
+    // Usher tells an HTTP/1 backend is written beside it (`Identity`).
     let mut headers = if named_by_connection {
         HeaderMap::with_capacity(at.len())
     } else {

@@ -53,7 +53,9 @@ pub fn read_or_set_by_usher(name: &HeaderName) -> bool {
 /// to the backend: such a line goes into the header map, any other may be
 /// relayed as it came (`http1::Lines`). Hop-by-hop names, framing and
 /// `Expect`, `Host`, what Usher tells the backend (`Identity`, and the
-/// `X-Request-Start` stamp), and `User-Agent` (the access log).
+/// `X-Request-Start` stamp), and `User-Agent` (the access log). Any new
+/// rule that reads or sets a request header must add its name here: a line
+/// kept out of the map is invisible to `HeaderMap` lookups.
 pub fn read_by_usher_in_requests(name: &HeaderName) -> bool {
     is_hop_by_hop(name)
         || matches!(

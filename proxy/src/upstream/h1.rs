@@ -733,6 +733,25 @@ mod tests {
             &out.head[..],
             &b"POST /a?b HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-multi: 1\r\nx-multi: 2\r\nx-request-start: 2\r\ncontent-length: 3\r\n\r\n"[..]
         );
+        // A client's lines kept out of the map go after the map's headers,
+        // as they came, and before what Usher sets.
+        let raw = Bytes::from_static(b"Cookie: a=1\r\nX-E:\r\n");
+        let mut lines = Lines::default();
+        lines.push(&raw, 0..6, 8..11, 1);
+        lines.push(&raw, 13..16, 0..0, 0);
+        let out = Outgoing::new(
+            &parts,
+            Some(&lines),
+            "/a?b",
+            "10.0.0.1:80",
+            Bytes::from_static(b"hey"),
+            None,
+            &[(&start, 2)],
+        );
+        assert_eq!(
+            &out.head[..],
+            &b"POST /a?b HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-multi: 1\r\nx-multi: 2\r\nCookie: a=1\r\nX-E:\r\nx-request-start: 2\r\ncontent-length: 3\r\n\r\n"[..]
+        );
     }
 
     #[test]
