@@ -549,6 +549,17 @@ impl Lines {
     }
 }
 
+/// Whether any of a head's lines (`at`: where each name and value is in
+/// `head`) is a `Connection` header, which may name any other to drop: then
+/// no line is relayed as it came ([`Lines`]).
+pub fn has_connection(
+    head: &[u8],
+    at: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> bool {
+    at.iter()
+        .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"))
+}
+
 /// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
 pub fn offset(base: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;

@@ -450,11 +450,8 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     let mut saw_cl = false;
     let mut expect_continue = false;
     let mut wants_upgrade = method == Method::CONNECT;
-    // Lines Usher does not read go to the backend as they came; all go into
-    // the map when a `Connection` header may name some to drop.
-    let named_by_connection = at
-        .iter()
-        .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
+    // Lines Usher does not read go to the backend as they came.
+    let named_by_connection = crate::http1::has_connection(&head, &at);
     let mut lines = Lines::default();
     let count = at.len();
     // Only the names Usher reads go to the map: `Host` and a few more. What

@@ -394,11 +394,8 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     // kept out of the map, so `framing::take_response_framing` is skipped
     // for an HTTP/1 backend.
     let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
-    // Lines Usher does not touch go to the client as they came; all go into
-    // the map when a `Connection` header may name some to drop.
-    let named_by_connection = at
-        .iter()
-        .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"));
+    // Lines Usher does not touch go to the client as they came.
+    let named_by_connection = crate::http1::has_connection(&head, &at);
     let mut lines = Lines::default();
     let count = at.len();
     // Most lines go to `lines`: the map is made for the rest as they come.
