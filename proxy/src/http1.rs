@@ -479,15 +479,15 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// The line whose name is at `name` and value at `value` in `head`,
-    /// with at most `more` lines of the head left after it. Nothing is kept
-    /// (nor allocated) until the first line.
+    /// The line whose name is at `name` and value at `value` in `head`, a
+    /// head of `count` lines. Nothing is kept (nor allocated) until the
+    /// first line.
     pub fn push(
         &mut self,
         head: &Bytes,
         name: std::ops::Range<usize>,
         value: std::ops::Range<usize>,
-        more: usize,
+        count: usize,
     ) {
         debug_assert!(
             self.at.is_empty() || self.head.as_ptr() == head.as_ptr(),
@@ -496,7 +496,7 @@ impl Lines {
         if self.at.capacity() == 0 {
             self.head = head.clone();
             // Made at its size (`reserve` on an empty one grows it slowly).
-            self.at = Vec::with_capacity(more + 1);
+            self.at = Vec::with_capacity(count);
         }
         self.at.push((name, value));
     }

@@ -103,6 +103,11 @@ impl RawResponse {
         first_header(&self.headers, name)
     }
 
+    /// Every value of header `name` (any case), in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        header_values(&self.headers, name)
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -497,6 +502,15 @@ pub fn describe(e: &NoResponse) -> String {
 
 type Headers = Vec<(String, String)>;
 
+/// Every value of header `name` (any case) in `headers`, in order.
+fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// The first value of header `name` (any case) in `headers`.
 fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
@@ -552,10 +566,12 @@ impl SeenRequest {
 
     /// How many times header `name` appears.
     pub fn header_count(&self, name: &str) -> usize {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .count()
+        self.header_values(name).len()
+    }
+
+    /// Every value of header `name` (any case), in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        header_values(&self.headers, name)
     }
 }
 

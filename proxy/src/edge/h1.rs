@@ -461,11 +461,11 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     } else {
         HeaderMap::with_capacity(at.len().min(4))
     };
-    for (i, (name_at, value)) in at.into_iter().enumerate() {
+    for (name_at, value) in at {
         let name = crate::http1::header_name(&head[name_at.clone()])
             .map_err(|_| bad("invalid header name"))?;
         if !named_by_connection && !read_by_usher_in_requests(&name) {
-            lines.push(&head, name_at, value, count - i - 1);
+            lines.push(&head, name_at, value, count);
             continue;
         }
         let value = if value.is_empty() {

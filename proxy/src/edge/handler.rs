@@ -144,12 +144,11 @@ pub async fn handle<B: RequestBody>(
         Some(route) => {
             let upstream = route.upstream.clone();
             if upgrade {
-                // A tunnel's request goes through hyper's client: the map
-                // takes the lines kept out of it.
+                // A tunnel's request goes through hyper's client, which
+                // sees the map alone: an upgrade has a `Connection` header,
+                // so every line is in it (`http1::has_connection`).
                 let mut req = req;
-                if let Some(lines) = req.body_mut().take_lines() {
-                    lines.append_to(req.headers_mut());
-                }
+                debug_assert!(req.body_mut().take_lines().is_none());
                 // Boxed: a tunnel's future is large, and would make every
                 // request's future as large (it is moved into a box per
                 // request: `edge::h1`).
@@ -352,9 +351,7 @@ async fn read_request<B: RequestBody>(
 
     let read_at = std::time::SystemTime::now();
     let h = &mut head.headers;
-    if present.hop_by_hop {
-        headers::strip_hop_by_hop(h);
-    }
+    headers::strip_hop_by_hop(h);
     if present.content_length {
         h.remove(header::CONTENT_LENGTH);
     }

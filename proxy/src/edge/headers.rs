@@ -80,8 +80,6 @@ pub struct Present {
     pub content_length: bool,
     pub transfer_encoding: bool,
     pub request_id: bool,
-    /// Any hop-by-hop name ([`strip_hop_by_hop`] has work to do).
-    pub hop_by_hop: bool,
 }
 
 impl Present {
@@ -95,7 +93,6 @@ impl Present {
                 _ if *name == X_REQUEST_ID => p.request_id = true,
                 _ => {}
             }
-            p.hop_by_hop |= is_hop_by_hop(name);
         }
         p
     }
@@ -416,13 +413,11 @@ mod tests {
         h.insert("x-request-id", "1".parse().unwrap());
         h.insert("content-length", "2".parse().unwrap());
         let p = Present::of(&h);
-        assert!(p.request_id && p.content_length && !p.hop_by_hop && !p.connection);
-        h.insert("keep-alive", "3".parse().unwrap());
-        assert!(Present::of(&h).hop_by_hop);
+        assert!(p.request_id && p.content_length && !p.connection);
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("connection", "upgrade".parse().unwrap());
         let p = Present::of(&h);
-        assert!(p.transfer_encoding && p.connection && p.hop_by_hop);
+        assert!(p.transfer_encoding && p.connection);
     }
 
     #[test]
