@@ -514,10 +514,11 @@ impl Lines {
         self.at.iter().map(line).sum()
     }
 
-    /// Appends each line as the backend wrote it, from its name to the end
+    /// Appends each line as its sender wrote it, from its name to the end
     /// of its value (httparse has checked that only `:` and blanks are
-    /// between), then CRLF: the name as the backend spelled it, as nginx
-    /// relays it (names are case-insensitive).
+    /// between), then CRLF: the name as the sender spelled it, as nginx
+    /// keeps it (names are case-insensitive), and the blanks after the colon
+    /// as they came (nginx would write one space; any is valid).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for (name, value) in &self.at {
             if value.is_empty() {
