@@ -129,6 +129,11 @@ pub async fn serve(
     // One wait for the drain for the connection's life: registered once,
     // not once per request.
     let mut drained = std::pin::pin!(drain.clone().cancelled_owned());
+    // One timer for the idle waits, also for the connection's life. It is
+    // re-armed only when it fires before the wait's deadline (or when a
+    // wait must end sooner than it is set for), not once per request: a
+    // busy connection never inserts it into tokio's wheel or takes it out.
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle_for));
     loop {
         // Empty lines between requests are allowed (RFC 9112 §2.2).
         while let Some(n) = [&b"\r\n"[..], b"\n"]
@@ -144,11 +149,22 @@ pub async fn serve(
             // goes on (with the buffer given back again).
             wire.buf = BytesMut::new();
             let deadline = Instant::now() + idle_for;
+            if idle_timer.is_elapsed() || idle_timer.deadline() > deadline {
+                idle_timer.as_mut().reset(deadline);
+            }
             loop {
                 let ready = tokio::select! {
                     biased;
                     () = &mut drained => false,
-                    r = tokio::time::timeout_at(deadline, wire.stream.readable()) => matches!(r, Ok(Ok(()))),
+                    r = wire.stream.readable() => r.is_ok(),
+                    () = &mut idle_timer => {
+                        if Instant::now() < deadline {
+                            // Set by an earlier wait: the rest of this one.
+                            idle_timer.as_mut().reset(deadline);
+                            continue;
+                        }
+                        false
+                    }
                 };
                 if !ready {
                     return;
