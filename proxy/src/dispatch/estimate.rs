@@ -9,7 +9,10 @@
 //! average of how long the backend took; an unknown class gets the upstream's
 //! overall average.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::OnceLock;
+
+use rustc_hash::FxHashMap;
 
 /// Weight of a new observation in the moving averages.
 const ALPHA: f64 = 0.2;
@@ -17,15 +20,38 @@ const ALPHA: f64 = 0.2;
 /// against clients that invent paths).
 const MAX_CLASSES: usize = 4096;
 
+/// A request class (its path, say), hashed once per request: the queue's
+/// lookup and the release's update both use it.
+///
+/// The hash is std's SipHash with keys drawn once per process, so a client
+/// cannot make paths that collide (in the table, or into one estimate: two
+/// classes share one only if their 64-bit keyed hashes are equal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Class(u64);
+
+impl Class {
+    pub fn of(name: &str) -> Self {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        Class(KEYS.get_or_init(RandomState::new).hash_one(name))
+    }
+}
+
+impl From<&str> for Class {
+    fn from(name: &str) -> Self {
+        Class::of(name)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Estimates {
-    by_class: HashMap<String, f64>,
+    /// Keyed by a keyed hash already: Fx only spreads it.
+    by_class: FxHashMap<Class, f64>,
     overall: Option<f64>,
 }
 
 impl Estimates {
     /// Records that a request of `class` took `secs` at the backend.
-    pub fn observe(&mut self, class: &str, secs: f64) {
+    pub fn observe(&mut self, class: impl Into<Class>, secs: f64) {
         if !secs.is_finite() || secs < 0.0 {
             return;
         }
@@ -33,20 +59,21 @@ impl Estimates {
             None => secs,
             Some(o) => o + ALPHA * (secs - o),
         });
-        if let Some(e) = self.by_class.get_mut(class) {
+        let class = class.into();
+        if let Some(e) = self.by_class.get_mut(&class) {
             *e += ALPHA * (secs - *e);
             return;
         }
         if self.by_class.len() >= MAX_CLASSES {
             self.by_class.clear();
         }
-        self.by_class.insert(class.to_string(), secs);
+        self.by_class.insert(class, secs);
     }
 
     /// Expected service time of `class`, in seconds.
-    pub fn get(&self, class: &str) -> f64 {
+    pub fn get(&self, class: impl Into<Class>) -> f64 {
         self.by_class
-            .get(class)
+            .get(&class.into())
             .copied()
             .or(self.overall)
             .unwrap_or(0.0)

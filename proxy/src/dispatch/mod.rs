@@ -40,6 +40,7 @@ pub mod share;
 pub use backend::Backend;
 use backend::LoadMark;
 use balance::Balancer;
+pub use estimate::Class;
 use estimate::Estimates;
 use overload::Codel;
 
@@ -229,11 +230,16 @@ impl Slot {
     /// on a thread from ([`Backend::learn`]): `sent`, or for a prefetched
     /// extra when a thread freed for it; none for an extra that came back
     /// before any did.
-    pub fn finish(mut self, class: &str, secs: f64, sent: LoadMark) -> Option<LoadMark> {
+    pub fn finish(
+        mut self,
+        class: impl Into<Class>,
+        secs: f64,
+        sent: LoadMark,
+    ) -> Option<LoadMark> {
         self.armed = false;
         match self
             .dispatcher
-            .release_as(&self.backend, self.id, Some((class, secs)))
+            .release_as(&self.backend, self.id, Some((class.into(), secs)))
         {
             Ran::OnThread => Some(sent),
             Ran::Promoted(at) => Some(at.later(sent)),
@@ -332,8 +338,9 @@ impl Dispatcher {
         self: &Arc<Self>,
         avoid: &[SocketAddr],
         retry: bool,
-        class: &str,
+        class: impl Into<Class>,
     ) -> Result<Admitted, Rejected> {
+        let class = class.into();
         let (rx, id, timeout, start) = {
             let mut inner = self.inner.lock().unwrap();
             // The wait is counted from here: one clock reading for the step.
@@ -557,7 +564,7 @@ impl Dispatcher {
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         id: u64,
-        took: Option<(&str, f64)>,
+        took: Option<(Class, f64)>,
     ) -> Ran {
         let mut inner = self.inner.lock().unwrap();
         if let Some((class, secs)) = took {

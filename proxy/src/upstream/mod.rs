@@ -153,6 +153,8 @@ struct Buffered {
     body: Bytes,
     /// When Usher finished reading the request (`X-Request-Start`).
     read_at: std::time::SystemTime,
+    /// Its class (`queue.classify`), hashed once for all its attempts.
+    class: crate::dispatch::Class,
 }
 
 impl Exchange for Buffered {
@@ -160,10 +162,9 @@ impl Exchange for Buffered {
     type Output = Box<Response<ProxyBody>>;
 
     async fn admit(&mut self, avoid: &[SocketAddr], retry: bool) -> Result<Self::Admission, Error> {
-        let class = self.up.class_of(&self.head.parts);
         self.up
             .dispatcher
-            .acquire_as(avoid, retry, class)
+            .acquire_as(avoid, retry, self.class)
             .await
             .map_err(|r| r.into_error(&self.up.name))
     }
@@ -176,8 +177,12 @@ impl Exchange for Buffered {
         // task of its own. (While queued, a vanished client just leaves.)
         let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
         let (identity, stamp) = (self.identity.clone(), (self.read_at, admitted.waited));
-        Detached::new(async move { up.send(&head, &identity, body, admitted.slot, stamp).await })
-            .await
+        let class = self.class;
+        Detached::new(async move {
+            up.send(&head, &identity, body, (admitted.slot, class), stamp)
+                .await
+        })
+        .await
     }
 }
 
@@ -192,7 +197,9 @@ impl Upstream {
         read_at: std::time::SystemTime,
     ) -> Result<Forwarded, Failed> {
         let method = head.parts.method.clone();
+        let class = crate::dispatch::Class::of(self.class_of(&head.parts));
         let mut exchange = Buffered {
+            class,
             up: self.clone(),
             head: Arc::new(head),
             identity,
@@ -302,7 +309,7 @@ impl Upstream {
         head: &RequestHead,
         identity: &Identity,
         body: Bytes,
-        slot: Slot,
+        (slot, class_key): (Slot, crate::dispatch::Class),
         (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(&head.parts);
@@ -500,7 +507,7 @@ impl Upstream {
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        if let Some(mark) = slot.finish(class, took, sent) {
+        if let Some(mark) = slot.finish(class_key, took, sent) {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
                 self.dispatcher.kick();
             }
