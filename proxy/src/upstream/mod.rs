@@ -179,7 +179,7 @@ impl Exchange for Buffered {
         let (identity, stamp) = (self.identity.clone(), (self.read_at, admitted.waited));
         let class = self.class;
         Detached::new(async move {
-            up.send(&head, &identity, body, (admitted.slot, class), stamp)
+            up.send(&head, &identity, body, admitted.slot, class, stamp)
                 .await
         })
         .await
@@ -309,7 +309,8 @@ impl Upstream {
         head: &RequestHead,
         identity: &Identity,
         body: Bytes,
-        (slot, class_key): (Slot, crate::dispatch::Class),
+        slot: Slot,
+        class_key: crate::dispatch::Class,
         (read_at, queued): (std::time::SystemTime, Duration),
     ) -> Attempt<Box<Response<ProxyBody>>> {
         let class = self.class_of(&head.parts);
