@@ -213,20 +213,31 @@ impl Connection {
     }
 
     /// Whether an idle connection can take a request: still open, and
-    /// nothing arrived on it. Does not wait (a read polled once, with no
-    /// one to wake: no system call unless the socket became readable).
+    /// nothing arrived on it. Does not wait, and makes no system call
+    /// unless the socket became readable since it was last read.
     pub fn is_idle_and_open(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
         let mut probe = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut probe);
-        // Unconstrained: with the task's budget spent, tokio answers
-        // `Pending` without looking at the socket.
-        let read = poll_fn(|cx| Poll::Ready(Pin::new(&mut self.io).poll_read(cx, &mut probe)));
-        let mut read = std::pin::pin!(tokio::task::unconstrained(read));
-        matches!(read.as_mut().poll(&mut cx), Poll::Ready(Poll::Pending))
+        match &mut self.io {
+            // Answered from the readiness tokio holds: no waker to register
+            // and no budget to spend (a poll cost both).
+            Either::Left(tcp) => {
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // TLS may hold a record already read: its stream is asked.
+            Either::Right(tls) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut probe = ReadBuf::new(&mut probe);
+                // Unconstrained: with the task's budget spent, tokio
+                // answers `Pending` without looking at the socket.
+                let read =
+                    poll_fn(|cx| Poll::Ready(Pin::new(&mut **tls).poll_read(cx, &mut probe)));
+                let mut read = std::pin::pin!(tokio::task::unconstrained(read));
+                matches!(read.as_mut().poll(&mut cx), Poll::Ready(Poll::Pending))
+            }
+        }
     }
 
     /// Writes `req` and reads the response head. Reading starts while the
