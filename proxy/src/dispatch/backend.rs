@@ -62,6 +62,10 @@ pub struct LoadMark {
 }
 
 impl LoadMark {
+    /// Taken while nothing learned: the integral was not kept, and a
+    /// response that started at it teaches nothing.
+    const NONE: LoadMark = LoadMark { area: 0, at_us: 0 };
+
     /// The later of two marks of one backend.
     pub fn later(self, other: LoadMark) -> LoadMark {
         if other.at_us > self.at_us {
@@ -430,7 +434,7 @@ impl Backend {
         self.inc_at(Instant::now());
     }
     pub(crate) fn inc_at(&self, now: Instant) {
-        let _area = self.advance_area(now);
+        let _area = self.integrates().then(|| self.advance_area(now));
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     #[cfg(test)]
@@ -438,7 +442,7 @@ impl Backend {
         self.dec_at(Instant::now());
     }
     pub(crate) fn dec_at(&self, now: Instant) {
-        let _area = self.advance_area(now);
+        let _area = self.integrates().then(|| self.advance_area(now));
         let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
@@ -476,6 +480,9 @@ impl Backend {
 
     /// [`Backend::load_mark`] at a clock reading the caller already has.
     pub fn load_mark_at(&self, now: Instant) -> LoadMark {
+        if !self.integrates() {
+            return LoadMark::NONE;
+        }
         let a = self.advance_area(now);
         LoadMark {
             area: a.0,
@@ -491,6 +498,10 @@ impl Backend {
         let threads = self.threads();
         self.learn_enabled.store(enabled, Ordering::Relaxed);
         let on = enabled && self.learns();
+        if on && mark == LoadMark::NONE {
+            // Started while learning was off: the next one will teach.
+            return false;
+        }
         let before = self.learned.load(Ordering::Relaxed);
         let (limit, verdict) = if on {
             let end = self.load_mark();
@@ -544,6 +555,14 @@ impl Backend {
     /// Whether learning applies: `auto` capacity and this Usher alone.
     fn learns(&self) -> bool {
         self.fixed_capacity.load(Ordering::Relaxed) == 0 && self.replicas() == 1
+    }
+
+    /// Whether the in-flight integral has a reader: only learning reads it,
+    /// and without one the request path keeps no clock and takes no lock
+    /// for it. Taken up again, it counts from its last point at the level
+    /// it resumes with; marks taken while it was off teach nothing.
+    fn integrates(&self) -> bool {
+        self.learn_enabled.load(Ordering::Relaxed) && self.learns()
     }
 
     /// The learned capacity and why it is that (`/status`).

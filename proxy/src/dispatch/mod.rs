@@ -1263,7 +1263,10 @@ mod tests {
     /// One backend of 2 threads, prefetch 1, with learned times: /short
     /// 10 ms, /long 1500 ms.
     fn prefetching(discipline: Discipline) -> Arc<Dispatcher> {
-        let d = dispatcher(&[2], 100, 60_000);
+        prefetching_on(dispatcher(&[2], 100, 60_000), discipline)
+    }
+
+    fn prefetching_on(d: Arc<Dispatcher>, discipline: Discipline) -> Arc<Dispatcher> {
         d.set_discipline(discipline);
         d.set_prefetch(prefetch::Policy::new(crate::config::Prefetch::Fixed(1), 1));
         for _ in 0..20 {
@@ -1308,8 +1311,17 @@ mod tests {
     async fn an_extra_is_learned_from_only_once_it_has_a_thread() {
         // The learner must see a prefetched request's time on a thread, not
         // its wait in the worker's queue (else under steady prefetch it sees
-        // nothing it can use: every new request is an extra).
-        let d = prefetching(Discipline::Fifo);
+        // nothing it can use: every new request is an extra). Marks are
+        // kept where capacity is learned: `auto`, two threads by default.
+        let auto = Backend::new("127.0.0.1:2000".parse().unwrap(), 1, None, 2);
+        let d = Dispatcher::new(
+            vec![Arc::new(auto)],
+            Balance::LeastOutstanding,
+            100,
+            Duration::from_millis(60_000),
+            metrics(),
+        );
+        let d = prefetching_on(d, Discipline::Fifo);
         let a = d.acquire_as(&[], false, "/short").await.unwrap();
         let _b = d.acquire_as(&[], false, "/short").await.unwrap();
         let backend = d.backends()[0].clone();
