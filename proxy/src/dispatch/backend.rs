@@ -36,11 +36,43 @@ pub use crate::health::Load;
 /// [`LoadReport`]; this narrows it to a capacity and, when the report names
 /// `busy`, what is taken.
 pub fn parse_load(v: &[u8]) -> Option<Load> {
+    if let Some(load) = worker_format(v) {
+        return Some(load);
+    }
     let (report, says_busy) = LoadReport::parse_noting_busy(v).ok()?;
     Some(Load {
         threads: u32::try_from(report.threads).ok()?,
         taken: says_busy.then(|| report.busy.saturating_add(report.queued)),
     })
+}
+
+/// The report as `usher-worker` writes it, `threads=T, busy=B, queued=Q`,
+/// read straight through: a fifth of the general parser's instructions,
+/// once per response. Anything else is the general parser's.
+fn worker_format(v: &[u8]) -> Option<Load> {
+    let (threads, v) = leading_number(v.strip_prefix(b"threads=")?)?;
+    let (busy, v) = leading_number(v.strip_prefix(b", busy=")?)?;
+    let (queued, v) = leading_number(v.strip_prefix(b", queued=")?)?;
+    if !v.is_empty() {
+        return None;
+    }
+    Some(Load {
+        threads: u32::try_from(threads).ok()?,
+        taken: Some(busy.saturating_add(queued)),
+    })
+}
+
+/// At least one and at most 18 ASCII digits (no overflow: longer numbers
+/// are the general parser's), and what follows them.
+fn leading_number(v: &[u8]) -> Option<(usize, &[u8])> {
+    let n = v.iter().take(18).take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 {
+        return None;
+    }
+    let value = v[..n]
+        .iter()
+        .fold(0, |acc, b| acc * 10 + usize::from(b - b'0'));
+    Some((value, &v[n..]))
 }
 
 /// How this replica's part of a shared backend is decided now (`/status`).
@@ -654,6 +686,38 @@ mod tests {
 
     fn b() -> Backend {
         Backend::new("127.0.0.1:1".parse().unwrap(), 1, None, 4)
+    }
+
+    /// The worker's own format is read straight through; whatever it reads
+    /// reads the same through the general parser, and whatever it leaves
+    /// is the general parser's.
+    #[test]
+    fn the_worker_format_reads_as_the_general_parser_does() {
+        let general = |v: &[u8]| {
+            let (r, says_busy) = LoadReport::parse_noting_busy(v).ok()?;
+            Some(Load {
+                threads: u32::try_from(r.threads).ok()?,
+                taken: says_busy.then(|| r.busy.saturating_add(r.queued)),
+            })
+        };
+        for v in [
+            &b"threads=4, busy=3, queued=1"[..],
+            b"threads=0, busy=0, queued=0",
+            b"threads=64, busy=12, queued=300",
+            b"threads=4294967296, busy=0, queued=0",
+            b"threads=4, busy=999999999999999999, queued=999999999999999999",
+            b"threads=4, busy=9999999999999999999, queued=0",
+            b"threads=4, busy=3, queued=1, refused=2",
+            b"threads=4,busy=3,queued=1",
+            b"threads=4, busy=3, queued=",
+            b"threads=4, busy=+3, queued=1",
+            b"threads=4, busy=3",
+            b"threads=, busy=3, queued=1",
+        ] {
+            assert_eq!(parse_load(v), general(v), "{}", String::from_utf8_lossy(v));
+        }
+        assert!(worker_format(b"threads=4, busy=3, queued=1").is_some());
+        assert!(worker_format(b"threads=4, busy=3, queued=1, refused=2").is_none());
     }
 
     /// The format's own cases are tested in `worker/src/load.rs`.
