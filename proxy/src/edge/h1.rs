@@ -707,7 +707,7 @@ async fn write_response(
     }
 
     let lines = body.take_lines();
-    let mut head = Vec::with_capacity(160 + parts.headers.len() * 48 + lines.len());
+    let mut head = Vec::with_capacity(200 + parts.headers.len() * 48 + lines.len());
     head.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
@@ -739,6 +739,11 @@ async fn write_response(
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(id) = body.take_request_id() {
+        head.extend_from_slice(b"x-request-id: ");
+        head.extend_from_slice(id.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     // Lines relayed as they came name nothing Usher reads here but `Date`.

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 
 use crate::control::state::State;
-use crate::edge::headers::{self, Identity, Present, X_REQUEST_ID};
+use crate::edge::headers::{self, Identity, Present};
 use crate::error::Error;
 use crate::http1::Lines;
 use crate::observe::access_log::{AccessLog, Entry};
@@ -215,9 +215,7 @@ pub async fn handle<B: RequestBody>(
             resp
         }
     };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    ProxyBody::set_request_id(&mut response, request_id.clone());
     if let Some(v) = &ctx.hsts {
         response
             .headers_mut()

@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::h1::ResponseBody;
 use crate::dispatch::Slot;
+use crate::edge::headers::X_REQUEST_ID;
 use crate::http1::Lines;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,6 +37,10 @@ pub struct ProxyBody {
     /// Header lines of the response that are not in its map (see
     /// `http1::Lines`): the head travels with its body.
     lines: Lines,
+    /// The `X-Request-Id` Usher gives the response, kept out of its map
+    /// as the lines are: most responses' maps are empty, and the first
+    /// entry of one costs two allocations.
+    request_id: Option<HeaderValue>,
 }
 
 /// The part of a streamed response still to come from the backend.
@@ -69,6 +74,7 @@ impl ProxyBody {
             trailers: trailers.map(Box::new),
             relay: None,
             lines: Lines::default(),
+            request_id: None,
         }
     }
 
@@ -88,6 +94,7 @@ impl ProxyBody {
                 timer,
             })),
             lines: Lines::default(),
+            request_id: None,
         }
     }
 
@@ -103,14 +110,28 @@ impl ProxyBody {
         std::mem::take(&mut self.lines)
     }
 
-    /// Puts the lines kept out of `resp`'s map into it, for a writer that
-    /// knows only the map (hyper's).
+    /// With `id` as the response's `X-Request-Id`, replacing any other.
+    pub(crate) fn set_request_id(resp: &mut Response<ProxyBody>, id: HeaderValue) {
+        resp.headers_mut().remove(&X_REQUEST_ID);
+        resp.body_mut().request_id = Some(id);
+    }
+
+    /// The response's `X-Request-Id`, taken (see `set_request_id`).
+    pub fn take_request_id(&mut self) -> Option<HeaderValue> {
+        self.request_id.take()
+    }
+
+    /// Puts the lines and the id kept out of `resp`'s map into it, for a
+    /// writer that knows only the map (hyper's).
     pub fn lines_into_map(resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        if resp.body().lines.is_empty() {
+        if resp.body().lines.is_empty() && resp.body().request_id.is_none() {
             return resp;
         }
         let (mut parts, mut body) = resp.into_parts();
         body.take_lines().append_to(&mut parts.headers);
+        if let Some(id) = body.take_request_id() {
+            parts.headers.insert(X_REQUEST_ID.clone(), id);
+        }
         Response::from_parts(parts, body)
     }
 
