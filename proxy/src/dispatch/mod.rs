@@ -681,6 +681,11 @@ impl Dispatcher {
     /// Sheds what `overload.rs` says is excess: waiters older than the
     /// target, never the newest one per slot, never while a slot is free.
     fn shed(&self, inner: &mut Inner, now: Instant, tnow: tokio::time::Instant) {
+        // Nothing to shed (the common case): the backends' sums are not
+        // needed. Asked first, as `overload.shed` asks it: it rolls the window.
+        if !inner.overload.overloaded(tnow) || inner.queue.is_empty() {
+            return;
+        }
         let reserve = Self::slots(inner, now);
         let slot_free = Self::slot_free(inner, now);
         let range = inner.overload.shed(&inner.queue, reserve, slot_free, tnow);
