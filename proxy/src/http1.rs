@@ -112,7 +112,8 @@ pub fn fill<R: AsyncRead + Unpin>(
 /// again as is buffered, so a large head takes few reads.
 pub fn reserve_for_head(buf: &mut BytesMut, first: usize) {
     if buf.capacity() == 0 {
-        // Given back between requests: a new buffer, made straight away
+        // None yet (a client's between requests, a backend connection's
+        // after a response that took several reads): made straight away
         // (`reserve` on an empty one takes the slower path of growing it).
         *buf = BytesMut::with_capacity(first);
     } else if buf.capacity() - buf.len() < 1024 {

@@ -71,8 +71,8 @@ fn leading_number(v: &[u8]) -> Option<(usize, &[u8])> {
     }
     let value = v[..n]
         .iter()
-        .fold(0, |acc, b| acc * 10 + usize::from(b - b'0'));
-    Some((value, &v[n..]))
+        .fold(0u64, |acc, b| acc * 10 + u64::from(b - b'0'));
+    Some((usize::try_from(value).ok()?, &v[n..]))
 }
 
 /// How this replica's part of a shared backend is decided now (`/status`).
@@ -98,8 +98,11 @@ impl LoadMark {
     /// response that started at it teaches nothing.
     const NONE: LoadMark = LoadMark { area: 0, at_us: 0 };
 
-    /// The later of two marks of one backend.
+    /// The later of two marks of one backend; none if either is none.
     pub fn later(self, other: LoadMark) -> LoadMark {
+        if self == LoadMark::NONE || other == LoadMark::NONE {
+            return LoadMark::NONE;
+        }
         if other.at_us > self.at_us {
             other
         } else {
@@ -479,8 +482,11 @@ impl Backend {
         debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
 
+    /// At least 1: a real mark is never [`LoadMark::NONE`].
     fn micros(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+        u64::try_from(now.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     /// Brings the in-flight integral up to `now`; the count may change while

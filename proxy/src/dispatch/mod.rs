@@ -682,7 +682,8 @@ impl Dispatcher {
     /// target, never the newest one per slot, never while a slot is free.
     fn shed(&self, inner: &mut Inner, now: Instant, tnow: tokio::time::Instant) {
         // Nothing to shed (the common case): the backends' sums are not
-        // needed. Asked first, as `overload.shed` asks it: it rolls the window.
+        // needed. (`overloaded` rolls the window, as arrivals and
+        // admissions do anyway.)
         if !inner.overload.overloaded(tnow) || inner.queue.is_empty() {
             return;
         }

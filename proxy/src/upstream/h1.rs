@@ -7,8 +7,8 @@
 //! response back through another, two task hops per exchange on the request
 //! path. Here the request's own future writes the request and reads the
 //! response, and the body is read straight off the connection by whoever
-//! polls it; a connection between two requests is its socket and nothing
-//! else (no buffer, no task).
+//! polls it; a connection between two requests is its socket and, when its
+//! last response came in one read, the rest of that read's buffer (no task).
 //!
 //! What a backend may send is what hyper's client accepted, or less:
 //! - heads are parsed by `httparse` with hyper's (strict, default)
@@ -193,11 +193,17 @@ pub struct Head {
 pub struct Connection {
     io: Io,
     /// Read but not consumed yet; empty between requests. Kept with its
-    /// room: the next response is read into the rest of the same
-    /// allocation, or into its start again once no earlier response's
-    /// bytes refer to it (an 8 KiB allocation per response cost more
-    /// than its parse).
+    /// room when the last response came whole in one read (`keep_buf`):
+    /// the next one is read into the rest of the same allocation, or into
+    /// its start again once no earlier response's bytes refer to it (an
+    /// 8 KiB allocation per response cost more than its parse: ~250
+    /// instructions). A buffer that took more reads may have grown (body
+    /// reads ask for up to 64 KiB), and is given back rather than pinned
+    /// by the next small responses.
     buf: BytesMut,
+    /// The last response's head was whole after one read, and its body
+    /// with it: `buf` never grew past [`FIRST_READ`].
+    keep_buf: bool,
     /// Responses read whole on it: a reused connection may have been closed
     /// by the backend while idle.
     served: u64,
@@ -208,6 +214,7 @@ impl Connection {
         Connection {
             io,
             buf: BytesMut::new(),
+            keep_buf: false,
             served: 0,
         }
     }
@@ -254,6 +261,8 @@ impl Connection {
         let mut out = false;
         let mut write_failed = false;
         let mut received = false;
+        // A read left the head partial: the buffer may have grown.
+        let mut partial = false;
         let no_body = req.method == Method::HEAD;
         // Not all out and nothing back: the backend had closed the
         // connection, and never had a whole request to run. Once all of it
@@ -300,6 +309,12 @@ impl Connection {
                             // An early answer: the rest of the request
                             // would be read as the next one.
                             h.keep_alive &= out;
+                            self.keep_buf = !partial
+                                && match h.decode {
+                                    Decode::Done => true,
+                                    Decode::Length(n) => self.buf.len() as u64 >= n,
+                                    _ => false,
+                                };
                             return Poll::Ready(Ok(h));
                         }
                         Ok(Parsed::Partial) if self.buf.len() > MAX_HEAD => {
@@ -307,7 +322,7 @@ impl Connection {
                                 "response head too large",
                             ))))
                         }
-                        Ok(Parsed::Partial) => {}
+                        Ok(Parsed::Partial) => partial = true,
                         Err(reason) => {
                             return Poll::Ready(Err(Failure::Broken(ClientError::Head(reason))))
                         }
@@ -568,6 +583,9 @@ impl ResponseBody {
         let c = conn.connection();
         c.served += 1;
         if self.keep_alive && c.buf.is_empty() {
+            if !c.keep_buf {
+                c.buf = BytesMut::new();
+            }
             conn.checkin();
         }
     }
