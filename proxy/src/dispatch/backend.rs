@@ -471,7 +471,7 @@ impl Backend {
         self.inc_at(Instant::now());
     }
     pub(crate) fn inc_at(&self, now: Instant) {
-        let _area = self.integrates().then(|| self.advance_area(now));
+        let _area = self.learning().then(|| self.advance_area(now));
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     #[cfg(test)]
@@ -479,7 +479,7 @@ impl Backend {
         self.dec_at(Instant::now());
     }
     pub(crate) fn dec_at(&self, now: Instant) {
-        let _area = self.integrates().then(|| self.advance_area(now));
+        let _area = self.learning().then(|| self.advance_area(now));
         let prev = self.in_flight.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(prev > 0, "in-flight underflow on {}", self.key);
     }
@@ -520,7 +520,7 @@ impl Backend {
 
     /// [`Backend::load_mark`] at a clock reading the caller already has.
     pub fn load_mark_at(&self, now: Instant) -> LoadMark {
-        if !self.integrates() {
+        if !self.learning() {
             return LoadMark::NONE;
         }
         let a = self.advance_area(now);
@@ -537,7 +537,7 @@ impl Backend {
     pub fn learn(&self, class: &str, mark: LoadMark, enabled: bool) -> bool {
         let threads = self.threads();
         self.learn_enabled.store(enabled, Ordering::Relaxed);
-        let on = enabled && self.learns();
+        let on = self.learning();
         if on && mark == LoadMark::NONE {
             // Started while learning was off: the next one will teach.
             return false;
@@ -597,18 +597,20 @@ impl Backend {
         self.fixed_capacity.load(Ordering::Relaxed) == 0 && self.replicas() == 1
     }
 
-    /// Whether the in-flight integral has a reader: only learning reads it,
-    /// and without one the request path keeps no clock and takes no lock
-    /// for it. Taken up again, it counts from its last point at the level
-    /// it resumes with; marks taken while it was off teach nothing.
-    fn integrates(&self) -> bool {
+    /// Whether it learns now: learning applies and the upstream's
+    /// `learn_concurrency` (as the last response said) is on. Only then is
+    /// the in-flight integral kept: without a reader the request path
+    /// converts no clock reading and takes no lock for it. Taken up again,
+    /// it counts from its last point at the level it resumes with; marks
+    /// taken while it was off teach nothing.
+    fn learning(&self) -> bool {
         self.learn_enabled.load(Ordering::Relaxed) && self.learns()
     }
 
     /// The learned capacity and why it is that (`/status`).
     pub fn learned_view(&self) -> LearnedView {
         let threads = self.threads();
-        let why = if self.learns() && self.learn_enabled.load(Ordering::Relaxed) {
+        let why = if self.learning() {
             let now_ms = self.now_ms();
             let l = self.learner.lock().unwrap_or_else(|e| e.into_inner());
             l.why(threads, now_ms)

@@ -907,6 +907,14 @@ mod tests {
                 ))
             })
             .collect();
+        dispatcher_of(backends, depth, timeout_ms)
+    }
+
+    fn dispatcher_of(
+        backends: Vec<Arc<Backend>>,
+        depth: usize,
+        timeout_ms: u64,
+    ) -> Arc<Dispatcher> {
         Dispatcher::new(
             backends,
             Balance::LeastOutstanding,
@@ -1320,14 +1328,10 @@ mod tests {
         // nothing it can use: every new request is an extra). Marks are
         // kept where capacity is learned: `auto`, two threads by default.
         let auto = Backend::new("127.0.0.1:2000".parse().unwrap(), 1, None, 2);
-        let d = Dispatcher::new(
-            vec![Arc::new(auto)],
-            Balance::LeastOutstanding,
-            100,
-            Duration::from_millis(60_000),
-            metrics(),
+        let d = prefetching_on(
+            dispatcher_of(vec![Arc::new(auto)], 100, 60_000),
+            Discipline::Fifo,
         );
-        let d = prefetching_on(d, Discipline::Fifo);
         let a = d.acquire_as(&[], false, "/short").await.unwrap();
         let _b = d.acquire_as(&[], false, "/short").await.unwrap();
         let backend = d.backends()[0].clone();
