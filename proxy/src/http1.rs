@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A body's first read asks for this much room; each read that fills it
 /// doubles it, up to `BODY_READ`. (A slow peer holds 8 KiB, not 64.)
@@ -105,6 +105,36 @@ pub fn fill<R: AsyncRead + Unpin>(
     if n >= *room {
         *room = (*room * 2).min(BODY_READ);
     }
+    Poll::Ready(Ok(n))
+}
+
+/// The most pieces one gathered write sends: a head, a chunk-size line, the
+/// data and its CRLF.
+const GATHER: usize = 4;
+
+/// Writes what it can of `buf`, gathered into one `writev` when `io` takes
+/// vectors, and advances `buf` past it. `Ready(Ok(0))` only for an empty
+/// `buf` or a peer that takes nothing.
+///
+/// Like `tokio_util::io::poll_write_buf`, but with room for the few pieces
+/// an HTTP/1 message is written in, not 64 (whose setup cost more than the
+/// rest of a small write's user-space work); more pieces go in later calls.
+pub fn poll_write_gathered<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    buf: &mut impl Buf,
+) -> Poll<io::Result<usize>> {
+    if !buf.has_remaining() {
+        return Poll::Ready(Ok(0));
+    }
+    let n = if io.is_write_vectored() {
+        let mut slices = [io::IoSlice::new(&[]); GATHER];
+        let cnt = buf.chunks_vectored(&mut slices);
+        std::task::ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..cnt]))?
+    } else {
+        std::task::ready!(Pin::new(&mut *io).poll_write(cx, buf.chunk()))?
+    };
+    buf.advance(n);
     Poll::Ready(Ok(n))
 }
 

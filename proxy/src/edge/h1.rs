@@ -836,7 +836,7 @@ async fn write_response(
 async fn write_all(stream: &mut TcpStream, mut buf: impl Buf) -> io::Result<()> {
     while buf.has_remaining() {
         let mut write = std::pin::pin!(poll_fn(|cx| {
-            tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, &mut buf)
+            crate::http1::poll_write_gathered(&mut *stream, cx, &mut buf)
         }));
         // Polled once first: a socket with room takes it at once, and no
         // timer is made (nor the clock read) for a write that cannot stall.

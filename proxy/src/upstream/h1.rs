@@ -284,7 +284,7 @@ impl Connection {
                 } else {
                     Buf::chain(&[][..], &body[written - head.len()..])
                 };
-                match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, &mut rest) {
+                match crate::http1::poll_write_gathered(&mut self.io, cx, &mut rest) {
                     Poll::Ready(Ok(n)) if n > 0 => written += n,
                     Poll::Ready(_) => write_failed = true,
                     Poll::Pending => break,
