@@ -229,7 +229,7 @@ async fn exchange(
 /// A head that cannot be served: a short text naming the reason, and the
 /// connection closes after it.
 async fn refuse(mut wire: Wire, refusal: Error) {
-    let resp = error_response(&refusal);
+    let resp = Box::new(error_response(&refusal));
     let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
     linger(wire).await;
 }
@@ -237,7 +237,7 @@ async fn refuse(mut wire: Wire, refusal: Error) {
 /// The handler's answer to a request, with what writing it needs.
 struct Answered {
     wire: Wire,
-    response: Response<ProxyBody>,
+    response: Box<Response<ProxyBody>>,
     method: Method,
     version: Version,
     keep_alive: bool,
@@ -280,10 +280,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
         biased;
-        r = &mut handler => {
-            let Ok(r) = r;
-            Some(r)
-        }
+        r = &mut handler => Some(r),
         () = client_gone(slot) => None,
     };
     let wire = lock(slot).take()?;
@@ -318,7 +315,7 @@ async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
                 backend: "-".into(),
                 reason: "101 to a request that did not ask to upgrade".into(),
             };
-            let mut resp = error_response(&e);
+            let mut resp = Box::new(error_response(&e));
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             let _ = write_response(&mut wire, resp, &method, version, false).await;
@@ -673,12 +670,12 @@ impl Body for H1Body {
 /// Writes a response. `Ok(true)`: the connection can take another request.
 async fn write_response(
     wire: &mut Wire,
-    resp: Response<ProxyBody>,
+    resp: Box<Response<ProxyBody>>,
     method: &Method,
     version: Version,
     mut keep_alive: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, mut body) = (*resp).into_parts();
     let status = parts.status;
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT

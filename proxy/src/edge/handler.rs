@@ -3,7 +3,6 @@
 //! Each client request is read whole before it is admitted, so a slow client
 //! never holds a worker thread; see `upstream.rs` for the response side.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -69,7 +68,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub async fn handle<B: RequestBody>(
     req: Request<B>,
     ctx: Arc<ConnCtx>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Box<Response<ProxyBody>> {
     let started = Instant::now();
     let state = ctx.shared.state.load_full();
     let present = Present::of(req.headers());
@@ -119,11 +118,11 @@ pub async fn handle<B: RequestBody>(
             queue_wait: Duration::ZERO,
         }),
         _ if ctx.redirect_https_port.is_some() => Ok(Forwarded {
-            response: redirect_to_https(
+            response: Box::new(redirect_to_https(
                 host_str,
                 req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 ctx.redirect_https_port.unwrap_or(443),
-            ),
+            )),
             backend: None,
             queue_wait: Duration::ZERO,
         }),
@@ -205,7 +204,7 @@ pub async fn handle<B: RequestBody>(
                     "request failed"
                 );
             }
-            let mut resp = error_response(&failed.error);
+            let mut resp = Box::new(error_response(&failed.error));
             if upgrade {
                 // As for a declined upgrade: what the client sent after its
                 // request was meant for the new protocol.
@@ -257,7 +256,7 @@ pub async fn handle<B: RequestBody>(
             error: error_text,
         });
     }
-    Ok(response)
+    response
 }
 
 /// Checks framing, reads the whole body (bounded in size, in time between

@@ -27,6 +27,7 @@
 //! to finish its request in flight and close, and the listener waits for them
 //! up to the grace period.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -175,7 +176,7 @@ async fn serve_conn<I>(
     // hyper writes the map alone: the lines kept out of it go in first.
     let service = service_fn(move |req| {
         let answer = handle(req, ctx.clone());
-        Box::pin(async move { answer.await.map(ProxyBody::lines_into_map) })
+        Box::pin(async move { Ok::<_, Infallible>(ProxyBody::lines_into_map(*answer.await)) })
     });
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
         Proto::Http1 => {

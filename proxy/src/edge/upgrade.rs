@@ -216,7 +216,7 @@ pub async fn forward<B>(
     up.with_retries(&http::Method::GET, &mut exchange)
         .await
         .map(|(response, backend, queue_wait)| Forwarded {
-            response,
+            response: Box::new(response),
             backend: Some(backend),
             queue_wait,
         })
