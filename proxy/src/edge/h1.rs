@@ -675,8 +675,9 @@ async fn write_response(
     version: Version,
     mut keep_alive: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = (*resp).into_parts();
-    let status = parts.status;
+    // Read through the box: the response is never moved into this future.
+    let mut resp = resp;
+    let status = resp.status();
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -687,14 +688,14 @@ async fn write_response(
     let length = if no_body {
         None
     } else {
-        body.size_hint().exact()
+        resp.body().size_hint().exact()
     };
     // A HEAD answered by Usher itself (a 404, a 503) says how long the GET
     // answer would be, as hyper did; a backend's HEAD keeps its own.
     let head_length = (*method == Method::HEAD
         && status.is_success() | status.is_client_error() | status.is_server_error()
-        && !parts.headers.contains_key(header::CONTENT_LENGTH))
-    .then(|| body.size_hint().exact())
+        && !resp.headers().contains_key(header::CONTENT_LENGTH))
+    .then(|| resp.body().size_hint().exact())
     .flatten()
     .filter(|&n| n > 0);
     let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
@@ -703,8 +704,8 @@ async fn write_response(
         keep_alive = false;
     }
 
-    let lines = body.take_lines();
-    let mut head = Vec::with_capacity(200 + parts.headers.len() * 48 + lines.len());
+    let lines = resp.body_mut().take_lines();
+    let mut head = Vec::with_capacity(200 + resp.headers().len() * 48 + lines.len());
     head.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
@@ -712,7 +713,7 @@ async fn write_response(
     });
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
-    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+    match resp.extensions().get::<hyper::ext::ReasonPhrase>() {
         // The backend's own reason phrase (hyper's client keeps it).
         Some(r) => head.extend_from_slice(r.as_bytes()),
         None => head.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes()),
@@ -720,7 +721,7 @@ async fn write_response(
     head.extend_from_slice(b"\r\n");
     let mut saw_connection = false;
     let mut saw_date = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in resp.headers() {
         match *name {
             header::TRANSFER_ENCODING => continue,
             header::CONTENT_LENGTH if !keep_length => continue,
@@ -738,7 +739,7 @@ async fn write_response(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if let Some(id) = body.take_request_id() {
+    if let Some(id) = resp.body_mut().take_request_id() {
         head.extend_from_slice(b"x-request-id: ");
         head.extend_from_slice(id.as_bytes());
         head.extend_from_slice(b"\r\n");
@@ -767,7 +768,7 @@ async fn write_response(
         }
     }
     head.extend_from_slice(b"\r\n");
-    drop(parts);
+    let body = resp.body_mut();
 
     if no_body {
         write_all(&mut wire.stream, &head[..]).await?;
@@ -778,13 +779,13 @@ async fn write_response(
     let mut head = Some(head);
     let mut sent: u64 = 0;
     loop {
-        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if let Some(h) = head.take() {
                     write_all(&mut wire.stream, &h[..]).await?;
                 }
-                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
             }
         };
         let data = match frame {
