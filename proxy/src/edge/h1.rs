@@ -229,7 +229,7 @@ async fn exchange(
 /// A head that cannot be served: a short text naming the reason, and the
 /// connection closes after it.
 async fn refuse(mut wire: Wire, refusal: Error) {
-    let resp = Box::new(error_response(&refusal));
+    let resp = error_response(&refusal);
     let _ = write_response(&mut wire, resp, &Method::GET, Version::HTTP_11, false).await;
     linger(wire).await;
 }
@@ -315,7 +315,7 @@ async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
                 backend: "-".into(),
                 reason: "101 to a request that did not ask to upgrade".into(),
             };
-            let mut resp = Box::new(error_response(&e));
+            let mut resp = error_response(&e);
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             let _ = write_response(&mut wire, resp, &method, version, false).await;
@@ -670,13 +670,12 @@ impl Body for H1Body {
 /// Writes a response. `Ok(true)`: the connection can take another request.
 async fn write_response(
     wire: &mut Wire,
-    resp: Box<Response<ProxyBody>>,
+    // Read through its box: the response is never moved into this future.
+    mut resp: Box<Response<ProxyBody>>,
     method: &Method,
     version: Version,
     mut keep_alive: bool,
 ) -> io::Result<bool> {
-    // Read through the box: the response is never moved into this future.
-    let mut resp = resp;
     let status = resp.status();
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -685,17 +684,14 @@ async fn write_response(
     // HEAD and 304 keep a `Content-Length` describing the representation
     // (see `upstream::framing`); every other length is Usher's own.
     let keep_length = no_body && status != StatusCode::NO_CONTENT && !status.is_informational();
-    let length = if no_body {
-        None
-    } else {
-        resp.body().size_hint().exact()
-    };
+    let exact = resp.body().size_hint().exact();
+    let length = if no_body { None } else { exact };
     // A HEAD answered by Usher itself (a 404, a 503) says how long the GET
     // answer would be, as hyper did; a backend's HEAD keeps its own.
     let head_length = (*method == Method::HEAD
         && status.is_success() | status.is_client_error() | status.is_server_error()
         && !resp.headers().contains_key(header::CONTENT_LENGTH))
-    .then(|| resp.body().size_hint().exact())
+    .then_some(exact)
     .flatten()
     .filter(|&n| n > 0);
     let chunked = !no_body && length.is_none() && version == Version::HTTP_11;

@@ -204,7 +204,7 @@ pub async fn handle<B: RequestBody>(
                     "request failed"
                 );
             }
-            let mut resp = Box::new(error_response(&failed.error));
+            let mut resp = error_response(&failed.error);
             if upgrade {
                 // As for a declined upgrade: what the client sent after its
                 // request was meant for the new protocol.
@@ -393,8 +393,9 @@ fn redirect_to_https(host: Option<&str>, path: &str, port: u16) -> Response<Prox
     }
 }
 
-/// A short plain-text answer naming the reason. Never empty.
-pub fn error_response(e: &Error) -> Response<ProxyBody> {
+/// A short plain-text answer naming the reason. Never empty. Boxed, as every
+/// response on its way to a client is (`Forwarded`).
+pub fn error_response(e: &Error) -> Box<Response<ProxyBody>> {
     let status = e.status();
     let body = format!(
         "{} {}: {}\n",
@@ -415,5 +416,5 @@ pub fn error_response(e: &Error) -> Response<ProxyBody> {
     if e.closes_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
+    Box::new(resp)
 }
