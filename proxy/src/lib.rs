@@ -27,6 +27,7 @@
 //! [`app`] wires them together: build, spawn, wait for signals, drain.
 
 pub(crate) mod app;
+pub(crate) mod boxed;
 pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod discovery;

@@ -193,7 +193,7 @@ pub async fn serve(
             }
         }
         idle_for = keepalive;
-        match Box::pin(exchange(wire, &slot, &ctx, header_timeout, &drain)).await {
+        match crate::boxed::pin_with(|| exchange(wire, &slot, &ctx, header_timeout, &drain)).await {
             Some(w) => wire = w,
             None => return,
         }
@@ -203,9 +203,9 @@ pub async fn serve(
 /// One request on the connection, from its first byte to the end of its
 /// response. Gives the wire back if the connection stays open for another.
 ///
-/// Its future is boxed per request (`serve`), so its phases are futures of
-/// their own: awaited one after the other, they share the space, and the
-/// box (moved into place once per request) stays small.
+/// Its future is boxed per request (`serve`, built in its box:
+/// `boxed::pin_with`), so its phases are futures of their own: awaited one
+/// after the other, they share the space, and the box stays small.
 async fn exchange(
     mut wire: Wire,
     slot: &Slot,

@@ -149,8 +149,7 @@ pub async fn handle<B: RequestBody>(
                 let mut req = req;
                 debug_assert!(req.body_mut().take_lines().is_none());
                 // Boxed: a tunnel's future is large, and would make every
-                // request's future as large (it is moved into a box per
-                // request: `edge::h1`).
+                // request's future (boxed per request: `edge::h1`) as large.
                 Box::pin(crate::edge::upgrade::forward(
                     req,
                     &upstream,

@@ -20,9 +20,11 @@ pub struct Detached<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Detached<T> {
-    pub fn new(fut: impl Future<Output = T> + Send + 'static) -> Self {
+    /// Runs the future `make` returns; it is built in its box
+    /// (`boxed::pin_with`).
+    pub fn new<F: Future<Output = T> + Send + 'static>(make: impl FnOnce() -> F) -> Self {
         Detached {
-            fut: Some(Box::pin(fut)),
+            fut: Some(crate::boxed::pin_with(make)),
         }
     }
 }
@@ -60,7 +62,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn finishes_inline_without_a_task() {
-        let d = Detached::new(async { 7 });
+        let d = Detached::new(|| async { 7 });
         assert_eq!(d.await, 7);
     }
 
@@ -68,7 +70,7 @@ mod tests {
     async fn dropped_unfinished_it_still_runs_to_the_end() {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        let d = Detached::new(async move {
+        let d = Detached::new(move || async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             flag.store(true, Ordering::SeqCst);
         });

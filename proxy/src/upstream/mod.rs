@@ -180,7 +180,7 @@ impl Exchange for Buffered {
         let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
         let (identity, stamp) = (self.identity.clone(), (self.read_at, admitted.waited));
         let class = self.class;
-        Detached::new(async move {
+        Detached::new(move || async move {
             up.send(&head, &identity, body, admitted.slot, class, stamp)
                 .await
         })
@@ -556,7 +556,7 @@ impl Upstream {
                     set,
                 );
                 let (pool, addr) = (self.pool.clone(), backend.addr);
-                Ok(Box::pin(async move {
+                Ok(crate::boxed::pin_with(move || async move {
                     match pool.send(addr, &out).await {
                         Ok(r) => Ok(r.map(UpstreamBody::Left)),
                         Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
