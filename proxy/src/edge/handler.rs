@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::http1::Lines;
 use crate::observe::access_log::{AccessLog, Entry};
 use crate::observe::metrics::Metrics;
-use crate::upstream::{text, Failed, Forwarded, ProxyBody, RequestHead};
+use crate::upstream::{text, Failed, Forwarded, Outbound, ProxyBody, RequestHead};
 
 /// What every request on one listener shares.
 pub struct Shared {
@@ -165,9 +165,7 @@ pub async fn handle<B: RequestBody>(
                         backend: None,
                         queue_wait: Duration::ZERO,
                     }),
-                    Ok((head, identity, body, read_at)) => {
-                        upstream.forward(head, identity, body, read_at).await
-                    }
+                    Ok(outbound) => upstream.forward(outbound).await,
                 }
             }
         }
@@ -277,7 +275,7 @@ async fn read_request<B: RequestBody>(
     ctx: &ConnCtx,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
-) -> Result<(RequestHead, Identity, Bytes, std::time::SystemTime), Error> {
+) -> Result<Arc<Outbound>, Error> {
     // What `present` says the head lacks is not looked up.
     let framed = present.content_length || present.transfer_encoding;
     if framed {
@@ -358,7 +356,12 @@ async fn read_request<B: RequestBody>(
         Some(f) if buf.is_empty() => f,
         _ => buf.freeze(),
     };
-    Ok((RequestHead { parts: head, lines }, identity, body, read_at))
+    Ok(Arc::new(Outbound {
+        head: RequestHead { parts: head, lines },
+        identity,
+        body,
+        read_at,
+    }))
 }
 
 /// `308` to the same host (without its port) and path on `https://`.

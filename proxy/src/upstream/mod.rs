@@ -147,14 +147,22 @@ pub struct RequestHead {
     pub lines: Option<Box<Lines>>,
 }
 
+/// A request read whole and rewritten for the backend (`edge::handler`):
+/// made once, in one allocation, and shared by its attempts and by an
+/// exchange that outlives its client (`Detached`).
+pub struct Outbound {
+    pub head: RequestHead,
+    /// What Usher tells the backend beside the head.
+    pub identity: Identity,
+    pub body: Bytes,
+    /// When Usher finished reading the request (`X-Request-Start`).
+    pub read_at: std::time::SystemTime,
+}
+
 /// A buffered request: a slot from the dispatcher, then [`Upstream::send`].
 struct Buffered {
     up: Arc<Upstream>,
-    head: Arc<RequestHead>,
-    identity: Identity,
-    body: Bytes,
-    /// When Usher finished reading the request (`X-Request-Start`).
-    read_at: std::time::SystemTime,
+    req: Arc<Outbound>,
     /// Its class (`queue.classify`), hashed once for all its attempts.
     class: crate::dispatch::Class,
 }
@@ -177,13 +185,10 @@ impl Exchange for Buffered {
         // its slot stays taken until the backend's thread is really free.
         // `Detached` runs it here and moves only an abandoned remainder to a
         // task of its own. (While queued, a vanished client just leaves.)
-        let (up, head, body) = (self.up.clone(), self.head.clone(), self.body.clone());
-        let (identity, stamp) = (self.identity.clone(), (self.read_at, admitted.waited));
-        let class = self.class;
-        Detached::new(move || async move {
-            up.send(&head, &identity, body, admitted.slot, class, stamp)
-                .await
-        })
+        let (up, req, class) = (self.up.clone(), self.req.clone(), self.class);
+        Detached::new(
+            move || async move { up.send(&req, admitted.slot, class, admitted.waited).await },
+        )
         .await
     }
 }
@@ -191,22 +196,13 @@ impl Exchange for Buffered {
 impl Upstream {
     /// Sends the request to a backend, retrying where it is safe, and returns
     /// the response.
-    pub async fn forward(
-        self: &Arc<Self>,
-        head: RequestHead,
-        identity: Identity,
-        body: Bytes,
-        read_at: std::time::SystemTime,
-    ) -> Result<Forwarded, Failed> {
-        let method = head.parts.method.clone();
-        let class = crate::dispatch::Class::of(self.class_of(&head.parts));
+    pub async fn forward(self: &Arc<Self>, req: Arc<Outbound>) -> Result<Forwarded, Failed> {
+        let method = req.head.parts.method.clone();
+        let class = crate::dispatch::Class::of(self.class_of(&req.head.parts));
         let mut exchange = Buffered {
             class,
             up: self.clone(),
-            head: Arc::new(head),
-            identity,
-            body,
-            read_at,
+            req,
         };
         self.with_retries(&method, &mut exchange)
             .await
@@ -308,22 +304,20 @@ impl Upstream {
     /// One attempt on the backend that `slot` reserves.
     async fn send(
         &self,
-        head: &RequestHead,
-        identity: &Identity,
-        body: Bytes,
+        req: &Outbound,
         slot: Slot,
         class_key: crate::dispatch::Class,
-        (read_at, queued): (std::time::SystemTime, Duration),
+        queued: Duration,
     ) -> Attempt<Box<Response<ProxyBody>>> {
-        let class = self.class_of(&head.parts);
+        let class = self.class_of(&req.head.parts);
         let backend = slot.backend().clone();
         let started = Instant::now();
         let sent = backend.load_mark_at(started);
         let stamp = self
             .cfg
             .request_start_header
-            .then(|| stamp::Stamp::new(read_at, queued));
-        let mut pending = match self.transmit(head, identity, body, &backend, stamp) {
+            .then(|| stamp::Stamp::new(req.read_at, queued));
+        let mut pending = match self.transmit(req, &backend, stamp) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
         };
@@ -433,7 +427,7 @@ impl Upstream {
             // Checked, and kept out of the map, by the HTTP/1 parser.
             Ok(())
         } else {
-            framing::take_response_framing(&head.parts.method, status, response.headers_mut())
+            framing::take_response_framing(&req.head.parts.method, status, response.headers_mut())
         };
         if let Err(reason) = refused {
             self.count(&backend, "error");
@@ -534,12 +528,11 @@ impl Upstream {
     /// lingering.
     fn transmit(
         &self,
-        head: &RequestHead,
-        identity: &Identity,
-        body: Bytes,
+        req: &Outbound,
         backend: &Backend,
         stamp: Option<stamp::Stamp>,
     ) -> Result<Pending, Error> {
+        let (head, identity, body) = (&req.head, &req.identity, req.body.clone());
         match self.cfg.protocol {
             UpstreamProtocol::Http1 => {
                 // Origin-form, with the `Host` the edge set (an HTTP/1.0
