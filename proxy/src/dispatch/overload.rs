@@ -63,7 +63,10 @@ pub trait Queued {
 pub struct Codel {
     /// `None`: `overload: off`, never overloaded.
     settings: Option<Settings>,
-    window_start: Instant,
+    /// When this window closes: `interval` after it opened. Kept as its
+    /// end, so that the check on every arrival and admission is a
+    /// comparison, not a subtraction.
+    window_end: Instant,
     /// The shortest wait of a request admitted in this window; zero for one
     /// that found a free slot at once.
     window_min: Option<Duration>,
@@ -80,7 +83,7 @@ impl Codel {
     pub fn new(settings: Option<Settings>, now: Instant) -> Self {
         Codel {
             settings,
-            window_start: now,
+            window_end: now + settings.map_or(Duration::ZERO, |s| s.interval),
             window_min: None,
             window_arrivals: false,
             standing: 0,
@@ -135,7 +138,7 @@ impl Codel {
     /// waited less than the target ends the run.
     fn roll(&mut self, now: Instant) {
         let Some(s) = self.settings else { return };
-        if now.saturating_duration_since(self.window_start) < s.interval {
+        if now < self.window_end {
             return;
         }
         match self.window_min {
@@ -153,7 +156,7 @@ impl Codel {
         if self.standing >= needed {
             self.overloaded = true;
         }
-        self.window_start = now;
+        self.window_end = now + s.interval;
         self.window_min = None;
         self.window_arrivals = false;
     }
