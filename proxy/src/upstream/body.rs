@@ -65,13 +65,13 @@ impl ProxyBody {
     pub(crate) fn buffered(
         mut chunks: VecDeque<Bytes>,
         size: u64,
-        trailers: Option<http::HeaderMap>,
+        trailers: Option<Box<http::HeaderMap>>,
     ) -> Self {
         chunks.retain(|c| !c.is_empty());
         ProxyBody {
             buffered: chunks,
             remaining: size,
-            trailers: trailers.map(Box::new),
+            trailers,
             relay: None,
             lines: Lines::default(),
             request_id: None,

@@ -186,10 +186,7 @@ impl Exchange for Buffered {
         // `Detached` runs it here and moves only an abandoned remainder to a
         // task of its own. (While queued, a vanished client just leaves.)
         let (up, req, class) = (self.up.clone(), self.req.clone(), self.class);
-        Detached::new(
-            move || async move { up.send(&req, admitted.slot, class, admitted.waited).await },
-        )
-        .await
+        Detached::new(move || up.send(req, admitted.slot, class, admitted.waited)).await
     }
 }
 
@@ -303,8 +300,8 @@ impl Upstream {
 
     /// One attempt on the backend that `slot` reserves.
     async fn send(
-        &self,
-        req: &Outbound,
+        self: Arc<Self>,
+        req: Arc<Outbound>,
         slot: Slot,
         class_key: crate::dispatch::Class,
         queued: Duration,
@@ -317,7 +314,7 @@ impl Upstream {
             .cfg
             .request_start_header
             .then(|| stamp::Stamp::new(req.read_at, queued));
-        let mut pending = match self.transmit(req, &backend, stamp) {
+        let mut pending = match self.transmit(&req, &backend, stamp) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
         };
@@ -329,8 +326,7 @@ impl Upstream {
 
         // One timer for all of the attempt's waits.
         let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
-        let result = within(&mut timer, &mut pending).await;
-        let mut response = match result {
+        let mut response = match within(&mut timer, &mut pending).await {
             Err(_) => {
                 self.count(&backend, "timeout");
                 self.note_failure(&backend, false);
@@ -371,18 +367,23 @@ impl Upstream {
         // never reaches the client. This replica's other requests on the
         // backend hold threads; this one no longer does.
         let own = backend.in_flight().saturating_sub(1);
-        let (h1_load, h2_load, lines) = match response.body_mut() {
-            UpstreamBody::Left(h1) => (h1.take_load(), None, h1.take_lines()),
-            UpstreamBody::Right(_) => (
-                None,
-                response.headers_mut().remove(&X_USHER_LOAD),
-                Lines::default(),
-            ),
+        // In a block: the raw reports it borrows would stay in the
+        // future's later states (boxed per request: `Detached`).
+        let (load, lines) = {
+            let (h1_load, h2_load, lines) = match response.body_mut() {
+                UpstreamBody::Left(h1) => (h1.take_load(), None, h1.take_lines()),
+                UpstreamBody::Right(_) => (
+                    None,
+                    response.headers_mut().remove(&X_USHER_LOAD),
+                    Lines::default(),
+                ),
+            };
+            let load = h1_load
+                .as_deref()
+                .or(h2_load.as_ref().map(HeaderValue::as_bytes))
+                .and_then(parse_load);
+            (load, lines)
         };
-        let load = h1_load
-            .as_deref()
-            .or(h2_load.as_ref().map(HeaderValue::as_bytes))
-            .and_then(parse_load);
         if response.status() == StatusCode::SERVICE_UNAVAILABLE
             && response
                 .headers()
@@ -397,8 +398,9 @@ impl Upstream {
             // must know that deadline.
             self.dispatcher.wake();
             self.count(&backend, "refused");
-            // Read the short refusal so the connection stays reusable.
-            let body = response.into_body().collect();
+            // Read the short refusal so the connection stays reusable
+            // (boxed: a rare wait, kept out of the future's size).
+            let body = Box::pin(response.into_body().collect());
             let _ = within(&mut timer, body).await;
             drop(slot);
             return Attempt::Refused;
@@ -447,7 +449,7 @@ impl Upstream {
             backend.health.record_success();
         }
 
-        let (parts, mut incoming) = response.into_parts();
+        let (parts, mut incoming) = (*response).into_parts();
         let mut buffered: VecDeque<Bytes> = VecDeque::new();
         let mut size: u64 = 0;
         let mut trailers = None;
@@ -493,7 +495,9 @@ impl Upstream {
                 }
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
-                        trailers = Some(t);
+                        // Boxed as the body keeps them, and so as not to
+                        // add a header map to this future's size.
+                        trailers = Some(Box::new(t));
                     }
                 }
             }
@@ -551,7 +555,7 @@ impl Upstream {
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(crate::boxed::pin_with(move || async move {
                     match pool.send(addr, &out).await {
-                        Ok(r) => Ok(r.map(UpstreamBody::Left)),
+                        Ok(r) => Ok(Box::new(r.map(UpstreamBody::Left))),
                         Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
                         Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
                     }
@@ -568,7 +572,7 @@ impl Upstream {
                 let pending = self.client.request(req);
                 Ok(Box::pin(async move {
                     match pending.await {
-                        Ok(r) => Ok(r.map(UpstreamBody::Right)),
+                        Ok(r) => Ok(Box::new(r.map(UpstreamBody::Right))),
                         Err(e) if e.is_connect() => Err(Transmit::Connect(error_chain(&e))),
                         Err(e) => Err(Transmit::Sent(error_chain(&e))),
                     }
@@ -678,7 +682,7 @@ enum Transmit {
     Sent(String),
 }
 
-type Pending = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, Transmit>> + Send>>;
+type Pending = Pin<Box<dyn Future<Output = Result<Box<Response<UpstreamBody>>, Transmit>> + Send>>;
 
 /// `fut`'s output, or `Err` when `timer` fires first. Polled first, `fut`
 /// needs no timer when it is ready at once (a body frame already read), and
