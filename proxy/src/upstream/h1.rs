@@ -549,8 +549,10 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    /// The response whose head `head` is, with its body on `conn`.
-    pub fn response(head: Head, conn: Conn) -> Response<ResponseBody> {
+    /// The response whose head `head` is, with its body on `conn`: boxed,
+    /// and with the body as the exchange holds it (`UpstreamBody`), so it is
+    /// made once and moved as a pointer from here to the client.
+    pub fn response(head: Head, conn: Conn) -> Box<Response<super::UpstreamBody>> {
         let mut body = ResponseBody {
             decoder: Decoder::new(head.decode, Trailers::Parse),
             keep_alive: head.keep_alive,
@@ -563,7 +565,10 @@ impl ResponseBody {
         } else {
             body.conn = Some(conn);
         }
-        Response::from_parts(head.parts, body)
+        Box::new(Response::from_parts(
+            head.parts,
+            super::UpstreamBody::Left(body),
+        ))
     }
 
     /// The worker's load report that came with the head. It is for Usher

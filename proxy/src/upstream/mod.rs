@@ -555,7 +555,7 @@ impl Upstream {
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(crate::boxed::pin_with(move || async move {
                     match pool.send(addr, &out).await {
-                        Ok(r) => Ok(Box::new(r.map(UpstreamBody::Left))),
+                        Ok(r) => Ok(r),
                         Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
                         Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
                     }

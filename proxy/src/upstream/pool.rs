@@ -39,6 +39,7 @@ use tokio::time::Instant;
 
 use super::h1::{ClientError, Connection, Failure, Io, Outgoing, ResponseBody};
 use super::retry::is_idempotent;
+use super::UpstreamBody;
 use crate::tls::connector::UpstreamConnector;
 
 /// Why a request did not get a response head.
@@ -125,7 +126,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         req: &Outgoing,
-    ) -> Result<Response<ResponseBody>, SendError> {
+    ) -> Result<Box<Response<UpstreamBody>>, SendError> {
         if let Some(mut conn) = self.checkout(addr) {
             match conn.connection.round_trip(req).await {
                 Ok(head) => return Ok(ResponseBody::response(head, conn)),
