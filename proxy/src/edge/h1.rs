@@ -267,7 +267,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
     wire.body_done = !has_body;
     wire.pipelined = false;
     *lock(slot) = Some(wire);
-    let request = request.map(|()| H1Body {
+    let request = Box::new(request.map(|()| H1Body {
         slot: slot.clone(),
         decoder: Decoder::new(body, Trailers::Refuse),
         continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
@@ -276,7 +276,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
             0
         },
         lines,
-    });
+    }));
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
         biased;

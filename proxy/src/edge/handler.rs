@@ -65,8 +65,11 @@ impl RequestBody for crate::edge::h1::H1Body {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// `req` comes boxed: moved from the edge into `handle` and on into
+/// `read_request`, it would be copied into each future (an async fn keeps
+/// its arguments in its state), and make each as much larger.
 pub async fn handle<B: RequestBody>(
-    req: Request<B>,
+    req: Box<Request<B>>,
     ctx: Arc<ConnCtx>,
 ) -> Box<Response<ProxyBody>> {
     let started = Instant::now();
@@ -151,7 +154,7 @@ pub async fn handle<B: RequestBody>(
                 // Boxed: a tunnel's future is large, and would make every
                 // request's future (boxed per request: `edge::h1`) as large.
                 Box::pin(crate::edge::upgrade::forward(
-                    req,
+                    *req,
                     &upstream,
                     &ctx,
                     host.as_ref(),
@@ -269,7 +272,7 @@ pub async fn handle<B: RequestBody>(
 /// inside this request while a front proxy sees it as a request of its own.
 /// h2 frames trailers itself; they are dropped.
 async fn read_request<B: RequestBody>(
-    req: Request<B>,
+    req: Box<Request<B>>,
     present: Present,
     state: &State,
     ctx: &ConnCtx,
@@ -296,7 +299,7 @@ async fn read_request<B: RequestBody>(
     if declared.is_some_and(|n| n > limit) {
         return Err(Error::BodyTooLarge { limit });
     }
-    let (mut head, mut body) = req.into_parts();
+    let (mut head, mut body) = (*req).into_parts();
     let lines = body.take_lines();
     let gap = state.config.timeouts.client_body.0;
     let total = state.config.timeouts.client_request.0;

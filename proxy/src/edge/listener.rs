@@ -175,7 +175,7 @@ async fn serve_conn<I>(
     // on every idle keep-alive connection. Boxed, it lives only per request.
     // hyper writes the map alone: the lines kept out of it go in first.
     let service = service_fn(move |req| {
-        let answer = handle(req, ctx.clone());
+        let answer = handle(Box::new(req), ctx.clone());
         Box::pin(async move { Ok::<_, Infallible>(ProxyBody::lines_into_map(*answer.await)) })
     });
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
