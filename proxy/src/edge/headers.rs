@@ -461,7 +461,9 @@ mod tests {
             "[::1]",
             "[::1]:80",
             "a%41b",
+            "a%41:80",
             "host:",
+            "~x-y_z!$&'()*+,;=:65535",
         ] {
             assert!(valid_authority(ok), "{ok}");
         }
@@ -476,6 +478,10 @@ mod tests {
             "[zz]:1",
             ":80",
             "a%4",
+            "a%zz",
+            "a::80",
+            "a:8%30",
+            "a\u{e9}b",
             "main.test:123456",
         ] {
             assert!(!valid_authority(bad), "{bad}");
