@@ -353,7 +353,7 @@ async fn read_request<B: RequestBody>(
         h.remove(header::CONTENT_LENGTH);
     }
     let proto = if ctx.tls { "https" } else { "http" };
-    let identity = Identity::new(h, &ctx.peer_ip, proto, host, request_id);
+    let identity = Identity::of_request(h, present, &ctx.peer_ip, proto, host, request_id);
     head.version = http::Version::HTTP_11;
     let body = match first {
         Some(f) if buf.is_empty() => f,

@@ -80,6 +80,7 @@ pub struct Present {
     pub content_length: bool,
     pub transfer_encoding: bool,
     pub request_id: bool,
+    pub forwarded_for: bool,
 }
 
 impl Present {
@@ -91,6 +92,7 @@ impl Present {
                 header::CONTENT_LENGTH => p.content_length = true,
                 header::TRANSFER_ENCODING => p.transfer_encoding = true,
                 _ if *name == X_REQUEST_ID => p.request_id = true,
+                _ if *name == X_FORWARDED_FOR => p.forwarded_for = true,
                 _ => {}
             }
         }
@@ -309,9 +311,41 @@ impl Identity {
         host: Option<&HeaderValue>,
         request_id: &HeaderValue,
     ) -> Self {
-        let mut prev = h
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
+        Self::after(
+            h.get_all(&X_FORWARDED_FOR).iter(),
+            peer_ip,
+            proto,
+            host,
+            request_id,
+        )
+    }
+
+    /// [`Identity::new`] for a request whose names are known (`Present`):
+    /// one without `X-Forwarded-For` (most) is not looked up in `h`.
+    pub fn of_request(
+        h: &HeaderMap,
+        present: Present,
+        peer_ip: &HeaderValue,
+        proto: &'static str,
+        host: Option<&HeaderValue>,
+        request_id: &HeaderValue,
+    ) -> Self {
+        if present.forwarded_for {
+            Self::new(h, peer_ip, proto, host, request_id)
+        } else {
+            Self::after(std::iter::empty(), peer_ip, proto, host, request_id)
+        }
+    }
+
+    /// The identity of a request whose `X-Forwarded-For` lines are `prev`.
+    fn after<'a>(
+        prev: impl Iterator<Item = &'a HeaderValue>,
+        peer_ip: &HeaderValue,
+        proto: &'static str,
+        host: Option<&HeaderValue>,
+        request_id: &HeaderValue,
+    ) -> Self {
+        let mut prev = prev
             .filter_map(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|p| !p.is_empty())
