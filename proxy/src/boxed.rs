@@ -5,8 +5,10 @@
 //! that has not started holds only its arguments. The request path boxes a
 //! few futures of 1–3 KiB per request (`edge::h1`, `upstream::detach`), and
 //! those copies were about 1.5% of its instructions. [`pin_with`] allocates
-//! first and builds the future in the allocation, so only the arguments are
-//! written.
+//! first and then builds the future, so that the optimiser can build it in
+//! the allocation and write only the arguments. That is not a guarantee of
+//! the language (a debug build still copies): `bench/instructions.sh` is
+//! what shows it holds (−384 instructions per request for the edge's box).
 
 use std::pin::Pin;
 

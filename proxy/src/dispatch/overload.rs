@@ -65,7 +65,7 @@ pub struct Codel {
     settings: Option<Settings>,
     /// When this window closes: `interval` after it opened. Kept as its
     /// end, so that the check on every arrival and admission is a
-    /// comparison, not a subtraction.
+    /// comparison, not a subtraction. Never read while `settings` is `None`.
     window_end: Instant,
     /// The shortest wait of a request admitted in this window; zero for one
     /// that found a free slot at once.

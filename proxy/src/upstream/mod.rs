@@ -367,8 +367,9 @@ impl Upstream {
         // never reaches the client. This replica's other requests on the
         // backend hold threads; this one no longer does.
         let own = backend.in_flight().saturating_sub(1);
-        // In a block: the raw reports it borrows would stay in the
-        // future's later states (boxed per request: `Detached`).
+        // In a block: the raw reports it holds (and borrows from) are
+        // dropped at its end, not kept in the future's later states (boxed
+        // per request: `Detached`).
         let (load, lines) = {
             let (h1_load, h2_load, lines) = match response.body_mut() {
                 UpstreamBody::Left(h1) => (h1.take_load(), None, h1.take_lines()),
@@ -554,11 +555,10 @@ impl Upstream {
                 );
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(crate::boxed::pin_with(move || async move {
-                    match pool.send(addr, &out).await {
-                        Ok(r) => Ok(r),
-                        Err(SendError::Connect(e)) => Err(Transmit::Connect(error_chain(&*e))),
-                        Err(SendError::Sent(e)) => Err(Transmit::Sent(error_chain(&e))),
-                    }
+                    pool.send(addr, &out).await.map_err(|e| match e {
+                        SendError::Connect(e) => Transmit::Connect(error_chain(&*e)),
+                        SendError::Sent(e) => Transmit::Sent(error_chain(&e)),
+                    })
                 }))
             }
             UpstreamProtocol::Http2 => {
