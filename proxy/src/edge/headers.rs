@@ -301,6 +301,29 @@ pub struct Identity {
     request_id: HeaderValue,
 }
 
+/// `X-Forwarded-For` as it goes to the backend: the client's lines that are
+/// text, in order, as one list with the peer appended. `None` when the list
+/// is not a header value (the client's lines then pass as they are).
+fn forwarded_list(h: &HeaderMap, peer_ip: &HeaderValue) -> Option<HeaderValue> {
+    let mut prev = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    if prev.peek().is_none() {
+        return Some(peer_ip.clone());
+    }
+    let mut xff = String::new();
+    for p in prev {
+        xff.push_str(p);
+        xff.push_str(", ");
+    }
+    xff.push_str(peer_ip.to_str().unwrap_or_default());
+    HeaderValue::from_str(&xff).ok()
+}
+
 impl Identity {
     /// Every `X-Forwarded-For` line the client sent is kept, in order, as one
     /// list with the peer appended (a line that is not text is dropped).
@@ -311,17 +334,12 @@ impl Identity {
         host: Option<&HeaderValue>,
         request_id: &HeaderValue,
     ) -> Self {
-        Self::after(
-            h.get_all(&X_FORWARDED_FOR).iter(),
-            peer_ip,
-            proto,
-            host,
-            request_id,
-        )
+        Self::of_request(h, Present::of(h), peer_ip, proto, host, request_id)
     }
 
-    /// [`Identity::new`] for a request whose names are known (`Present`):
-    /// one without `X-Forwarded-For` (most) is not looked up in `h`.
+    /// [`Identity::new`] for a request whose names are known already
+    /// (`present`, the request path's one pass over them): one without
+    /// `X-Forwarded-For` (most) is not looked up in `h`.
     pub fn of_request(
         h: &HeaderMap,
         present: Present,
@@ -330,37 +348,11 @@ impl Identity {
         host: Option<&HeaderValue>,
         request_id: &HeaderValue,
     ) -> Self {
-        if present.forwarded_for {
-            Self::new(h, peer_ip, proto, host, request_id)
+        let forwarded_for = if present.forwarded_for {
+            forwarded_list(h, peer_ip)
         } else {
-            Self::after(std::iter::empty(), peer_ip, proto, host, request_id)
-        }
-    }
-
-    /// The identity of a request whose `X-Forwarded-For` lines are `prev`.
-    fn after<'a>(
-        prev: impl Iterator<Item = &'a HeaderValue>,
-        peer_ip: &HeaderValue,
-        proto: &'static str,
-        host: Option<&HeaderValue>,
-        request_id: &HeaderValue,
-    ) -> Self {
-        let mut prev = prev
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .peekable();
-        let forwarded_for = if prev.peek().is_none() {
             // The common case: the peer alone, shared from the connection.
             Some(peer_ip.clone())
-        } else {
-            let mut xff = String::new();
-            for p in prev {
-                xff.push_str(p);
-                xff.push_str(", ");
-            }
-            xff.push_str(peer_ip.to_str().unwrap_or_default());
-            HeaderValue::from_str(&xff).ok()
         };
         Identity {
             forwarded_for,

@@ -551,9 +551,9 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// The response whose head `head` is, with its body on `conn`: boxed,
     /// and with the body as the exchange holds it (`UpstreamBody`), so it is
-    /// made once and moved as a pointer from here to `Upstream::send`. (The
-    /// HTTP/1 pool so names the h2 body type too: the one response type of
-    /// both protocols.)
+    /// made once and moved as a pointer from here to `Upstream::send`. (So
+    /// the HTTP/1 client names the h2 body type too: `UpstreamBody` is the
+    /// one response body of both protocols.)
     pub fn response(head: Head, conn: Conn) -> Box<Response<super::UpstreamBody>> {
         let mut body = ResponseBody {
             decoder: Decoder::new(head.decode, Trailers::Parse),
