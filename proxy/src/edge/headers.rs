@@ -233,14 +233,41 @@ fn authority_and_host<'a>(
 pub use crate::syntax::valid_authority;
 
 /// A new request id: 16 random bytes in hex.
+///
+/// Ids are cut from a shared chunk made per thread for [`IDS_PER_CHUNK`] of
+/// them: each one is a slice of it (a reference count), where a value of its
+/// own cost an allocation when made and another when first cloned (an id
+/// goes both to the backend and to the client).
 pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    for (pair, b) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
+    thread_local! {
+        static IDS: std::cell::RefCell<(bytes::Bytes, usize)> =
+            const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
     }
-    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+    IDS.with_borrow_mut(|(chunk, next)| {
+        if *next == chunk.len() {
+            *chunk = random_ids();
+            *next = 0;
+        }
+        let id = chunk.slice(*next..*next + ID_LEN);
+        *next += ID_LEN;
+        HeaderValue::from_maybe_shared(id).expect("hex is a valid header value")
+    })
+}
+
+const ID_LEN: usize = 32;
+const IDS_PER_CHUNK: usize = 64;
+
+/// [`IDS_PER_CHUNK`] ids of [`ID_LEN`] lowercase hex digits, back to back.
+fn random_ids() -> bytes::Bytes {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut ids = vec![0u8; ID_LEN * IDS_PER_CHUNK];
+    for id in ids.chunks_exact_mut(ID_LEN) {
+        for (pair, b) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
+        }
+    }
+    bytes::Bytes::from(ids)
 }
 
 /// The request's id: the client's `X-Request-Id` if it sent a usable one,
@@ -421,13 +448,19 @@ mod tests {
 
     #[test]
     fn new_request_ids_are_32_hex_digits() {
-        let (a, b) = (new_request_id(), new_request_id());
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a
-            .as_bytes()
-            .iter()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        // Across chunks too: every id is whole and none repeats.
+        let ids: Vec<HeaderValue> = (0..3 * IDS_PER_CHUNK + 1)
+            .map(|_| new_request_id())
+            .collect();
+        for a in &ids {
+            assert_eq!(a.len(), 32);
+            assert!(a
+                .as_bytes()
+                .iter()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        }
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
     }
 
     #[test]
