@@ -30,7 +30,7 @@ pub type UpstreamBody = http_body_util::Either<ResponseBody, Incoming>;
 /// Small (the rare parts are boxed): a response is moved from future to
 /// future on its way to the client.
 pub struct ProxyBody {
-    buffered: VecDeque<Bytes>,
+    buffered: Chunks,
     remaining: u64,
     trailers: Option<Box<http::HeaderMap>>,
     relay: Option<Box<Relay>>,
@@ -41,6 +41,45 @@ pub struct ProxyBody {
     /// as the lines are: most responses' maps are empty, and the first
     /// entry of one costs two allocations.
     request_id: Option<HeaderValue>,
+}
+
+/// A body's chunks in the order they came, empty ones left out. The first
+/// is held inline: most bodies arrive in one frame, and a queue's first
+/// push allocates.
+#[derive(Default)]
+pub struct Chunks {
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Chunks {
+    pub fn push_back(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> u64 {
+        self.first
+            .iter()
+            .chain(&self.rest)
+            .map(|b| b.len() as u64)
+            .sum()
+    }
 }
 
 /// The part of a streamed response still to come from the backend.
@@ -55,19 +94,20 @@ impl ProxyBody {
     pub fn full(b: impl Into<Bytes>) -> Self {
         let b = b.into();
         let len = b.len() as u64;
-        Self::buffered(VecDeque::from([b]), len, None)
+        let mut chunks = Chunks::default();
+        chunks.push_back(b);
+        Self::buffered(chunks, len, None)
     }
 
     pub fn empty() -> Self {
-        Self::buffered(VecDeque::new(), 0, None)
+        Self::buffered(Chunks::default(), 0, None)
     }
 
     pub(crate) fn buffered(
-        mut chunks: VecDeque<Bytes>,
+        chunks: Chunks,
         size: u64,
         trailers: Option<Box<http::HeaderMap>>,
     ) -> Self {
-        chunks.retain(|c| !c.is_empty());
         ProxyBody {
             buffered: chunks,
             remaining: size,
@@ -79,7 +119,7 @@ impl ProxyBody {
     }
 
     pub(crate) fn relay(
-        chunks: VecDeque<Bytes>,
+        chunks: Chunks,
         rest: UpstreamBody,
         slot: Slot,
         timer: Option<(prometheus::Histogram, Instant)>,
@@ -183,7 +223,7 @@ impl Body for ProxyBody {
                 // What is still buffered plus what the backend has yet to
                 // send. Raised upper bound first: `SizeHint` asserts
                 // lower <= upper on every set.
-                let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
+                let buffered = self.buffered.len();
                 let rest = r.size_hint();
                 let mut h = SizeHint::new();
                 if let Some(u) = rest.upper() {
@@ -205,4 +245,34 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_buffered_body_gives_its_chunks_in_order_and_skips_empty_ones() {
+        let mut chunks = Chunks::default();
+        for c in ["", "ab", "", "c", "def"] {
+            chunks.push_back(Bytes::from(c));
+        }
+        assert_eq!(chunks.len(), 6);
+        let mut body = ProxyBody::buffered(chunks, 6, None);
+        assert_eq!(body.size_hint().exact(), Some(6));
+        let mut seen = Vec::new();
+        while let Some(frame) = body.frame().await {
+            seen.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(seen, ["ab", "c", "def"]);
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_ends_at_once() {
+        let mut body = ProxyBody::full(Bytes::new());
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
 }

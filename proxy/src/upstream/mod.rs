@@ -9,7 +9,6 @@
 //! is released, and the client is then served at its own pace. Larger ones
 //! stream and hold the slot until done.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -451,7 +450,7 @@ impl Upstream {
         }
 
         let (parts, mut incoming) = (*response).into_parts();
-        let mut buffered: VecDeque<Bytes> = VecDeque::new();
+        let mut buffered = body::Chunks::default();
         let mut size: u64 = 0;
         let mut trailers = None;
         loop {
