@@ -510,26 +510,18 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// The line whose name is at `name` and value at `value` in `head`, a
-    /// head of `count` lines. Nothing is kept (nor allocated) until the
-    /// first line.
-    pub fn push(
-        &mut self,
-        head: &Bytes,
-        name: std::ops::Range<usize>,
-        value: std::ops::Range<usize>,
-        count: usize,
-    ) {
-        debug_assert!(
-            self.at.is_empty() || self.head.as_ptr() == head.as_ptr(),
-            "every line of one head"
-        );
-        if self.at.capacity() == 0 {
-            self.head = head.clone();
-            // Made at its size (`reserve` on an empty one grows it slowly).
-            self.at = Vec::with_capacity(count);
+    /// The lines whose names and values are at `at` in `head`, in order.
+    /// A parser keeps them in the list it made of all of the head's lines
+    /// (see [`Kept`]): no list of their own is allocated.
+    pub fn new(head: &Bytes, at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>) -> Self {
+        if at.is_empty() {
+            return Lines::default();
         }
-        self.at.push((name, value));
+        Lines {
+            head: head.clone(),
+            at,
+            date: false,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -590,6 +582,45 @@ pub fn has_connection(
 ) -> bool {
     at.iter()
         .any(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"))
+}
+
+/// A parser's walk over a head's lines (`at`) that keeps some of them, in
+/// order, in the same list: the kept ones end up at its front, where
+/// [`Kept::into_lines`] makes them [`Lines`].
+pub struct Kept {
+    at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    next: usize,
+    kept: usize,
+}
+
+impl Kept {
+    pub fn new(at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>) -> Self {
+        Kept {
+            at,
+            next: 0,
+            kept: 0,
+        }
+    }
+
+    /// The next line's name and value, if any is left.
+    pub fn next_line(&mut self) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let line = self.at.get(self.next)?.clone();
+        self.next += 1;
+        Some(line)
+    }
+
+    /// Keeps the line [`Kept::next_line`] gave last.
+    pub fn keep(&mut self) {
+        debug_assert!(self.next > self.kept, "a line given and not yet kept");
+        self.at.swap(self.kept, self.next - 1);
+        self.kept += 1;
+    }
+
+    /// The kept lines, of `head`.
+    pub fn into_lines(mut self, head: &Bytes) -> Lines {
+        self.at.truncate(self.kept);
+        Lines::new(head, self.at)
+    }
 }
 
 /// Where `part` (a subslice of `base`) starts in `base`, if it is in it.
@@ -706,6 +737,33 @@ pub fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_lines_stay_in_their_order_and_alone() {
+        let head = Bytes::from_static(b"A: 1\r\nB: 2\r\nC: 3\r\nD:\r\nE: 5\r\n");
+        let at = vec![
+            (0..1, 3..4),
+            (6..7, 9..10),
+            (12..13, 15..16),
+            (18..19, 0..0),
+            (22..23, 25..26),
+        ];
+        let mut walk = Kept::new(at);
+        let mut names = Vec::new();
+        while let Some((name, _)) = walk.next_line() {
+            names.push(head[name.clone()].to_vec());
+            if [&b"B"[..], b"D", b"E"].contains(&&head[name]) {
+                walk.keep();
+            }
+        }
+        assert_eq!(names, [b"A", b"B", b"C", b"D", b"E"]);
+        let lines = walk.into_lines(&head);
+        let mut out = Vec::new();
+        lines.write_to(&mut out);
+        assert_eq!(out, b"B: 2\r\nD:\r\nE: 5\r\n");
+        assert_eq!(lines.len(), out.len());
+        assert!(Kept::new(vec![(0..1, 3..4)]).into_lines(&head).is_empty());
+    }
 
     #[test]
     fn header_names_read_as_from_bytes_reads_them() {

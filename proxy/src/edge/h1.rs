@@ -469,8 +469,7 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     let mut wants_upgrade = method == Method::CONNECT;
     // Lines Usher does not read go to the backend as they came.
     let named_by_connection = crate::http1::has_connection(&head, &at);
-    let mut lines = Lines::default();
-    let count = at.len();
+
     // Only the names Usher reads go to the map: `Host` and a few more. What
     // Usher tells an HTTP/1 backend is written beside it (`Identity`).
     let mut headers = if named_by_connection {
@@ -478,11 +477,12 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
     } else {
         HeaderMap::with_capacity(at.len().min(4))
     };
-    for (name_at, value) in at {
+    let mut walk = crate::http1::Kept::new(at);
+    while let Some((name_at, value)) = walk.next_line() {
         let name = crate::http1::header_name(&head[name_at.clone()])
             .map_err(|_| bad("invalid header name"))?;
         if !named_by_connection && !read_by_usher_in_requests(&name) {
-            lines.push(&head, name_at, value, count);
+            walk.keep();
             continue;
         }
         let value = if value.is_empty() {
@@ -541,6 +541,7 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
         // Framed by chunked; the connection is not trusted past this one.
         keep_alive = false;
     }
+    let lines = walk.into_lines(&head);
     let body = match (te, cl) {
         (true, _) => Decode::ChunkSize,
         (false, Some(n)) if n > 0 => Decode::Length(n),

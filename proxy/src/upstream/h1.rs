@@ -426,15 +426,16 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
     let relay_length = no_body || status == StatusCode::NOT_MODIFIED;
     // Lines Usher does not touch go to the client as they came.
     let named_by_connection = crate::http1::has_connection(&head, &at);
-    let mut lines = Lines::default();
-    let count = at.len();
-    // Most lines go to `lines`: the map is made for the rest as they come.
+    let mut date = false;
+    // Most lines are kept as they came: the map is made for the rest as
+    // they come.
     let mut headers = if named_by_connection {
         HeaderMap::with_capacity(at.len())
     } else {
         HeaderMap::new()
     };
-    for (name_at, at) in at {
+    let mut walk = crate::http1::Kept::new(at);
+    while let Some((name_at, at)) = walk.next_line() {
         let name =
             crate::http1::header_name(&head[name_at.clone()]).map_err(|_| "invalid header name")?;
         // httparse has checked the value's bytes; a header value is made
@@ -465,8 +466,8 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
             _ => {}
         }
         if !named_by_connection && !read_or_set_by_usher(&name) {
-            lines.date |= name == header::DATE;
-            lines.push(&head, name_at, at, count);
+            date |= name == header::DATE;
+            walk.keep();
             continue;
         }
         let value = if at.is_empty() {
@@ -526,6 +527,8 @@ fn parse(buf: &mut BytesMut, no_body: bool) -> Result<Parsed, &'static str> {
         response.extensions_mut().insert(r);
     }
     let (parts, ()) = response.into_parts();
+    let mut lines = walk.into_lines(&head);
+    lines.date = date;
     Ok(Parsed::Final(Head {
         parts,
         decode,
@@ -759,9 +762,7 @@ mod tests {
         // A client's lines kept out of the map go after the map's headers,
         // as they came, and before what Usher sets.
         let raw = Bytes::from_static(b"Cookie: a=1\r\nX-E:\r\n");
-        let mut lines = Lines::default();
-        lines.push(&raw, 0..6, 8..11, 2);
-        lines.push(&raw, 13..16, 0..0, 2);
+        let lines = Lines::new(&raw, vec![(0..6, 8..11), (13..16, 0..0)]);
         let (map, relayed) = ("x-multi: 1\r\nx-multi: 2\r\n", "Cookie: a=1\r\nX-E:\r\n");
         for (lines, between) in [(None, ""), (Some(&lines), relayed)] {
             let out = Outgoing::new(
