@@ -154,10 +154,15 @@ pub async fn serve(
                 idle_timer.as_mut().reset(deadline);
             }
             loop {
+                // Readable first: the wake that ends a wait is almost always
+                // the next request, and then the drain and the timer are not
+                // polled at all. A request that is already there when the
+                // drain fires is served, and its answer closes the
+                // connection (`respond`).
                 let ready = tokio::select! {
                     biased;
-                    () = &mut drained => false,
                     r = wire.stream.readable() => r.is_ok(),
+                    () = &mut drained => false,
                     () = &mut idle_timer => {
                         if Instant::now() < deadline {
                             // Set by an earlier wait: the rest of this one.
