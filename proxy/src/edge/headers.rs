@@ -259,12 +259,21 @@ const IDS_PER_CHUNK: usize = 64;
 
 /// [`IDS_PER_CHUNK`] ids of [`ID_LEN`] lowercase hex digits, back to back.
 fn random_ids() -> bytes::Bytes {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Each byte's two digits, looked up at once.
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            t[b] = [HEX[b >> 4], HEX[b & 0xf]];
+            b += 1;
+        }
+        t
+    };
     let mut ids = vec![0u8; ID_LEN * IDS_PER_CHUNK];
     for id in ids.chunks_exact_mut(ID_LEN) {
         for (pair, b) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
-            pair[0] = HEX[usize::from(b >> 4)];
-            pair[1] = HEX[usize::from(b & 0xf)];
+            pair.copy_from_slice(&PAIRS[usize::from(b)]);
         }
     }
     bytes::Bytes::from(ids)
