@@ -213,8 +213,10 @@ impl State {
     /// wildcard, then `*`), then the longest path prefix; the first listed
     /// wins a tie.
     pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
-        let host = match host.rsplit_once(':') {
-            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        // The port off, by bytes (`rsplit_once` takes a char searcher: the
+        // edge routes every request).
+        let host = match host.bytes().rposition(|b| b == b':') {
+            Some(i) if host.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
             _ => host,
         };
         let mut best: Option<(&Route, (u8, usize))> = None;
