@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use tokio::time::Sleep;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::dispatch::backend::{parse_load, Backend};
@@ -33,6 +32,7 @@ use crate::tls::connector::UpstreamConnector;
 use framing::{REFUSED_BUSY, X_USHER_LOAD, X_USHER_REFUSED};
 
 pub mod body;
+mod deadline;
 pub mod detach;
 pub mod framing;
 pub mod h1;
@@ -43,6 +43,7 @@ pub mod stamp;
 pub use crate::error::error_chain;
 use body::UpstreamBody;
 pub use body::{text, ProxyBody};
+use deadline::Deadline;
 use detach::Detached;
 use h1::Outgoing;
 use pool::{Pool, SendError};
@@ -324,7 +325,7 @@ impl Upstream {
         let labels = [self.name.as_str(), backend.key.as_str()];
 
         // One timer for all of the attempt's waits.
-        let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+        let mut timer = Deadline::new(deadline);
         let mut response = match within(&mut timer, &mut pending).await {
             Err(_) => {
                 self.count(&backend, "timeout");
@@ -687,15 +688,12 @@ type Pending = Pin<Box<dyn Future<Output = Result<Box<Response<UpstreamBody>>, T
 /// needs no timer when it is ready at once (a body frame already read), and
 /// the attempt's waits share one timer: a `timeout_at` each would make and
 /// drop one per wait.
-async fn within<F: Future>(timer: &mut Pin<&mut Sleep>, fut: F) -> Result<F::Output, Elapsed> {
+async fn within<F: Future>(timer: &mut Deadline, fut: F) -> Result<F::Output, Elapsed> {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        // As `Timeout` does: the deadline is seen even when `fut` has used
-        // up the task's budget.
-        let timer = std::pin::pin!(tokio::task::unconstrained(timer.as_mut()));
         timer.poll(cx).map(|()| Err(Elapsed))
     })
     .await
