@@ -328,11 +328,13 @@ impl CodeCounters {
 
     /// Counts one answer with `code`: a status (`"200"`) or a word (`"timeout"`).
     pub fn inc(&self, code: &str) {
-        let slot = code
-            .parse::<usize>()
-            .ok()
-            .and_then(|c| c.checked_sub(100))
-            .and_then(|i| self.by_code.get(i));
+        // A status is three digits, 100 to 599: indexed without a parse.
+        let slot = match *code.as_bytes() {
+            [a @ b'1'..=b'5', b @ b'0'..=b'9', c @ b'0'..=b'9'] => self.by_code.get(
+                usize::from(a - b'1') * 100 + usize::from(b - b'0') * 10 + usize::from(c - b'0'),
+            ),
+            _ => None,
+        };
         match slot {
             Some(cell) => cell.get_or_init(|| self.counter(code)).inc(),
             None => self.counter(code).inc(),
@@ -406,6 +408,9 @@ mod tests {
         c.inc("503");
         c.inc("timeout");
         c.inc("99");
+        for edge in ["100", "599", "600", "0200"] {
+            c.inc(edge);
+        }
         let get = |code: &str| {
             m.backend_requests
                 .with_label_values(&["app", "127.0.0.1:1", code])
@@ -414,6 +419,10 @@ mod tests {
         assert_eq!(
             (get("200"), get("503"), get("timeout"), get("99")),
             (2, 1, 1, 1)
+        );
+        assert_eq!(
+            (get("100"), get("599"), get("600"), get("0200")),
+            (1, 1, 1, 1)
         );
     }
 }
