@@ -213,8 +213,8 @@ impl State {
     /// wildcard, then `*`), then the longest path prefix; the first listed
     /// wins a tie.
     pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
-        // The port off, by bytes (`rsplit_once` takes a char searcher: the
-        // edge routes every request).
+        // Strips the port, scanning bytes: `rsplit_once` would run a char
+        // searcher on every request.
         let host = match host.bytes().rposition(|b| b == b':') {
             Some(i) if host.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
             _ => host,

@@ -259,7 +259,7 @@ const IDS_PER_CHUNK: usize = 64;
 
 /// [`IDS_PER_CHUNK`] ids of [`ID_LEN`] lowercase hex digits, back to back.
 fn random_ids() -> bytes::Bytes {
-    // Each byte's two digits, looked up at once.
+    // One lookup per random byte gives both of its digits.
     const PAIRS: [[u8; 2]; 256] = {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut t = [[0; 2]; 256];

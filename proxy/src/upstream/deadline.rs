@@ -2,19 +2,27 @@
 //!
 //! A new `Sleep` per attempt is put into tokio's timer wheel when it is
 //! first polled and taken out when it is dropped: two locked wheel updates
-//! per request (about 500 instructions of the request path's 24 000, more
-//! than any other single step). Most attempts end long before their
-//! deadline, so [`Deadline`] takes a timer that is still in the wheel from
-//! this thread's cache and gives it back when the attempt ends. Such a timer
-//! is set for an earlier deadline than the new one (an earlier attempt's);
-//! when it fires before this one's, it is set again, once, for the rest.
-//! So a cached timer goes through the wheel once per timeout period, not once
-//! per request, and a deadline is never seen early. The price: a cached
-//! timer that fires wakes the task that last polled it, for nothing, once.
+//! per request, the costliest single step of the request path's own work.
+//! Most attempts end long before their deadline, so [`Deadline`] takes a
+//! timer that is still in the wheel from this thread's cache and gives it
+//! back when the attempt ends. A cached timer set for an earlier deadline
+//! (an earlier attempt's, with the same timeout) is kept as it is and set
+//! again only if it fires first; one set for a later deadline (a shorter
+//! timeout) is set at once. So a cached timer usually goes through the wheel
+//! once per timeout period, not once per request, and a deadline is never
+//! seen early.
 //!
-//! A timer belongs to the runtime it was made on: the cache is this
-//! thread's, tagged with its runtime, and emptied when a thread runs another
-//! one (a test's runtime after another's).
+//! The price, bounded by [`CACHED`] timers per thread:
+//! - A cached timer that fires wakes the task that last polled it, for
+//!   nothing, once.
+//! - Until then it holds that task's waker, so a finished task's allocation
+//!   (a few KiB) stays until the timer fires or is polled by its next user.
+//!
+//! A timer belongs to the runtime it was made on, and polling it on another
+//! one panics. The cache is this thread's, tagged with its runtime's id, and
+//! emptied when the thread runs another runtime (a test's after another's).
+//! This relies on tokio not reusing a runtime id, which tokio 1.x does not
+//! (ids come from a process-wide counter); re-check on a tokio upgrade.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -25,8 +33,8 @@ use tokio::runtime::{self, Handle};
 use tokio::time::{Instant, Sleep};
 
 /// Timers kept per thread: beyond this many attempts at once on one thread,
-/// the rest are dropped when they end.
-const CACHED: usize = 256;
+/// the rest are dropped when they end, as a plain `Sleep` would be.
+const CACHED: usize = 64;
 
 /// A thread's idle timers, and the runtime they are on.
 type Cache = Option<(runtime::Id, Vec<Pin<Box<Sleep>>>)>;
@@ -35,37 +43,35 @@ thread_local! {
     static CACHE: RefCell<Cache> = const { RefCell::new(None) };
 }
 
-/// Fires at its deadline, not before, however it was set.
+/// Fires at its deadline, not before, however its timer was set before.
 pub struct Deadline {
     at: Instant,
     /// `None` only once dropped.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// The runtime the timer is on (`None`: none was current, and it is
-    /// never cached).
-    runtime: Option<runtime::Id>,
+    /// The runtime the timer is on.
+    runtime: runtime::Id,
 }
 
 impl Deadline {
-    /// A deadline at `at`. It must be polled within a tokio runtime with
-    /// timers, as a `Sleep` must.
+    /// A deadline at `at`. Like `tokio::time::sleep_until`, it must be made
+    /// within a tokio runtime with timers, and it panics otherwise.
     pub fn new(at: Instant) -> Self {
-        let runtime = Handle::try_current().ok().map(|h| h.id());
-        let cached = runtime.and_then(|id| {
-            CACHE
-                .try_with(|c| {
-                    let mut c = c.borrow_mut();
-                    match &mut *c {
-                        Some((of, timers)) if *of == id => timers.pop(),
-                        // Another runtime's, or none yet.
-                        _ => {
-                            *c = Some((id, Vec::new()));
-                            None
-                        }
-                    }
-                })
-                .ok()
-                .flatten()
-        });
+        let runtime = Handle::current().id();
+        let cached = CACHE
+            .try_with(|c| {
+                let mut c = c.borrow_mut();
+                match &mut *c {
+                    Some((of, timers)) if *of == runtime => (timers.pop(), None),
+                    // Another runtime's, or none yet: its timers are dropped
+                    // once the cache is no longer borrowed.
+                    _ => (None, c.replace((runtime, Vec::new()))),
+                }
+            })
+            .ok()
+            .and_then(|(cached, stale)| {
+                drop(stale);
+                cached
+            });
         let sleep = match cached {
             // Still in the wheel for an earlier instant: kept as it is, and
             // set again if it fires first (`poll`).
@@ -103,12 +109,14 @@ impl Deadline {
 
 impl Drop for Deadline {
     fn drop(&mut self) {
-        let (Some(id), Some(sleep)) = (self.runtime, self.sleep.take()) else {
+        let Some(sleep) = self.sleep.take() else {
             return;
         };
+        // Not cached (another runtime's cache, or a full one): dropped
+        // after the borrow ends, with the closure.
         let _ = CACHE.try_with(|c| {
             if let Some((of, timers)) = &mut *c.borrow_mut() {
-                if *of == id && timers.len() < CACHED {
+                if *of == self.runtime && timers.len() < CACHED {
                     timers.push(sleep);
                 }
             }
@@ -129,10 +137,22 @@ mod tests {
         CACHE.with_borrow(|c| c.as_ref().map_or(0, |(_, t)| t.len()))
     }
 
+    /// As an attempt leaves it: polled once by a task of its own (so in the
+    /// wheel, with that task's waker), then given back when the task ends.
+    async fn leave_one_at(at: Instant) {
+        let polled = tokio::spawn(async move {
+            let mut d = Deadline::new(at);
+            std::future::poll_fn(|cx| Poll::Ready(d.poll(cx))).await
+        })
+        .await
+        .unwrap();
+        assert!(polled.is_pending(), "{at:?} is still ahead");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reused_timer_set_for_earlier_never_fires_early() {
         let start = Instant::now();
-        drop(Deadline::new(start + Duration::from_millis(50)));
+        leave_one_at(start + Duration::from_millis(50)).await;
         assert_eq!(cached(), 1);
         let at = start + Duration::from_secs(2);
         let mut d = Deadline::new(at);
@@ -150,7 +170,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reused_timer_set_for_later_fires_on_time() {
         let start = Instant::now();
-        drop(Deadline::new(start + Duration::from_secs(60)));
+        leave_one_at(start + Duration::from_secs(60)).await;
+        assert_eq!(cached(), 1);
         let at = start + Duration::from_secs(1);
         let mut d = Deadline::new(at);
         wait(&mut d).await;
@@ -163,17 +184,18 @@ mod tests {
         let rt = || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_time()
+                .start_paused(true)
                 .build()
                 .unwrap()
         };
-        rt().block_on(async {
-            drop(Deadline::new(Instant::now() + Duration::from_secs(60)));
-        });
-        // The first runtime is gone: its timer must not be polled here.
+        rt().block_on(leave_one_at(Instant::now() + Duration::from_secs(60)));
+        assert_eq!(cached(), 1);
+        // The first runtime is gone: its timer must not be polled here (it
+        // would panic), and it is dropped, not kept beside this one's.
         rt().block_on(async {
             let mut d = Deadline::new(Instant::now() + Duration::from_millis(5));
-            assert_eq!(cached(), 0);
             wait(&mut d).await;
         });
+        assert_eq!(cached(), 1, "only the second runtime's timer is kept");
     }
 }
