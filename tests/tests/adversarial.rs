@@ -975,6 +975,87 @@ fn slow_header_is_closed_after_client_header_timeout() {
     e.finish();
 }
 
+/// A keep-alive GET on `c`, answered in full.
+fn keep_alive_get(c: &mut RawClient, path: &str) {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: main.test\r\n\r\n").as_bytes())
+        .unwrap();
+    let r = c.expect_response(&format!("GET main.test{path}"));
+    assert_eq!(r.status, 200, "{}", r.head);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_closes_after_client_keepalive_and_a_busy_one_stays() {
+    let keepalive = Duration::from_secs(1);
+    let e = Edge::with(
+        RecordingBackend::echo("main"),
+        "",
+        "timeouts: { client_keepalive: 1s }",
+    );
+    // A request every 300 ms for 3 keep-alive periods: each one moves the
+    // idle deadline, so the connection is never idle for a whole period.
+    let mut busy = e.client();
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < 3 * keepalive {
+        keep_alive_get(&mut busy, &format!("/busy/{n}"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Idle once done, after one request or after many (whose idle timer
+    // was set for earlier waits): closed once the period has passed, not
+    // before.
+    let closes_when_idle = |what: &str, c: &mut RawClient| {
+        keep_alive_get(c, "/last");
+        let idle_since = Instant::now();
+        let after = c.after(Duration::from_secs(5));
+        let took = idle_since.elapsed();
+        assert!(after.is_closed(), "{what}: {after:?} after {took:?}");
+        assert!(
+            took >= keepalive - Duration::from_millis(100) && took <= 3 * keepalive,
+            "{what} closed {took:?} after its last request, client_keepalive is {keepalive:?}"
+        );
+    };
+    closes_when_idle("a busy connection", &mut busy);
+    closes_when_idle("a fresh one", &mut e.client());
+    e.probe();
+    e.finish();
+}
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let mut e = Edge::with(
+        RecordingBackend::echo("main"),
+        "",
+        "timeouts: { client_keepalive: 60s, shutdown_grace: 20s }",
+    );
+    let mut idle: Vec<RawClient> = (0..3).map(|_| e.client()).collect();
+    for (i, c) in idle.iter_mut().enumerate() {
+        keep_alive_get(c, &format!("/before/{i}"));
+    }
+    let started = Instant::now();
+    e.usher.proc.term();
+    // Neither the keep-alive period nor the grace: an idle connection has
+    // nothing left to finish.
+    for c in &mut idle {
+        c.expect_closed(
+            "an idle keep-alive connection after SIGTERM",
+            Duration::from_secs(5),
+        );
+    }
+    let exit = e.usher.proc.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "usher did not exit 0 after SIGTERM ({exit:?} after {took:?}):\n{}",
+        e.usher.proc.output()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} of a 20 s grace"
+    );
+    e.finish();
+}
+
 #[test]
 fn slow_body_is_408_after_client_request_deadline() {
     let e = Edge::with(

@@ -106,6 +106,14 @@ fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Wire>> {
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What ended an idle wait between requests.
+enum Idle {
+    /// The socket is readable (`false`: its readiness failed).
+    Readable(bool),
+    Drained,
+    Timer,
+}
+
 /// Serves one plain HTTP/1 connection until it closes or `drain` fires.
 ///
 /// This future is what an idle connection costs, so it holds only the wire
@@ -135,6 +143,12 @@ pub async fn serve(
     // wait must end sooner than it is set for), not once per request: a
     // busy connection never inserts it into tokio's wheel or takes it out.
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle_for));
+    // The waker the drain wait and the idle timer were last polled with.
+    // While a wait's poll comes with that waker (this task's, so always but
+    // the first time), they keep it and are only checked (`is_cancelled`,
+    // `is_elapsed`), not polled again: a poll of each cost more than the
+    // rest of the wait.
+    let mut armed: Option<Waker> = None;
     loop {
         // Empty lines between requests are allowed (RFC 9112 §2.2).
         while let Some(n) = [&b"\r\n"[..], b"\n"]
@@ -152,28 +166,51 @@ pub async fn serve(
             let deadline = Instant::now() + idle_for;
             if idle_timer.is_elapsed() || idle_timer.deadline() > deadline {
                 idle_timer.as_mut().reset(deadline);
+                // A timer that fired gave its waker away.
+                armed = None;
             }
             loop {
-                // Readable first: the wake that ends a wait is almost always
-                // the next request, and then the drain and the timer are not
-                // polled at all. A request that is already there when the
-                // drain fires is served, and its answer closes the
+                // The socket first: the wake that ends a wait is almost
+                // always the next request. A request that is already there
+                // when the drain fires is served, and its answer closes the
                 // connection (`respond`).
-                let ready = tokio::select! {
-                    biased;
-                    r = wire.stream.readable() => r.is_ok(),
-                    () = &mut drained => false,
-                    () = &mut idle_timer => {
-                        if Instant::now() < deadline {
-                            // Set by an earlier wait: the rest of this one.
-                            idle_timer.as_mut().reset(deadline);
-                            continue;
-                        }
-                        false
+                let woke = poll_fn(|cx| {
+                    if let Poll::Ready(r) = wire.stream.poll_read_ready(cx) {
+                        return Poll::Ready(Idle::Readable(r.is_ok()));
                     }
-                };
-                if !ready {
-                    return;
+                    if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        if drain.is_cancelled() {
+                            return Poll::Ready(Idle::Drained);
+                        }
+                        if idle_timer.is_elapsed() {
+                            return Poll::Ready(Idle::Timer);
+                        }
+                        return Poll::Pending;
+                    }
+                    // Unconstrained: a poll out of the task's budget would
+                    // return without keeping the waker.
+                    let drain_wait = tokio::task::unconstrained(drained.as_mut());
+                    if std::pin::pin!(drain_wait).poll(cx).is_ready() {
+                        return Poll::Ready(Idle::Drained);
+                    }
+                    let timer = tokio::task::unconstrained(idle_timer.as_mut());
+                    if std::pin::pin!(timer).poll(cx).is_ready() {
+                        return Poll::Ready(Idle::Timer);
+                    }
+                    armed = Some(cx.waker().clone());
+                    Poll::Pending
+                })
+                .await;
+                match woke {
+                    Idle::Readable(true) => {}
+                    Idle::Readable(false) | Idle::Drained => return,
+                    Idle::Timer if Instant::now() < deadline => {
+                        // Set by an earlier wait: the rest of this one.
+                        idle_timer.as_mut().reset(deadline);
+                        armed = None;
+                        continue;
+                    }
+                    Idle::Timer => return,
                 }
                 // Polled once, not `try_read_buf`: a poll clears the
                 // readiness after a short read, so the next idle wait does
