@@ -108,9 +108,11 @@ fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Wire>> {
 
 /// What ended an idle wait between requests.
 enum Idle {
-    /// The socket is readable (`false`: its readiness failed).
-    Readable(bool),
-    Drained,
+    /// The first bytes of the next request are in the buffer.
+    Read,
+    /// The client closed, its socket failed, or the drain fired.
+    Closed,
+    /// The idle timer fired (maybe set for an earlier wait).
     Timer,
 }
 
@@ -175,12 +177,26 @@ pub async fn serve(
                 // when the drain fires is served, and its answer closes the
                 // connection (`respond`).
                 let woke = poll_fn(|cx| {
-                    if let Poll::Ready(r) = wire.stream.poll_read_ready(cx) {
-                        return Poll::Ready(Idle::Readable(r.is_ok()));
+                    // A read, not a readiness check then a read: its poll
+                    // keeps the waker when nothing is there, and clears the
+                    // readiness after a short read, so the next idle wait
+                    // does not wake for nothing. It lands on the stack and
+                    // the buffer is made to its size: a short head costs a
+                    // small allocation (mimalloc's fast path), not a 4 KiB
+                    // one.
+                    let mut room = [MaybeUninit::uninit(); FIRST_READ];
+                    let mut into = ReadBuf::uninit(&mut room);
+                    match Pin::new(&mut wire.stream).poll_read(cx, &mut into) {
+                        Poll::Ready(Ok(())) if !into.filled().is_empty() => {
+                            wire.buf = BytesMut::from(into.filled());
+                            return Poll::Ready(Idle::Read);
+                        }
+                        Poll::Ready(_) => return Poll::Ready(Idle::Closed),
+                        Poll::Pending => {}
                     }
                     if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         if drain.is_cancelled() {
-                            return Poll::Ready(Idle::Drained);
+                            return Poll::Ready(Idle::Closed);
                         }
                         if idle_timer.is_elapsed() {
                             return Poll::Ready(Idle::Timer);
@@ -191,7 +207,7 @@ pub async fn serve(
                     // return without keeping the waker.
                     let drain_wait = tokio::task::unconstrained(drained.as_mut());
                     if std::pin::pin!(drain_wait).poll(cx).is_ready() {
-                        return Poll::Ready(Idle::Drained);
+                        return Poll::Ready(Idle::Closed);
                     }
                     let timer = tokio::task::unconstrained(idle_timer.as_mut());
                     if std::pin::pin!(timer).poll(cx).is_ready() {
@@ -202,35 +218,14 @@ pub async fn serve(
                 })
                 .await;
                 match woke {
-                    Idle::Readable(true) => {}
-                    Idle::Readable(false) | Idle::Drained => return,
+                    Idle::Read => break,
+                    Idle::Closed => return,
                     Idle::Timer if Instant::now() < deadline => {
                         // Set by an earlier wait: the rest of this one.
                         idle_timer.as_mut().reset(deadline);
                         armed = None;
-                        continue;
                     }
                     Idle::Timer => return,
-                }
-                // Polled once, not `try_read_buf`: a poll clears the
-                // readiness after a short read, so the next idle wait does
-                // not wake for nothing. The read lands on the stack and the
-                // buffer is made to its size: a short head costs a small
-                // allocation (mimalloc's fast path), not a 4 KiB one.
-                let read = poll_fn(|cx| {
-                    let mut room = [MaybeUninit::uninit(); FIRST_READ];
-                    let mut into = ReadBuf::uninit(&mut room);
-                    let polled = Pin::new(&mut wire.stream).poll_read(cx, &mut into);
-                    if let Poll::Ready(Ok(())) = polled {
-                        wire.buf = BytesMut::from(into.filled());
-                    }
-                    Poll::Ready(polled.map_ok(|()| into.filled().len()))
-                })
-                .await;
-                match read {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return,
-                    Poll::Ready(Ok(_)) => break,
-                    Poll::Pending => {}
                 }
             }
         }
