@@ -38,6 +38,7 @@ pub(crate) mod health;
 pub(crate) mod http1;
 pub(crate) mod observe;
 pub(crate) mod syntax;
+pub(crate) mod timer;
 pub(crate) mod tls;
 pub(crate) mod upstream;
 

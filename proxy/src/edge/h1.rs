@@ -140,10 +140,9 @@ pub async fn serve(
     // One wait for the drain for the connection's life: registered once,
     // not once per request.
     let mut drained = std::pin::pin!(drain.clone().cancelled_owned());
-    // One timer for the idle waits, also for the connection's life. It is
-    // re-armed only when it fires before the wait's deadline (or when a
-    // wait must end sooner than it is set for), not once per request: a
-    // busy connection never inserts it into tokio's wheel or takes it out.
+    // One timer for the idle waits, also for the connection's life, kept in
+    // tokio's wheel across them (`timer::set_by`, `timer::fired_by`): a busy
+    // connection never inserts it or takes it out.
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle_for));
     // The waker the drain wait and the idle timer were last polled with.
     // While a wait's poll comes with that waker (this task's, so always but
@@ -166,9 +165,7 @@ pub async fn serve(
             // goes on (with the buffer given back again).
             wire.buf = BytesMut::new();
             let deadline = Instant::now() + idle_for;
-            if idle_timer.is_elapsed() || idle_timer.deadline() > deadline {
-                idle_timer.as_mut().reset(deadline);
-                // A timer that fired gave its waker away.
+            if crate::timer::set_by(idle_timer.as_mut(), deadline) {
                 armed = None;
             }
             loop {
@@ -220,12 +217,13 @@ pub async fn serve(
                 match woke {
                     Idle::Read => break,
                     Idle::Closed => return,
-                    Idle::Timer if Instant::now() < deadline => {
-                        // Set by an earlier wait: the rest of this one.
-                        idle_timer.as_mut().reset(deadline);
+                    Idle::Timer => {
+                        if crate::timer::fired_by(idle_timer.as_mut(), deadline) {
+                            return;
+                        }
+                        // Set by an earlier wait: now for the rest of this one.
                         armed = None;
                     }
-                    Idle::Timer => return,
                 }
             }
         }

@@ -1,18 +1,23 @@
-//! An attempt's response deadline, on a timer that is reused.
+//! Timers kept in tokio's wheel across waits, for the request path.
 //!
-//! A new `Sleep` per attempt is put into tokio's timer wheel when it is
-//! first polled and taken out when it is dropped: two locked wheel updates
-//! per request, the costliest single step of the request path's own work.
-//! Most attempts end long before their deadline, so [`Deadline`] takes a
-//! timer that is still in the wheel from this thread's cache and gives it
-//! back when the attempt ends. A cached timer set for an earlier deadline
-//! (an earlier attempt's, with the same timeout) is kept as it is and set
-//! again only if it fires first; one set for a later deadline (a shorter
-//! timeout) is set at once. So a cached timer usually goes through the wheel
-//! once per timeout period, not once per request, and a deadline is never
-//! seen early.
+//! A `Sleep` goes into tokio's timer wheel when it is first polled and out
+//! of it when it is reset to an earlier instant, fires, or is dropped: a
+//! locked wheel update each, the costliest single steps of the request
+//! path's own work. Most waits end long before their deadline, so a timer
+//! is kept across waits: one set for an earlier instant than a new wait's
+//! and still in the wheel is kept as it is ([`set_by`]), and set again only
+//! if it fires first ([`fired_by`]). So it usually goes through the wheel
+//! once per timeout period, not once per wait, and a deadline is never seen
+//! early. (tokio's own `reset` to a later instant also leaves the wheel
+//! alone, but turning the instant into a wheel tick costs about 115
+//! instructions per request; the comparison here, about 10.)
 //!
-//! The price, bounded by [`CACHED`] timers per thread:
+//! Two users: the edge's idle wait keeps one timer per connection
+//! (`edge::h1::serve`), and each upstream attempt's response deadline
+//! ([`Deadline`]) takes one from this thread's cache and gives it back when
+//! the attempt ends.
+//!
+//! The cache's price, bounded by [`CACHED`] timers per thread:
 //! - A cached timer that fires wakes the task that last polled it, for
 //!   nothing, once.
 //! - Until then it holds that task's waker, so a finished task's allocation
@@ -31,6 +36,27 @@ use std::task::{Context, Poll};
 
 use tokio::runtime::{self, Handle};
 use tokio::time::{Instant, Sleep};
+
+/// Sets `sleep` to fire by `at`: one still in the wheel for an earlier
+/// instant is kept as it is, waker and all ([`fired_by`] sets it again if it
+/// fires first). True when it was set now: it keeps no waker until polled.
+pub fn set_by(sleep: Pin<&mut Sleep>, at: Instant) -> bool {
+    if !sleep.is_elapsed() && sleep.deadline() <= at {
+        return false;
+    }
+    sleep.reset(at);
+    true
+}
+
+/// After `sleep` fired: true if `at` has come; false if it was set for an
+/// earlier instant, and it is now set for `at` (to be polled again).
+pub fn fired_by(sleep: Pin<&mut Sleep>, at: Instant) -> bool {
+    if sleep.deadline() >= at {
+        return true;
+    }
+    sleep.reset(at);
+    false
+}
 
 /// Timers kept per thread: beyond this many attempts at once on one thread,
 /// the rest are dropped when they end, as a plain `Sleep` would be.
@@ -73,11 +99,8 @@ impl Deadline {
                 cached
             });
         let sleep = match cached {
-            // Still in the wheel for an earlier instant: kept as it is, and
-            // set again if it fires first (`poll`).
-            Some(s) if !s.is_elapsed() && s.deadline() <= at => s,
             Some(mut s) => {
-                s.as_mut().reset(at);
+                set_by(s.as_mut(), at);
                 s
             }
             None => Box::pin(tokio::time::sleep_until(at)),
@@ -98,11 +121,9 @@ impl Deadline {
         loop {
             let fired = std::pin::pin!(tokio::task::unconstrained(sleep.as_mut()));
             std::task::ready!(fired.poll(cx));
-            if sleep.deadline() >= self.at {
+            if fired_by(sleep.as_mut(), self.at) {
                 return Poll::Ready(());
             }
-            // An earlier attempt's deadline: the rest of this one's.
-            sleep.as_mut().reset(self.at);
         }
     }
 }
