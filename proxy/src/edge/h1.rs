@@ -248,7 +248,7 @@ async fn exchange(
     header_timeout: Duration,
     drain: &CancellationToken,
 ) -> Option<Wire> {
-    let head = match read_head(&mut wire, header_timeout).await {
+    let head = match read_head(&mut wire, slot, header_timeout).await {
         Ok(Some(h)) => h,
         // Closed, failed or too slow before a whole head: nothing to answer.
         Ok(None) => return None,
@@ -287,31 +287,18 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
         mut request,
         keep_alive,
         body,
-        expect_continue,
         wants_upgrade,
-        lines,
     } = head;
     let method = request.method().clone();
     let version = request.version();
-    let has_body = body != Decode::Done;
     let upgrade = wants_upgrade.then(|| {
         let (tx, rx) = oneshot::channel();
         request.extensions_mut().insert(ClientUpgrade::new(rx));
         tx
     });
-    wire.body_done = !has_body;
+    wire.body_done = body == Decode::Done;
     wire.pipelined = false;
     *lock(slot) = Some(wire);
-    let request = Box::new(request.map(|()| H1Body {
-        slot: slot.clone(),
-        decoder: Decoder::new(body, Trailers::Refuse),
-        continue_left: if expect_continue && has_body && version == Version::HTTP_11 {
-            CONTINUE.len()
-        } else {
-            0
-        },
-        lines,
-    }));
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
     let response = tokio::select! {
         biased;
@@ -414,23 +401,28 @@ fn bad(reason: &'static str) -> Error {
 
 /// A parsed request head.
 struct Parsed {
-    request: Request<()>,
+    /// Boxed as the handler takes it, and built with its body in `parse`:
+    /// the head then moves from future to future as a pointer, where a
+    /// `Request` moved through `read_head` and `answer` was copied at each
+    /// step.
+    request: Box<Request<H1Body>>,
     keep_alive: bool,
     body: Decode,
-    expect_continue: bool,
     wants_upgrade: bool,
-    /// The lines relayed as they came, not put in `request`'s map.
-    lines: Option<Box<Lines>>,
 }
 
 /// Reads until a whole head is in `wire.buf`, and parses it. `Ok(None)`:
 /// the client closed, failed, or did not finish the head within `timeout`
 /// (counted from the first wait: a head already read whole needs no clock).
-async fn read_head(wire: &mut Wire, timeout: Duration) -> Result<Option<Parsed>, Error> {
+async fn read_head(
+    wire: &mut Wire,
+    slot: &Slot,
+    timeout: Duration,
+) -> Result<Option<Parsed>, Error> {
     let mut deadline = None;
     loop {
         if !wire.buf.is_empty() {
-            if let Some(p) = parse(&mut wire.buf)? {
+            if let Some(p) = parse(&mut wire.buf, slot)? {
                 return Ok(Some(p));
             }
             if wire.buf.len() > crate::edge::listener::MAX_HEAD {
@@ -448,7 +440,7 @@ async fn read_head(wire: &mut Wire, timeout: Duration) -> Result<Option<Parsed>,
 
 /// Parses a request head at the start of `buf` and, when it is whole, takes
 /// it off `buf`. `Ok(None)`: not whole yet.
-fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
+fn parse(buf: &mut BytesMut, slot: &Slot) -> Result<Option<Parsed>, Error> {
     // Uninitialised: filling 100 empty headers per request cost more than
     // parsing a short head.
     let mut slots = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
@@ -582,7 +574,19 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
         (false, Some(n)) if n > 0 => Decode::Length(n),
         _ => Decode::Done,
     };
-    let mut request = Request::new(());
+    let has_body = body != Decode::Done;
+    let mut request = Box::new(Request::new(H1Body {
+        slot: slot.clone(),
+        decoder: Decoder::new(body, Trailers::Refuse),
+        continue_left: if expect_continue && has_body && http11 {
+            CONTINUE.len()
+        } else {
+            0
+        },
+        // Boxed, and only when there are any: a request often has none
+        // (`Host` goes to the map).
+        lines: (!lines.is_empty()).then(|| Box::new(lines)),
+    }));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -591,11 +595,7 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, Error> {
         request,
         keep_alive,
         body,
-        expect_continue,
         wants_upgrade,
-        // Boxed, and only when there are any: the head moves from future
-        // to future, and a request often has none (`Host` goes to the map).
-        lines: (!lines.is_empty()).then(|| Box::new(lines)),
     }))
 }
 
@@ -945,18 +945,20 @@ mod tests {
     use super::*;
 
     fn parse_str(s: &str) -> Result<Option<Parsed>, Error> {
-        parse(&mut BytesMut::from(s.as_bytes()))
+        parse(&mut BytesMut::from(s.as_bytes()), &Slot::default())
     }
 
     #[test]
     fn a_head_is_parsed_and_taken_off_the_buffer() {
         let mut b = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-E:\r\n\r\nNEXT"[..]);
-        let p = parse(&mut b).unwrap().unwrap();
+        let p = parse(&mut b, &Slot::default()).unwrap().unwrap();
         assert_eq!(p.request.uri(), "/a?b");
         assert_eq!(p.request.headers()["host"], "x");
         // A line Usher does not read is kept as it came, out of the map.
         let mut lines = Vec::new();
-        p.lines
+        p.request
+            .body()
+            .lines
             .as_ref()
             .expect("a relayed line")
             .write_to(&mut lines);
