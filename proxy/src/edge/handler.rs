@@ -81,11 +81,12 @@ pub async fn handle<B: RequestBody>(
         headers::new_request_id()
     };
 
-    let (host, bad_host) = match headers::request_host(req.version(), req.uri(), req.headers()) {
-        Ok(h) => (h, None),
-        Err(reason) => (None, Some(reason)),
-    };
-    let host_str = host.as_ref().and_then(|v| v.to_str().ok());
+    let (host, host_str, bad_host) =
+        match headers::request_host(req.version(), req.uri(), req.headers()) {
+            Ok(Some((value, text))) => (Some(value), Some(text), None),
+            Ok(None) => (None, None, None),
+            Err(reason) => (None, None, Some(reason)),
+        };
     let route = match bad_host {
         Some(_) => None,
         None => state.route(host_str.unwrap_or(""), req.uri().path()),

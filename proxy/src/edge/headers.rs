@@ -169,17 +169,18 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), &'static str> {
 /// Anything else is a 400: a proxy that routes on one `Host` while the
 /// backend reads another is a cache-poisoning and ACL-bypass vector.
 ///
-/// The authority comes as a header value: the `Host` header's own when it is
-/// that one (shared, not copied).
-pub fn request_host(
+/// The authority comes as a header value, the `Host` header's own when it
+/// is that one (shared, not copied), and as the text it was checked as (for
+/// routing: a value's text would be checked again).
+pub fn request_host<'a>(
     version: Version,
-    uri: &Uri,
-    h: &HeaderMap,
-) -> Result<Option<HeaderValue>, &'static str> {
+    uri: &'a Uri,
+    h: &'a HeaderMap,
+) -> Result<Option<(HeaderValue, &'a str)>, &'static str> {
     let (authority, host) = authority_and_host(version, uri, h)?;
     Ok(authority.and_then(|a| match host {
-        Some(v) if v.as_bytes() == a.as_bytes() => Some(v.clone()),
-        _ => HeaderValue::from_str(a).ok(),
+        Some(v) if v.as_bytes() == a.as_bytes() => Some((v.clone(), a)),
+        _ => HeaderValue::from_str(a).ok().map(|v| (v, a)),
     }))
 }
 
@@ -392,7 +393,7 @@ impl Identity {
         };
         Identity {
             forwarded_for,
-            proto: HeaderValue::from_static(proto),
+            proto: proto_value(proto),
             host: host.cloned(),
             request_id: request_id.clone(),
         }
@@ -448,6 +449,19 @@ impl Identity {
                 h.insert(header::HOST, v.clone());
             }
         }
+    }
+}
+
+/// The `X-Forwarded-Proto` value of a scheme, made at compile time for the
+/// two an edge serves: `from_static` at run time checks its bytes again on
+/// every request.
+fn proto_value(proto: &'static str) -> HeaderValue {
+    const HTTP: HeaderValue = HeaderValue::from_static("http");
+    const HTTPS: HeaderValue = HeaderValue::from_static("https");
+    match proto {
+        "http" => HTTP,
+        "https" => HTTPS,
+        other => HeaderValue::from_static(other),
     }
 }
 
@@ -599,12 +613,12 @@ mod tests {
         assert!(request_authority(h2, &origin, &h(&[])).is_err());
         // As a value: the Host header's own, else the target's authority.
         let one = h(&["main.test"]);
-        let host = request_host(v11, &origin, &one).unwrap().unwrap();
+        let (host, text) = request_host(v11, &origin, &one).unwrap().unwrap();
         assert_eq!(host.as_bytes().as_ptr(), one["host"].as_bytes().as_ptr());
-        assert_eq!(
-            request_host(v11, &absolute, &one).unwrap().unwrap(),
-            "alt.test"
-        );
+        assert_eq!(text, "main.test");
+        let (host, text) = request_host(v11, &absolute, &one).unwrap().unwrap();
+        assert_eq!(host, "alt.test");
+        assert_eq!(text, "alt.test");
         assert_eq!(request_host(Version::HTTP_10, &origin, &h(&[])), Ok(None));
         assert!(request_host(v11, &origin, &h(&["a", "b"])).is_err());
     }
