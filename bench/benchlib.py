@@ -3,7 +3,7 @@
 
     benchlib.py free-port [N]              N free loopback TCP ports, one a line
     benchlib.py wait-http URL SECONDS      exit 0 once URL answers 200, 1 on timeout
-    benchlib.py cpu-ticks PID              utime+stime (clock ticks) of PID, all its
+    benchlib.py cpu-ticks PID              "UTIME STIME" (clock ticks) of PID, all its
                                            threads, and all its descendant processes
     benchlib.py capacity THREADS MIX       THREADS / mean service time, for a mix like
                                            "90:/sleep?ms=10,10:/sleep?ms=200"
@@ -62,7 +62,7 @@ def wait_http(url, seconds):
 
 
 def _stat(pid):
-    """(ppid, utime+stime) of one process, or None if it is gone."""
+    """(ppid, (utime, stime)) of one process, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read().decode(errors="replace")
@@ -71,11 +71,12 @@ def _stat(pid):
     # The command name is in parentheses and may contain spaces: split after it.
     rest = data[data.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return int(rest[1]), int(rest[11]) + int(rest[12])
+    return int(rest[1]), (int(rest[11]), int(rest[12]))
 
 
 def cpu_ticks(root):
-    """Ticks of root and its descendants (each /proc/PID/stat covers all threads)."""
+    """(user, system) ticks of root and its descendants (each /proc/PID/stat covers
+    all threads)."""
     procs = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -85,13 +86,14 @@ def cpu_ticks(root):
     children = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [root]
+    user, system, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         if pid in procs:
-            total += procs[pid][1]
+            user += procs[pid][1][0]
+            system += procs[pid][1][1]
         todo.extend(children.get(pid, []))
-    return total
+    return user, system
 
 
 def capacity(threads, mix):
@@ -195,7 +197,7 @@ def meta(pairs):
 def overhead_table(path):
     rows = _rows(path)
     head = (f"{'target':<22} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>7} "
-            f"{'errors':>7} {'proxy us/req':>13} {'backend us/req':>15}")
+            f"{'errors':>7} {'proxy us/req':>13} {'user':>6} {'sys':>6} {'backend us/req':>15}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -205,6 +207,8 @@ def overhead_table(path):
         print(f"{r['target']:<22} {_fmt(r.get('rps'), '10.0f')} {_fmt(r.get('p50_ms'), '8.2f')} "
               f"{_fmt(r.get('p99_ms'), '8.2f')} {r.get('non_2xx', 0):>7} {r.get('errors', 0):>7} "
               f"{_fmt(r.get('proxy_us_per_req'), '13.1f')} "
+              f"{_fmt(r.get('proxy_user_us_per_req'), '6.1f')} "
+              f"{_fmt(r.get('proxy_sys_us_per_req'), '6.1f')} "
               f"{_fmt(r.get('backend_us_per_req'), '15.1f')}")
 
 
@@ -495,7 +499,7 @@ def main(argv):
     elif cmd == "wait-http":
         sys.exit(0 if wait_http(args[0], float(args[1])) else 1)
     elif cmd == "cpu-ticks":
-        print(cpu_ticks(int(args[0])))
+        print(*cpu_ticks(int(args[0])))
     elif cmd == "capacity":
         cap, mean_s = capacity(int(args[0]), args[1])
         print(f"{cap:.1f} {mean_s * 1000:.1f}")

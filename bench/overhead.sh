@@ -86,8 +86,14 @@ import json, sys
 name, res, p0, p1, b0, b1, tck = sys.argv[1:]
 r = json.loads(res)
 n = r.get("requests") or 0
-per = lambda a, b: (int(b) - int(a)) * 1e6 / int(tck) / n if n and a != "" else None
-r.update(target=name, proxy_us_per_req=per(p0, p1), backend_us_per_req=per(b0, b1))
+# Each tick reading is "UTIME STIME"; the per-request figures are in microseconds.
+def per(a, b, part=None):
+    if not n or a == "":
+        return None
+    d = [int(y) - int(x) for x, y in zip(a.split(), b.split())]
+    return (sum(d) if part is None else d[part]) * 1e6 / int(tck) / n
+r.update(target=name, proxy_us_per_req=per(p0, p1), proxy_user_us_per_req=per(p0, p1, 0),
+         proxy_sys_us_per_req=per(p0, p1, 1), backend_us_per_req=per(b0, b1))
 print(json.dumps(r))
 EOF
   log "$name: $(tail -1 "$RESULTS")"
@@ -125,6 +131,6 @@ echo
 echo "overhead: $LOADGEN ${RATE:+--rate $RATE }-c$CONNS ${SECS}s, GET $PATH_Q on one $BACKEND_KIND --threads $THREADS;"
 echo "proxies pinned to cpu $PROXY_CPU (taskset; Usher's tokio runtime too), load generator to cpu $LOAD_CPU"
 $PY overhead-table "$RESULTS"
-echo "us/req = (utime+stime of the process tree, all threads) / requests; CLK_TCK=$CLK_TCK"
+echo "us/req = (utime+stime of the process tree, all threads) / requests, and its user and sys parts; CLK_TCK=$CLK_TCK"
 write_results_out overhead "loadgen=$LOADGEN" "rate=${RATE:-closed}" "conns=$CONNS" "secs=$SECS" \
   "path=$PATH_Q" "backend=$BACKEND_KIND" "backend_threads=$THREADS" "rows=$ROWS"
