@@ -229,17 +229,19 @@ impl Slot {
     /// `estimate.rs`) under the same lock. Returns the mark to learn its time
     /// on a thread from ([`Backend::learn`]): `sent`, or for a prefetched
     /// extra when a thread freed for it; none for an extra that came back
-    /// before any did.
+    /// before any did. `at` is the clock's reading at the end, which the
+    /// caller has made already to measure `secs`.
     pub fn finish(
         mut self,
         class: impl Into<Class>,
         secs: f64,
         sent: LoadMark,
+        at: tokio::time::Instant,
     ) -> Option<LoadMark> {
         self.armed = false;
         match self
             .dispatcher
-            .release_as(&self.backend, self.id, Some((class.into(), secs)))
+            .release_as(&self.backend, self.id, Some((class.into(), secs)), at)
         {
             Ran::OnThread => Some(sent),
             Ran::Promoted(at) => Some(at.later(sent)),
@@ -343,9 +345,10 @@ impl Dispatcher {
         let class = class.into();
         let (rx, id, timeout, start) = {
             let mut inner = self.inner.lock().unwrap();
-            // The wait is counted from here: one clock reading for the step.
-            let now = Instant::now();
+            // The wait is counted from here: one clock reading for the step,
+            // tokio's (which is std's outside paused tests).
             let tnow = tokio::time::Instant::now();
+            let now = tnow.into_std();
             if !inner.backends.iter().any(|b| b.health.is_available(now)) {
                 return Err(Rejected::NoBackend);
             }
@@ -411,7 +414,7 @@ impl Dispatcher {
                 self.serve_queue_at(&mut inner, now, tnow);
             }
             self.metrics.depth.set(inner.queue.len() as i64);
-            (rx, id, inner.timeout, now)
+            (rx, id, inner.timeout, tnow)
         };
         let guard = Enqueued {
             dispatcher: self,
@@ -555,16 +558,18 @@ impl Dispatcher {
     }
 
     fn release(self: &Arc<Self>, backend: &Arc<Backend>, id: u64) {
-        self.release_as(backend, id, None);
+        self.release_as(backend, id, None, tokio::time::Instant::now());
     }
 
     /// Releases a slot on `backend`, learning the service time of the
-    /// request's class if it is given: one lock per release.
+    /// request's class if it is given: one lock per release. `tnow` is the
+    /// clock's reading at the release.
     fn release_as(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         id: u64,
         took: Option<(Class, f64)>,
+        tnow: tokio::time::Instant,
     ) -> Ran {
         let mut inner = self.inner.lock().unwrap();
         if let Some((class, secs)) = took {
@@ -572,7 +577,7 @@ impl Dispatcher {
                 inner.estimates.observe(class, secs);
             }
         }
-        let (now, tnow) = (Instant::now(), tokio::time::Instant::now());
+        let now = tnow.into_std();
         backend.dec_at(now);
         let ran = Self::finished(&mut inner, backend, id, tnow);
         self.serve_queue_at(&mut inner, now, tnow);
@@ -1348,15 +1353,26 @@ mod tests {
             }
             std::hint::spin_loop();
         };
-        assert_eq!(a.slot.finish("/short", 0.008, sent_a).unwrap(), sent_a);
-        let from = extra.slot.finish("/short", 0.012, sent_extra).unwrap();
+        assert_eq!(
+            a.slot
+                .finish("/short", 0.008, sent_a, tokio::time::Instant::now())
+                .unwrap(),
+            sent_a
+        );
+        let from = extra
+            .slot
+            .finish("/short", 0.012, sent_extra, tokio::time::Instant::now())
+            .unwrap();
         assert!(from.at_us() >= freed.at_us(), "{from:?} before {freed:?}");
         // Back before any thread freed (refused): nothing to learn from.
         let _c = d.acquire_as(&[], false, "/short").await.unwrap();
         let refused = d.acquire_as(&[], false, "/short").await.unwrap();
         assert_eq!(backend.in_flight(), 3);
         let sent = backend.load_mark();
-        assert!(refused.slot.finish("/short", 0.001, sent).is_none());
+        assert!(refused
+            .slot
+            .finish("/short", 0.001, sent, tokio::time::Instant::now())
+            .is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -163,7 +163,18 @@ pub async fn handle<B: RequestBody>(
                 ))
                 .await
             } else {
-                match read_request(req, present, &state, &ctx, host.as_ref(), &request_id).await {
+                let stamp = upstream.cfg.request_start_header;
+                match read_request(
+                    req,
+                    present,
+                    &state,
+                    &ctx,
+                    host.as_ref(),
+                    &request_id,
+                    stamp,
+                )
+                .await
+                {
                     Err(error) => Err(Failed {
                         error,
                         backend: None,
@@ -279,6 +290,7 @@ async fn read_request<B: RequestBody>(
     ctx: &ConnCtx,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
+    stamp: bool,
 ) -> Result<Arc<Outbound>, Error> {
     // What `present` says the head lacks is not looked up.
     let framed = present.content_length || present.transfer_encoding;
@@ -347,7 +359,8 @@ async fn read_request<B: RequestBody>(
         }
     }
 
-    let read_at = std::time::SystemTime::now();
+    // The wall clock is read only for an upstream that is told it.
+    let read_at = stamp.then(std::time::SystemTime::now);
     let h = &mut head.headers;
     headers::strip_hop_by_hop(h);
     if present.content_length {

@@ -154,8 +154,9 @@ pub struct Outbound {
     /// What Usher tells the backend beside the head.
     pub identity: Identity,
     pub body: Bytes,
-    /// When Usher finished reading the request (`X-Request-Start`).
-    pub read_at: std::time::SystemTime,
+    /// When Usher finished reading the request, for an upstream with
+    /// `request_start_header` (`X-Request-Start`).
+    pub read_at: Option<std::time::SystemTime>,
 }
 
 /// A buffered request: a slot from the dispatcher, then [`Upstream::send`].
@@ -309,10 +310,8 @@ impl Upstream {
         let backend = slot.backend().clone();
         let started = Instant::now();
         let sent = backend.load_mark_at(started);
-        let stamp = self
-            .cfg
-            .request_start_header
-            .then(|| stamp::Stamp::new(req.read_at, queued));
+        // Read only if `request_start_header` is on (`edge::handler`).
+        let stamp = req.read_at.map(|at| stamp::Stamp::new(at, queued));
         let mut pending = match self.transmit(&req, &backend, stamp) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
@@ -504,11 +503,14 @@ impl Upstream {
         }
         // The body's end has put the connection back in the pool already,
         // so a waiter the slot goes to finds it idle.
-        let took = started.elapsed().as_secs_f64();
+        let done = Instant::now();
+        let took = done.saturating_duration_since(started).as_secs_f64();
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        if let Some(mark) = slot.finish(class_key, took, sent) {
+        // The same reading as `done` (see `deadline` above).
+        let at = tokio::time::Instant::from_std(done);
+        if let Some(mark) = slot.finish(class_key, took, sent, at) {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
                 self.dispatcher.kick();
             }
