@@ -271,6 +271,8 @@ impl std::fmt::Debug for Slot {
 pub struct Admitted {
     pub slot: Slot,
     pub waited: Duration,
+    /// When the wait began (tokio's clock).
+    pub since: tokio::time::Instant,
 }
 
 /// Removes a waiter from the queue if its request goes away (client
@@ -372,6 +374,7 @@ impl Dispatcher {
                     return Ok(Admitted {
                         slot,
                         waited: Duration::ZERO,
+                        since: tnow,
                     });
                 }
             }
@@ -435,7 +438,11 @@ impl Dispatcher {
             self.metrics.wait.observe(waited.as_secs_f64());
             self.note_wait(waited);
         }
-        result.map(|slot| Admitted { slot, waited })
+        result.map(|slot| Admitted {
+            slot,
+            waited,
+            since: start,
+        })
     }
 
     fn note_wait(&self, waited: Duration) {

@@ -165,6 +165,7 @@ struct Ticket {
     tunnel: Tunnel,
     _slot: Option<Slot>,
     waited: Duration,
+    since: tokio::time::Instant,
 }
 
 impl Admission for Ticket {
@@ -173,6 +174,9 @@ impl Admission for Ticket {
     }
     fn waited(&self) -> Duration {
         self.waited
+    }
+    fn since(&self) -> tokio::time::Instant {
+        self.since
     }
 }
 
@@ -251,6 +255,7 @@ impl crate::upstream::Exchange for Upgrade {
                 tunnel: Tunnel::open(a.slot.backend().clone()),
                 _slot: Some(a.slot),
                 waited: a.waited,
+                since: a.since,
             });
         }
         let tunnel = up
@@ -261,6 +266,7 @@ impl crate::upstream::Exchange for Upgrade {
             tunnel,
             _slot: None,
             waited: Duration::ZERO,
+            since: tokio::time::Instant::now(),
         })
     }
 

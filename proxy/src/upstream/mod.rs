@@ -109,6 +109,8 @@ pub trait Admission {
     fn backend(&self) -> &Arc<Backend>;
     /// Time spent queued for it.
     fn waited(&self) -> Duration;
+    /// When the wait for it began, on tokio's clock.
+    fn since(&self) -> tokio::time::Instant;
 }
 
 impl Admission for crate::dispatch::Admitted {
@@ -117,6 +119,9 @@ impl Admission for crate::dispatch::Admitted {
     }
     fn waited(&self) -> Duration {
         self.waited
+    }
+    fn since(&self) -> tokio::time::Instant {
+        self.since
     }
 }
 
@@ -225,7 +230,9 @@ impl Upstream {
         let mut last: Option<Arc<Backend>> = None;
         let max_attempts = 1 + self.cfg.retries.attempts;
         self.retry_budget.deposit();
-        let (started, mut refusals) = (tokio::time::Instant::now(), 0u32);
+        // When the first admission's wait began: the request is refused for
+        // at most the queue's timeout from there.
+        let (mut first_wait, mut refusals) = (None, 0u32);
         let mut n = 1;
         while n <= max_attempts {
             let admitted = match exchange.admit(&avoid, n > 1 || refusals > 0).await {
@@ -239,6 +246,7 @@ impl Upstream {
                 }
             };
             queue_wait += admitted.waited();
+            let started = *first_wait.get_or_insert(admitted.since());
             let backend = admitted.backend().clone();
             last = Some(backend.clone());
             let (error, reason) = match exchange.attempt(admitted).await {
@@ -309,17 +317,18 @@ impl Upstream {
         let class = self.class_of(&req.head.parts);
         let backend = slot.backend().clone();
         let started = Instant::now();
+        // The same reading as `started`, on tokio's clock: it is the system's
+        // outside paused tests, and none pauses this path.
+        let at = tokio::time::Instant::from_std(started);
         let sent = backend.load_mark_at(started);
         // Read only if `request_start_header` is on (`edge::handler`).
         let stamp = req.read_at.map(|at| stamp::Stamp::new(at, queued));
-        let mut pending = match self.transmit(&req, &backend, stamp) {
+        let mut pending = match self.transmit(&req, &backend, stamp, at) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
         };
         let timeout = self.cfg.timeouts.response.0;
-        // The same reading as `started` (tokio's clock is the system's
-        // outside paused tests, and none pauses this path).
-        let deadline = tokio::time::Instant::from_std(started) + timeout;
+        let deadline = at + timeout;
         let labels = [self.name.as_str(), backend.key.as_str()];
 
         // One timer for all of the attempt's waits.
@@ -508,7 +517,7 @@ impl Upstream {
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        // The same reading as `done` (see `deadline` above).
+        // The same reading as `done` (see `at` above).
         let at = tokio::time::Instant::from_std(done);
         if let Some(mark) = slot.finish(class_key, took, sent, at) {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
@@ -537,6 +546,7 @@ impl Upstream {
         req: &Outbound,
         backend: &Backend,
         stamp: Option<stamp::Stamp>,
+        at: tokio::time::Instant,
     ) -> Result<Pending, Error> {
         let (head, identity, body) = (&req.head, &req.identity, req.body.clone());
         match self.cfg.protocol {
@@ -556,7 +566,7 @@ impl Upstream {
                 );
                 let (pool, addr) = (self.pool.clone(), backend.addr);
                 Ok(crate::boxed::pin_with(move || async move {
-                    pool.send(addr, &out).await.map_err(|e| match e {
+                    pool.send(addr, &out, at).await.map_err(|e| match e {
                         SendError::Connect(e) => Transmit::Connect(error_chain(&*e)),
                         SendError::Sent(e) => Transmit::Sent(error_chain(&e)),
                     })

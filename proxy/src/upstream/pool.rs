@@ -121,13 +121,15 @@ impl Pool {
 
     /// Sends `req` to `addr` on an idle connection, or a new one, and returns
     /// the response; its body arrives on the connection, which goes back to
-    /// the pool once the body has been read whole.
+    /// the pool once the body has been read whole. `now` is the clock's
+    /// reading for the attempt, against which idle connections are aged.
     pub async fn send(
         &self,
         addr: SocketAddr,
         req: &Outgoing,
+        now: Instant,
     ) -> Result<Box<Response<UpstreamBody>>, SendError> {
-        if let Some(mut conn) = self.checkout(addr) {
+        if let Some(mut conn) = self.checkout(addr, now) {
             match conn.connection.round_trip(req).await {
                 Ok(head) => return Ok(ResponseBody::response(head, conn)),
                 // Closed by the backend before the request was all out:
@@ -149,11 +151,10 @@ impl Pool {
     }
 
     /// The newest idle connection to `addr` that is still open and young
-    /// enough; older and closed ones are dropped on the way.
-    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+    /// enough at `now`; older and closed ones are dropped on the way.
+    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
         let mut idle = lock(&self.shared.idle);
         let stack = idle.by_backend.get_mut(&(addr, worker()))?;
-        let now = Instant::now();
         while let Some((mut connection, since)) = stack.pop_back() {
             if now.saturating_duration_since(since) >= self.shared.idle_timeout {
                 // The rest are older still.
@@ -309,7 +310,10 @@ mod tests {
     }
 
     async fn roundtrip(p: &Pool, addr: SocketAddr) -> Result<String, String> {
-        let resp = p.send(addr, &get()).await.map_err(|e| format!("{e:?}"))?;
+        let resp = p
+            .send(addr, &get(), Instant::now())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         // Read whole, the connection goes back by itself.
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8(body.to_vec()).unwrap())
@@ -348,7 +352,7 @@ mod tests {
         // A response whose body is unread holds its connection.
         let mut held = Vec::new();
         for _ in 0..3 {
-            held.push(p.send(addr, &get()).await.unwrap());
+            held.push(p.send(addr, &get(), Instant::now()).await.unwrap());
         }
         assert_eq!(conns.load(Ordering::SeqCst), 3);
         assert_eq!(p.idle_count(addr), 0);
@@ -377,7 +381,7 @@ mod tests {
         drop(l);
         let p = pool(Duration::from_secs(1), 4);
         assert!(matches!(
-            p.send(addr, &get()).await,
+            p.send(addr, &get(), Instant::now()).await,
             Err(SendError::Connect(_))
         ));
     }
