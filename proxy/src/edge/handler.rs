@@ -163,7 +163,6 @@ pub async fn handle<B: RequestBody>(
                 ))
                 .await
             } else {
-                let stamp = upstream.cfg.request_start_header;
                 match read_request(
                     req,
                     present,
@@ -171,7 +170,7 @@ pub async fn handle<B: RequestBody>(
                     &ctx,
                     host.as_ref(),
                     &request_id,
-                    stamp,
+                    upstream.cfg.request_start_header,
                 )
                 .await
                 {

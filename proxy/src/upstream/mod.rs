@@ -517,9 +517,9 @@ impl Upstream {
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        // The same reading as `done` (see `at` above).
-        let at = tokio::time::Instant::from_std(done);
-        if let Some(mark) = slot.finish(class_key, took, sent, at) {
+        // Released at the same reading as `done` (on tokio's clock, as `at`).
+        if let Some(mark) = slot.finish(class_key, took, sent, tokio::time::Instant::from_std(done))
+        {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
                 self.dispatcher.kick();
             }
