@@ -20,7 +20,7 @@
 # FILE` for where the instructions go).
 #
 # Env: REQUESTS (4000), WARMUP (500), CONNS (8), BACKEND_THREADS (4),
-#      PATH_Q (/sleep?ms=0), ONLY (subset of: nginx usher base; default
+#      PATH_Q (/sleep?ms=0), ONLY (subset of: nginx nginx-headers usher base; default
 #      "nginx usher", plus base when BASELINE_BIN is set), BASELINE_BIN=DIR,
 #      NO_BUILD=1, KEEP_WORK=1. Needs valgrind (apt-get install valgrind).
 set -euo pipefail
@@ -61,15 +61,16 @@ count() {
     sleep 0.1
   done
   total="$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")"
-  printf '%-8s %10d instructions per request (%s requests)\n' "$row" $((total / N)) "$N"
+  printf '%-13s %10d instructions per request (%s requests)\n' "$row" $((total / N)) "$N"
 }
 
 for row in $ROWS; do
   port="$(free_port)"
   case "$row" in
-    nginx)
-      dir="$WORK/nginx"
-      write_nginx "$dir" "$port" roundrobin "$BPORT"
+    nginx | nginx-headers)
+      dir="$WORK/$row"; extra=""
+      [[ "$row" == nginx-headers ]] && extra="$NGINX_AS_USHER"
+      NGINX_LOCATION_EXTRA="$extra" write_nginx "$dir" "$port" roundrobin "$BPORT"
       start_bg "nginx" taskset -c "$PROXY_CPU" "${VG[@]}" --callgrind-out-file="$WORK/cg.$row.%p" \
         nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off; master_process off;'
       ;;

@@ -148,7 +148,24 @@ start_backend() {
     cat "$WORK/backend-$port.log" >&2; log "backend on $port did not start"; exit 1; }
 }
 
+# NGINX_AS_USHER (for NGINX_LOCATION_EXTRA; the rows nginx-headers of overhead.sh
+# and instructions.sh): nginx doing the header work Usher does by default, so
+# that the two are compared at equal function. Usher passes the client's Host,
+# sets X-Forwarded-For/-Proto/-Host, a request id (to the backend and in the
+# response), X-Request-Start (ms since the epoch), and takes the worker's
+# X-Usher-Load report off the response. (Its X-Usher-Queue-Ms has no nginx
+# counterpart.) Set NGINX_AS_USHER to other directives to measure them instead.
+[[ -n "${NGINX_AS_USHER:-}" ]] || NGINX_AS_USHER='      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-Id $request_id;
+      proxy_set_header X-Request-Start $msec;
+      proxy_hide_header X-Usher-Load;
+      add_header X-Request-Id $request_id always;'
+
 # write_nginx DIR PORT BALANCE(roundrobin|least_conn) BACKEND_PORT...
+# NGINX_LOCATION_EXTRA: more directives for the proxied location (as lines).
 write_nginx() {
   local dir="$1" port="$2" balance="$3"; shift 3
   mkdir -p "$dir/logs"
@@ -187,6 +204,7 @@ EOF
       proxy_connect_timeout 2s;
       proxy_read_timeout 60s;
       proxy_next_upstream off;
+${NGINX_LOCATION_EXTRA:-}
     }
   }
 }

@@ -10,7 +10,7 @@
 #
 # Env: BENCH_SECS (10), CONNS (32), LOADGEN (wrk | usher-load; wrk if installed),
 #      BACKEND (auto | waitress), BACKEND_THREADS (4), PATH_Q (/sleep?ms=0),
-#      ONLY (space-separated subset of: direct nginx haproxy haproxy-maxconn
+#      ONLY (space-separated subset of: direct nginx nginx-headers haproxy haproxy-maxconn
 #      usher usher-uncapped base base-uncapped), NO_BUILD=1, KEEP_WORK=1,
 #      RATE (open loop: usher-load at RATE req/s with up to CONNS connections,
 #      instead of a closed loop; CPU per request is then compared at the same
@@ -103,11 +103,12 @@ for row in $ROWS; do
   case "$row" in
     direct)
       measure direct "$BPORT" ;;
-    nginx)
-      port="$(free_port)"; dir="$WORK/nginx"
-      write_nginx "$dir" "$port" roundrobin "$BPORT"
-      if start_nginx "$dir" "$port"; then pid=$LAST_PID; measure nginx "$port" "$pid"; stop_pid "$pid"
-      else unavailable nginx "$UNAVAILABLE_WHY"; fi ;;
+    nginx | nginx-headers)
+      port="$(free_port)"; dir="$WORK/$row"; extra=""
+      [[ "$row" == nginx-headers ]] && extra="$NGINX_AS_USHER"
+      NGINX_LOCATION_EXTRA="$extra" write_nginx "$dir" "$port" roundrobin "$BPORT"
+      if start_nginx "$dir" "$port"; then pid=$LAST_PID; measure "$row" "$port" "$pid"; stop_pid "$pid"
+      else unavailable "$row" "$UNAVAILABLE_WHY"; fi ;;
     haproxy | haproxy-maxconn)
       port="$(free_port)"; cfg="$WORK/$row.cfg"
       mc=0; [[ "$row" == haproxy-maxconn ]] && mc="$THREADS"
