@@ -68,9 +68,8 @@ for row in $ROWS; do
   port="$(free_port)"
   case "$row" in
     nginx | nginx-headers)
-      dir="$WORK/$row"; extra=""
-      [[ "$row" == nginx-headers ]] && extra="$NGINX_AS_USHER"
-      NGINX_LOCATION_EXTRA="$extra" write_nginx "$dir" "$port" roundrobin "$BPORT"
+      dir="$WORK/$row"
+      write_nginx_row "$row" "$dir" "$port" "$BPORT"
       start_bg "nginx" taskset -c "$PROXY_CPU" "${VG[@]}" --callgrind-out-file="$WORK/cg.$row.%p" \
         nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off; master_process off;'
       ;;

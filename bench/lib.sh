@@ -164,6 +164,14 @@ start_backend() {
       proxy_hide_header X-Usher-Load;
       add_header X-Request-Id $request_id always;'
 
+# write_nginx_row ROW DIR PORT BACKEND_PORT... : the rows `nginx` (nginx's defaults)
+# and `nginx-headers` (NGINX_AS_USHER) of overhead.sh and instructions.sh.
+write_nginx_row() {
+  local row="$1" extra=""; shift
+  [[ "$row" == nginx-headers ]] && extra="$NGINX_AS_USHER"
+  NGINX_LOCATION_EXTRA="$extra" write_nginx "$1" "$2" roundrobin "${@:3}"
+}
+
 # write_nginx DIR PORT BALANCE(roundrobin|least_conn) BACKEND_PORT...
 # NGINX_LOCATION_EXTRA: more directives for the proxied location (as lines).
 write_nginx() {

@@ -104,9 +104,8 @@ for row in $ROWS; do
     direct)
       measure direct "$BPORT" ;;
     nginx | nginx-headers)
-      port="$(free_port)"; dir="$WORK/$row"; extra=""
-      [[ "$row" == nginx-headers ]] && extra="$NGINX_AS_USHER"
-      NGINX_LOCATION_EXTRA="$extra" write_nginx "$dir" "$port" roundrobin "$BPORT"
+      port="$(free_port)"; dir="$WORK/$row"
+      write_nginx_row "$row" "$dir" "$port" "$BPORT"
       if start_nginx "$dir" "$port"; then pid=$LAST_PID; measure "$row" "$port" "$pid"; stop_pid "$pid"
       else unavailable "$row" "$UNAVAILABLE_WHY"; fi ;;
     haproxy | haproxy-maxconn)

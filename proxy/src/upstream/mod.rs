@@ -322,7 +322,7 @@ impl Upstream {
         let at = tokio::time::Instant::from_std(started);
         let sent = backend.load_mark_at(started);
         // Read only if `request_start_header` is on (`edge::handler`).
-        let stamp = req.read_at.map(|at| stamp::Stamp::new(at, queued));
+        let stamp = req.read_at.map(|wall| stamp::Stamp::new(wall, queued));
         let mut pending = match self.transmit(&req, &backend, stamp, at) {
             Ok(p) => p,
             Err(e) => return Attempt::NotSent(e),
@@ -517,9 +517,9 @@ impl Upstream {
         // Learned from its time on a thread: a prefetched extra's wait in
         // the worker's queue is not contention. Server errors say nothing
         // of how fast the backend works.
-        // Released at the same reading as `done` (on tokio's clock, as `at`).
-        if let Some(mark) = slot.finish(class_key, took, sent, tokio::time::Instant::from_std(done))
-        {
+        // The same reading as `done`, on tokio's clock (as `at` is `started`).
+        let done_at = tokio::time::Instant::from_std(done);
+        if let Some(mark) = slot.finish(class_key, took, sent, done_at) {
             if !status.is_server_error() && backend.learn(class, mark, self.cfg.learn_concurrency) {
                 self.dispatcher.kick();
             }
