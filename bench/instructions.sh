@@ -19,10 +19,18 @@
 # REQUESTS is the figure. KEEP_WORK=1 keeps the dumps (`callgrind_annotate
 # FILE` for where the instructions go).
 #
+# Each row also gets its locked instructions per request (`lock`-prefixed
+# read-modify-writes and `xchg` with memory: atomics), counted from the same
+# dump by bench/locked_ops.py. Each costs far more than its one instruction
+# (~5.5 ns uncontended on the bench VM), so a row can be close in
+# instructions and still far in time.
+#
 # Env: REQUESTS (4000), WARMUP (500), CONNS (8), BACKEND_THREADS (4),
 #      PATH_Q (/sleep?ms=0), ONLY (subset of: nginx nginx-headers usher base; default
 #      "nginx usher", plus base when BASELINE_BIN is set), BASELINE_BIN=DIR,
-#      NO_BUILD=1, KEEP_WORK=1. Needs valgrind (apt-get install valgrind).
+#      NO_BUILD=1, KEEP_WORK=1, LOCKS_TOP=N (print each row's N busiest
+#      locked-instruction sites, from bench/locked_ops.py). Needs valgrind
+#      (apt-get install valgrind) and objdump (binutils).
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -44,7 +52,7 @@ start_backend "$BPORT" "$THREADS"
 log "backend: $BACKEND_KIND --threads $THREADS on 127.0.0.1:$BPORT"
 log "load: usher-load --closed $CONNS, $WARMUP requests of warm-up, then $N counted, GET $PATH_Q"
 
-VG=(valgrind --tool=callgrind --dump-instr=no --collect-jumps=no)
+VG=(valgrind --tool=callgrind --dump-instr=yes --collect-jumps=no)
 
 # count ROW PORT PID : the counted window's instructions per request.
 count() {
@@ -61,7 +69,9 @@ count() {
     sleep 0.1
   done
   total="$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")"
-  printf '%-13s %10d instructions per request (%s requests)\n' "$row" $((total / N)) "$N"
+  locked="$(python3 "$BENCH_DIR/locked_ops.py" "$dump" "$N" "${LOCKS_TOP:-0}")"
+  printf '%-13s %10d instructions, %6s locked ops per request (%s requests)\n' \
+    "$row" $((total / N)) "$locked" "$N"
 }
 
 for row in $ROWS; do
