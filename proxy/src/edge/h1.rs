@@ -298,14 +298,25 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
     });
     wire.body_done = body == Decode::Done;
     wire.pipelined = false;
-    *lock(slot) = Some(wire);
     let mut handler = std::pin::pin!(handle(request, ctx.clone()));
-    let response = tokio::select! {
-        biased;
-        r = &mut handler => Some(r),
-        () = client_gone(slot) => None,
+    let (wire, response) = if wire.body_done {
+        // No body (most requests): the handler never reads the wire, so it
+        // stays here, and the watch needs no lock (see `H1Body::slot`).
+        let response = tokio::select! {
+            biased;
+            r = &mut handler => Some(r),
+            () = poll_fn(|cx| poll_gone(&mut wire, cx)) => None,
+        };
+        (wire, response)
+    } else {
+        *lock(slot) = Some(wire);
+        let response = tokio::select! {
+            biased;
+            r = &mut handler => Some(r),
+            () = client_gone(slot) => None,
+        };
+        (lock(slot).take()?, response)
     };
-    let wire = lock(slot).take()?;
     Some(Answered {
         // A body the handler did not read to its end cannot be skipped
         // safely: close after the answer (as hyper does).
@@ -370,29 +381,31 @@ async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
 /// Resolves when the client closes its side while its request is in the
 /// handler (after the body has been read: before that, the body sees it).
 fn client_gone(slot: &Slot) -> impl Future<Output = ()> + '_ {
-    poll_fn(move |cx| {
-        let mut g = lock(slot);
-        let Some(w) = g.as_mut() else {
-            return Poll::Pending;
-        };
-        if !w.body_done {
-            w.watch = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        if w.pipelined || !w.buf.is_empty() {
-            return Poll::Pending;
-        }
-        let mut one = [0u8; 1];
-        let mut rb = ReadBuf::new(&mut one);
-        match w.stream.poll_peek(cx, &mut rb) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
-            Poll::Ready(Ok(_)) => {
-                w.pipelined = true;
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        }
+    poll_fn(move |cx| match lock(slot).as_mut() {
+        Some(w) => poll_gone(w, cx),
+        None => Poll::Pending,
     })
+}
+
+/// `client_gone`'s check on a wire at hand.
+fn poll_gone(w: &mut Wire, cx: &mut Context<'_>) -> Poll<()> {
+    if !w.body_done {
+        w.watch = Some(cx.waker().clone());
+        return Poll::Pending;
+    }
+    if w.pipelined || !w.buf.is_empty() {
+        return Poll::Pending;
+    }
+    let mut one = [0u8; 1];
+    let mut rb = ReadBuf::new(&mut one);
+    match w.stream.poll_peek(cx, &mut rb) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+        Poll::Ready(Ok(_)) => {
+            w.pipelined = true;
+            Poll::Pending
+        }
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 fn bad(reason: &'static str) -> Error {
@@ -576,7 +589,7 @@ fn parse(buf: &mut BytesMut, slot: &Slot) -> Result<Option<Parsed>, Error> {
     };
     let has_body = body != Decode::Done;
     let mut request = Box::new(Request::new(H1Body {
-        slot: slot.clone(),
+        slot: has_body.then(|| slot.clone()),
         decoder: Decoder::new(body, Trailers::Refuse),
         continue_left: if expect_continue && has_body && http11 {
             CONTINUE.len()
@@ -616,7 +629,10 @@ fn parse_error(e: httparse::Error, req: &httparse::Request<'_, '_>) -> &'static 
 /// chunked, decoded strictly (`http1::Decoder`). Sends `100 Continue` when
 /// first polled, if the client asked for it.
 pub struct H1Body {
-    slot: Slot,
+    /// The wire, for a body to read; `None` for a request without one,
+    /// whose wire stays with the connection (`answer`): sharing it costs a
+    /// reference count and a lock per poll, atomics all.
+    slot: Option<Slot>,
     decoder: Decoder,
     /// Bytes of `100 Continue` still to write.
     continue_left: usize,
@@ -661,8 +677,8 @@ impl Drop for H1Body {
     /// that is already all in the buffer is skipped, so the connection can
     /// stay open; anything else left unread closes it after the answer.
     fn drop(&mut self) {
-        if let Decode::Length(n) = self.decoder.state {
-            let mut g = lock(&self.slot);
+        if let (Decode::Length(n), Some(slot)) = (self.decoder.state, &self.slot) {
+            let mut g = lock(slot);
             if let Some(w) = g.as_mut() {
                 if usize::try_from(n).is_ok_and(|n| n <= w.buf.len()) && self.continue_left == 0 {
                     w.buf.advance(n as usize);
@@ -681,7 +697,10 @@ impl Body for H1Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let slot = self.slot.clone();
+        let Some(slot) = self.slot.clone() else {
+            // Made without a wire only for a request without a body.
+            return Poll::Ready(None);
+        };
         let mut g = lock(&slot);
         let Some(w) = g.as_mut() else {
             return Poll::Ready(Some(Err(BodyError::Eof)));
