@@ -247,8 +247,9 @@ impl Upstream {
             };
             queue_wait += admitted.waited();
             let started = *first_wait.get_or_insert(admitted.since());
+            // One reference per attempt (atomics): `last` takes it over
+            // only when the attempt fails.
             let backend = admitted.backend().clone();
-            last = Some(backend.clone());
             let (error, reason) = match exchange.attempt(admitted).await {
                 Attempt::Done(value) => return Ok((value, backend, queue_wait)),
                 Attempt::Refused => {
@@ -261,10 +262,11 @@ impl Upstream {
                             error: Error::QueueTimeout {
                                 upstream: self.name.clone(),
                             },
-                            backend: last,
+                            backend: Some(backend),
                             queue_wait,
                         });
                     }
+                    last = Some(backend);
                     continue;
                 }
                 Attempt::NotSent(e) => (e, "connect"),
@@ -272,7 +274,7 @@ impl Upstream {
                 Attempt::Sent(e) | Attempt::Final(e) => {
                     return Err(Failed {
                         error: e,
-                        backend: last,
+                        backend: Some(backend),
                         queue_wait,
                     })
                 }
@@ -281,11 +283,12 @@ impl Upstream {
             if n == max_attempts || !self.retry_budget.withdraw() {
                 return Err(Failed {
                     error,
-                    backend: last,
+                    backend: Some(backend),
                     queue_wait,
                 });
             }
             tracing::debug!(upstream = %self.name, backend = %backend.key, %error, "retrying");
+            last = Some(backend);
             self.metrics
                 .retries
                 .with_label_values(&[&self.name, reason])
