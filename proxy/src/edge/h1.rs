@@ -298,24 +298,23 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
     });
     wire.body_done = body == Decode::Done;
     wire.pipelined = false;
-    let mut handler = std::pin::pin!(handle(request, ctx.clone()));
-    let (wire, response) = if wire.body_done {
-        // No body (most requests): the handler never reads the wire, so it
-        // stays here, and the watch needs no lock (see `H1Body::slot`).
-        let response = tokio::select! {
-            biased;
-            r = &mut handler => Some(r),
-            () = poll_fn(|cx| poll_gone(&mut wire, cx)) => None,
-        };
-        (wire, response)
+    // No body (most requests): the handler never reads the wire, so it
+    // stays here, and the watch needs no lock (see `H1Body::slot`).
+    let mut held = if wire.body_done {
+        Some(wire)
     } else {
         *lock(slot) = Some(wire);
-        let response = tokio::select! {
-            biased;
-            r = &mut handler => Some(r),
-            () = client_gone(slot) => None,
-        };
-        (lock(slot).take()?, response)
+        None
+    };
+    let mut handler = std::pin::pin!(handle(request, ctx.clone()));
+    let response = tokio::select! {
+        biased;
+        r = &mut handler => Some(r),
+        () = client_gone(&mut held, slot) => None,
+    };
+    let wire = match held {
+        Some(w) => w,
+        None => lock(slot).take()?,
     };
     Some(Answered {
         // A body the handler did not read to its end cannot be skipped
@@ -380,14 +379,17 @@ async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
 
 /// Resolves when the client closes its side while its request is in the
 /// handler (after the body has been read: before that, the body sees it).
-fn client_gone(slot: &Slot) -> impl Future<Output = ()> + '_ {
-    poll_fn(move |cx| match lock(slot).as_mut() {
+/// The wire is `held` here, or else in the `slot` the body reads.
+fn client_gone<'a>(held: &'a mut Option<Wire>, slot: &'a Slot) -> impl Future<Output = ()> + 'a {
+    poll_fn(move |cx| match held.as_mut() {
         Some(w) => poll_gone(w, cx),
-        None => Poll::Pending,
+        None => lock(slot)
+            .as_mut()
+            .map_or(Poll::Pending, |w| poll_gone(w, cx)),
     })
 }
 
-/// `client_gone`'s check on a wire at hand.
+/// `client_gone`'s check on the wire.
 fn poll_gone(w: &mut Wire, cx: &mut Context<'_>) -> Poll<()> {
     if !w.body_done {
         w.watch = Some(cx.waker().clone());
