@@ -163,9 +163,9 @@ impl Reloader {
         // on nothing fails: swap, then commit the changes to shared objects.
         let summary = summarize(&old, &new);
         let (state, commit) = State::build(new, Some(&old), &fleet_addrs, &self.metrics)?;
-        self.access_log.set_format(state.config.access_log.format);
         self.access_log
             .set_path(state.config.access_log.path.clone());
+        self.access_log.set_format(state.config.access_log.format);
         let state = Arc::new(state);
         self.state.store(state.clone());
         commit.apply();

@@ -12,8 +12,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Version;
@@ -38,13 +38,26 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
+/// Cheap to clone: every clone is the same log.
+///
+/// The writer thread starts with the first format that writes lines (at
+/// start, or on the reload that turns the log on), not before: with
+/// `format: off` Usher starts no thread for it, so a one-worker Usher is a
+/// single-threaded process, and glibc skips the cancellation bookkeeping it
+/// otherwise does around every socket call (two locked instructions each).
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Msg>,
-    format: Arc<AtomicU8>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    format: AtomicU8,
     dropped: prometheus::IntCounter,
-    /// Where lines go: `None` is stdout. Read by the writer on reopen.
-    path: Arc<Mutex<Option<PathBuf>>>,
+    /// Where lines go: `None` is stdout. Read by the writer when it starts
+    /// and on reopen.
+    path: Mutex<Option<PathBuf>>,
+    /// The writer's channel, once it has been started.
+    tx: OnceLock<SyncSender<Msg>>,
 }
 
 enum Msg {
@@ -68,102 +81,149 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Box<dyn Write + Send>> {
     })
 }
 
+fn cannot_open(path: &Option<PathBuf>, e: std::io::Error) -> String {
+    format!(
+        "access_log.path {}: cannot open for appending: {e}",
+        path.as_ref()
+            .map_or("-".into(), |p| p.display().to_string())
+    )
+}
+
 impl AccessLog {
-    /// Starts the writer. Fails when `path` cannot be opened for appending.
+    /// Fails when `path` cannot be opened for appending (checked even with
+    /// `format: off`, so a later reload that turns the log on finds it), or
+    /// when the writer cannot be started.
     pub fn new(
         format: LogFormat,
         path: Option<PathBuf>,
         dropped: prometheus::IntCounter,
     ) -> Result<Self, String> {
-        let first = open(&path).map_err(|e| {
-            format!(
-                "access_log.path {}: cannot open for appending: {e}",
-                path.as_ref()
-                    .map_or("-".into(), |p| p.display().to_string())
-            )
-        })?;
-        let path = Arc::new(Mutex::new(path));
+        let first = open(&path).map_err(|e| cannot_open(&path, e))?;
+        let log = AccessLog {
+            inner: Arc::new(Inner {
+                format: AtomicU8::new(0),
+                dropped,
+                path: Mutex::new(path),
+                tx: OnceLock::new(),
+            }),
+        };
+        if format != LogFormat::Off {
+            log.start(first)?;
+            log.inner
+                .format
+                .store(format_code(format), Ordering::Relaxed);
+        }
+        Ok(log)
+    }
+
+    /// Starts the writer thread on `first`, unless it runs already.
+    fn start(&self, first: Box<dyn Write + Send>) -> Result<(), String> {
+        if self.inner.tx.get().is_some() {
+            return Ok(());
+        }
         let (tx, rx) = sync_channel::<Msg>(16 * 1024);
-        let writer_path = path.clone();
+        let inner = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
             .name("usher-access-log".into())
-            .spawn(move || {
-                let mut out = std::io::BufWriter::new(first);
-                let handle = |msg: Msg, out: &mut std::io::BufWriter<Box<dyn Write + Send>>| match msg {
-                    Msg::Line(line) => {
-                        let _ = out.write_all(line.as_bytes());
-                    }
-                    Msg::Reopen => {
-                        let _ = out.flush();
-                        let p = writer_path.lock().unwrap().clone();
-                        match open(&p) {
-                            Ok(w) => {
-                                *out = std::io::BufWriter::new(w);
-                                tracing::info!(path = ?p, "access log reopened");
-                            }
-                            Err(e) => {
-                                tracing::error!(path = ?p, error = %e, "cannot reopen the access log; still writing to the old file")
-                            }
-                        }
-                    }
-                };
-                while let Ok(msg) = rx.recv() {
-                    handle(msg, &mut out);
-                    // Flush whenever the channel is drained, so lines appear
-                    // promptly at low rates and in batches at high rates.
-                    while let Ok(msg) = rx.try_recv() {
-                        handle(msg, &mut out);
-                    }
-                    let _ = out.flush();
-                }
-            })
+            .spawn(move || write_lines(first, rx, inner))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
-        Ok(AccessLog {
-            tx,
-            format: Arc::new(AtomicU8::new(format_code(format))),
-            dropped,
-            path,
-        })
+        // Only the reloader and `new` start the writer, one at a time.
+        let _ = self.inner.tx.set(tx);
+        Ok(())
+    }
+
+    fn send(&self, msg: Msg) {
+        if let Some(tx) = self.inner.tx.get() {
+            let _ = tx.send(msg);
+        }
     }
 
     /// Reopens the file (SIGUSR1). On stdout, there is nothing to reopen.
     pub fn reopen(&self) -> bool {
-        if self.path.lock().unwrap().is_none() {
+        if self.inner.path.lock().unwrap().is_none() {
             return false;
         }
-        let _ = self.tx.send(Msg::Reopen);
+        self.send(Msg::Reopen);
         true
     }
 
-    /// Writes to `path` from now on (reload).
+    /// Writes to `path` from now on (reload). Set it before the format, so
+    /// that a reload turning the log on starts it on the new path.
     pub fn set_path(&self, path: Option<PathBuf>) {
-        let mut p = self.path.lock().unwrap();
+        let mut p = self.inner.path.lock().unwrap();
         if *p != path {
             *p = path;
             drop(p);
-            let _ = self.tx.send(Msg::Reopen);
+            self.send(Msg::Reopen);
         }
     }
 
-    /// Changes the format (reload).
+    /// Changes the format (reload). The first format that writes lines
+    /// starts the writer; if it cannot start, the log stays off and says why.
     pub fn set_format(&self, f: LogFormat) {
-        self.format.store(format_code(f), Ordering::Relaxed);
+        if f != LogFormat::Off && self.inner.tx.get().is_none() {
+            let path = self.inner.path.lock().unwrap().clone();
+            let started = open(&path)
+                .map_err(|e| cannot_open(&path, e))
+                .and_then(|first| self.start(first));
+            if let Err(e) = started {
+                tracing::error!(error = %e, "the access log stays off");
+                return;
+            }
+        }
+        self.inner.format.store(format_code(f), Ordering::Relaxed);
     }
 
     /// Whether lines are written at all (`format: off` skips building them).
     pub fn enabled(&self) -> bool {
-        self.format.load(Ordering::Relaxed) != 0
+        self.inner.format.load(Ordering::Relaxed) != 0
     }
 
     pub fn log(&self, e: Entry) {
-        let line = match self.format.load(Ordering::Relaxed) {
+        let line = match self.inner.format.load(Ordering::Relaxed) {
             1 => json_line(&e),
             2 => combined_line(&e),
             _ => return,
         };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
-            self.dropped.inc();
+        let Some(tx) = self.inner.tx.get() else {
+            return;
+        };
+        if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Line(line)) {
+            self.inner.dropped.inc();
         }
+    }
+}
+
+/// The writer thread: writes lines until every clone of the log is gone.
+fn write_lines(first: Box<dyn Write + Send>, rx: Receiver<Msg>, log: Weak<Inner>) {
+    let mut out = std::io::BufWriter::new(first);
+    let handle = |msg: Msg, out: &mut std::io::BufWriter<Box<dyn Write + Send>>| match msg {
+        Msg::Line(line) => {
+            let _ = out.write_all(line.as_bytes());
+        }
+        Msg::Reopen => {
+            let _ = out.flush();
+            let Some(log) = log.upgrade() else { return };
+            let p = log.path.lock().unwrap().clone();
+            match open(&p) {
+                Ok(w) => {
+                    *out = std::io::BufWriter::new(w);
+                    tracing::info!(path = ?p, "access log reopened");
+                }
+                Err(e) => {
+                    tracing::error!(path = ?p, error = %e, "cannot reopen the access log; still writing to the old file")
+                }
+            }
+        }
+    };
+    while let Ok(msg) = rx.recv() {
+        handle(msg, &mut out);
+        // Flush whenever the channel is drained, so lines appear promptly
+        // at low rates and in batches at high rates.
+        while let Ok(msg) = rx.try_recv() {
+            handle(msg, &mut out);
+        }
+        let _ = out.flush();
     }
 }
 
