@@ -279,6 +279,8 @@ async fn drain(mut serving: tokio::task::JoinSet<()>, shared: &Shared, grace: Du
 /// wait for signals, drain with a deadline.
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
+    // The first worker (with one runtime per worker) is this thread.
+    crate::observe::histogram::claim_shard();
     let mut signals = Signals::install()?;
 
     // Build: certificates first (a bad one is a config error), then the
@@ -467,6 +469,7 @@ fn worker_thread(
         }
     };
     crate::upstream::pool::set_worker(index);
+    crate::observe::histogram::claim_shard();
     rt.block_on(async move {
         let mut set = tokio::task::JoinSet::new();
         for (settings, std_l) in socks {

@@ -26,8 +26,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::oneshot;
+
+use crate::observe::histogram::Histogram;
 
 pub mod backend;
 pub mod balance;
@@ -894,12 +896,11 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus::HistogramOpts;
 
     fn metrics() -> QueueMetrics {
         QueueMetrics {
             depth: IntGauge::new("d", "d").unwrap(),
-            wait: Histogram::with_opts(HistogramOpts::new("w", "w")).unwrap(),
+            wait: Histogram::new(&[0.001, 1.0]),
             rejected_full: IntCounter::new("f", "f").unwrap(),
             rejected_timeout: IntCounter::new("t", "t").unwrap(),
             rejected_overload: IntCounter::new("o", "o").unwrap(),

@@ -8,9 +8,10 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use super::histogram::{Histogram, HistogramVec};
 
 pub const REQUESTS_TOTAL: &str = "usher_requests_total";
 pub const REQUEST_DURATION: &str = "usher_request_duration_seconds";
@@ -94,11 +95,7 @@ fn histogram(
     labels: &[&str],
     buckets: &[f64],
 ) -> HistogramVec {
-    let m = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )
-    .expect("valid metric");
+    let m = HistogramVec::new(name, help, labels, buckets).expect("valid metric");
     r.register(Box::new(m.clone())).expect("unique metric");
     m
 }

@@ -2,6 +2,7 @@
 //! in `docs/DESIGN.md`) and the access log.
 
 pub mod access_log;
+pub mod histogram;
 pub mod metrics;
 
 /// Milliseconds since the Unix epoch (0 for a time before it): how `/status`,

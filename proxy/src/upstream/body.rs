@@ -87,7 +87,7 @@ struct Relay {
     rest: UpstreamBody,
     /// Held for as long as the backend sends: dropped with the relay.
     _slot: Slot,
-    timer: Option<(prometheus::Histogram, Instant)>,
+    timer: Option<(crate::observe::histogram::Histogram, Instant)>,
 }
 
 impl ProxyBody {
@@ -122,7 +122,7 @@ impl ProxyBody {
         chunks: Chunks,
         rest: UpstreamBody,
         slot: Slot,
-        timer: Option<(prometheus::Histogram, Instant)>,
+        timer: Option<(crate::observe::histogram::Histogram, Instant)>,
     ) -> Self {
         ProxyBody {
             buffered: chunks,

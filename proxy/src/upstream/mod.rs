@@ -599,7 +599,7 @@ impl Upstream {
         &self,
         labels: &[&str; 2],
         started: Instant,
-    ) -> Option<(prometheus::Histogram, Instant)> {
+    ) -> Option<(crate::observe::histogram::Histogram, Instant)> {
         Some((
             self.metrics.backend_response.with_label_values(labels),
             started,
