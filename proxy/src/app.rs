@@ -23,7 +23,7 @@ use crate::control::reload::Reloader;
 use crate::control::state::{FleetAddrs, State};
 use crate::discovery::fleet::{Fleet, Supervision};
 use crate::edge::listener::{self, ListenerSettings};
-use crate::edge::Shared;
+use crate::edge::{Drain, Shared};
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 
@@ -324,7 +324,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     });
 
     // Spawn: listeners, admin, the reload watcher, certificate rotation.
-    let stop = CancellationToken::new();
+    let stop = Drain::new();
     let mut serving = tokio::task::JoinSet::new();
     // Per worker thread: its copy of every listener.
     let mut copies: Vec<Vec<(ListenerSettings, std::net::TcpListener)>> =
@@ -399,12 +399,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
     }
     tokio::spawn(crate::control::reload::watch(
         reloader.clone(),
-        stop.clone(),
+        stop.token().clone(),
     ));
     tokio::spawn(crate::tls::rotate::watch(
         tls,
         metrics.clone(),
-        stop.clone(),
+        stop.token().clone(),
     ));
 
     // Wait for signals. Every reload, from SIGHUP or the file watch, goes
@@ -428,7 +428,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), StartError
 
     // Drain with a deadline; a second signal ends it at once.
     admin.draining.store(true, Ordering::Relaxed);
-    stop.cancel();
+    stop.fire();
     tokio::select! {
         _ = drain(serving, &shared, grace) => {}
         _ = signals.stop_again() => tracing::warn!("second signal: stopping now"),
@@ -453,7 +453,7 @@ fn worker_thread(
     index: usize,
     socks: Vec<(ListenerSettings, std::net::TcpListener)>,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    stop: Drain,
     exit: CancellationToken,
     grace: Duration,
     done: tokio::sync::oneshot::Sender<()>,

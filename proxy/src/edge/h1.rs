@@ -54,13 +54,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::edge::handler::error_response;
 use crate::edge::headers::{has_token, read_by_usher_in_requests};
 use crate::edge::listener::ListenerSettings;
 use crate::edge::upgrade::{ClientUpgrade, TunnelIo};
-use crate::edge::{handle, ConnCtx};
+use crate::edge::{handle, ConnCtx, Drain};
 use crate::error::Error;
 use crate::http1::{
     digits, hex_line, itoa, last_coding_is_chunked, offset, BodyError, Decode, Decoder, Lines,
@@ -125,7 +124,7 @@ pub async fn serve(
     stream: TcpStream,
     ctx: Arc<ConnCtx>,
     settings: &ListenerSettings,
-    drain: CancellationToken,
+    drain: Drain,
 ) {
     let (header_timeout, keepalive) = (settings.header_timeout, settings.keepalive);
     let slot: Slot = Arc::new(Mutex::new(None));
@@ -139,7 +138,7 @@ pub async fn serve(
     let mut idle_for = header_timeout.min(keepalive);
     // One wait for the drain for the connection's life: registered once,
     // not once per request.
-    let mut drained = std::pin::pin!(drain.clone().cancelled_owned());
+    let mut drained = std::pin::pin!(drain.token().clone().cancelled_owned());
     // One timer for the idle waits, also for the connection's life, kept in
     // tokio's wheel across them (`timer::set_by`, `timer::fired_by`): a busy
     // connection never inserts it or takes it out.
@@ -192,7 +191,7 @@ pub async fn serve(
                         Poll::Pending => {}
                     }
                     if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        if drain.is_cancelled() {
+                        if drain.has_fired() {
                             return Poll::Ready(Idle::Closed);
                         }
                         if idle_timer.is_elapsed() {
@@ -246,7 +245,7 @@ async fn exchange(
     slot: &Slot,
     ctx: &Arc<ConnCtx>,
     header_timeout: Duration,
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> Option<Wire> {
     let head = match read_head(&mut wire, slot, header_timeout).await {
         Ok(Some(h)) => h,
@@ -329,7 +328,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
 }
 
 /// Writes the answer. `Some`: the connection stays open for another request.
-async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
+async fn respond(a: Answered, drain: &Drain) -> Option<Wire> {
     let Answered {
         mut wire,
         response,
@@ -338,7 +337,7 @@ async fn respond(a: Answered, drain: &CancellationToken) -> Option<Wire> {
         keep_alive,
         upgrade,
     } = a;
-    let keep = keep_alive && !drain.is_cancelled();
+    let keep = keep_alive && !drain.has_fired();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(tx) = upgrade else {
             // The handler never lets one through (`upstream::transmit`);

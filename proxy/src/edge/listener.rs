@@ -41,11 +41,10 @@ use hyper_util::server::conn::auto;
 use prometheus::IntGauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Http2Config, ListenerConfig};
-use crate::edge::{handle, ConnCtx, Shared};
+use crate::edge::{handle, ConnCtx, Drain, Shared};
 use crate::tls::TlsListener;
 use crate::upstream::ProxyBody;
 
@@ -165,7 +164,7 @@ async fn serve_conn<I>(
     settings: &ListenerSettings,
     h2: &Http2Config,
     ctx: Arc<ConnCtx>,
-    drain: CancellationToken,
+    drain: Drain,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -218,7 +217,7 @@ async fn serve_conn<I>(
 async fn until_drained<C, E>(
     conn: C,
     shutdown: impl FnOnce(Pin<&mut C>),
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
@@ -226,7 +225,7 @@ where
     let mut conn = pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
-        () = drain.cancelled() => {}
+        () = drain.fired() => {}
     }
     shutdown(conn.as_mut());
     conn.await
@@ -248,7 +247,7 @@ struct Conn {
     settings: Arc<ListenerSettings>,
     h2: Http2Config,
     ctx: Arc<ConnCtx>,
-    drain: CancellationToken,
+    drain: Drain,
     _open: Open,
 }
 
@@ -257,7 +256,7 @@ impl Conn {
         let wait = self.settings.header_timeout.min(self.settings.keepalive);
         let first = tokio::select! {
             p = sniff(&stream, wait) => p,
-            () = self.drain.cancelled() => None,
+            () = self.drain.fired() => None,
         };
         let Some(proto) = first else {
             return;
@@ -322,7 +321,7 @@ pub async fn serve(
     listener: TcpListener,
     settings: ListenerSettings,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    stop: Drain,
     grace: Duration,
 ) {
     let settings = Arc::new(settings);
@@ -334,11 +333,11 @@ pub async fn serve(
         .with_label_values(&[&settings.name]);
     loop {
         let permit = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.fired() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.fired() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
