@@ -305,7 +305,7 @@ async fn answer(head: Parsed, mut wire: Wire, slot: &Slot, ctx: &Arc<ConnCtx>) -
         *lock(slot) = Some(wire);
         None
     };
-    let mut handler = std::pin::pin!(handle(request, ctx.clone()));
+    let mut handler = std::pin::pin!(handle(request, ctx));
     let response = tokio::select! {
         biased;
         r = &mut handler => Some(r),

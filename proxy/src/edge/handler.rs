@@ -70,7 +70,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// its arguments in its state), and make each as much larger.
 pub async fn handle<B: RequestBody>(
     req: Box<Request<B>>,
-    ctx: Arc<ConnCtx>,
+    ctx: &ConnCtx,
 ) -> Box<Response<ProxyBody>> {
     let started = Instant::now();
     let state = ctx.shared.state.load_full();
@@ -145,7 +145,7 @@ pub async fn handle<B: RequestBody>(
             queue_wait: Duration::ZERO,
         }),
         Some(route) => {
-            let upstream = route.upstream.clone();
+            let upstream = &route.upstream;
             if upgrade {
                 // A tunnel's request goes through hyper's client, which
                 // sees the map alone: an upgrade has a `Connection` header,
@@ -156,8 +156,8 @@ pub async fn handle<B: RequestBody>(
                 // request's future (boxed per request: `edge::h1`) as large.
                 Box::pin(crate::edge::upgrade::forward(
                     *req,
-                    &upstream,
-                    &ctx,
+                    upstream,
+                    ctx,
                     host.as_ref(),
                     &request_id,
                 ))
@@ -167,7 +167,7 @@ pub async fn handle<B: RequestBody>(
                     req,
                     present,
                     &state,
-                    &ctx,
+                    ctx,
                     host.as_ref(),
                     &request_id,
                     upstream.cfg.request_start_header,

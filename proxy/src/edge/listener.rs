@@ -174,8 +174,11 @@ async fn serve_conn<I>(
     // on every idle keep-alive connection. Boxed, it lives only per request.
     // hyper writes the map alone: the lines kept out of it go in first.
     let service = service_fn(move |req| {
-        let answer = handle(Box::new(req), ctx.clone());
-        Box::pin(async move { Ok::<_, Infallible>(ProxyBody::lines_into_map(*answer.await)) })
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let answer = handle(Box::new(req), &ctx).await;
+            Ok::<_, Infallible>(ProxyBody::lines_into_map(*answer))
+        })
     });
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
         Proto::Http1 => {

@@ -165,14 +165,15 @@ pub struct Outbound {
 }
 
 /// A buffered request: a slot from the dispatcher, then [`Upstream::send`].
-struct Buffered {
-    up: Arc<Upstream>,
+struct Buffered<'a> {
+    /// Borrowed: only an attempt, which may outlive the client, owns one.
+    up: &'a Arc<Upstream>,
     req: Arc<Outbound>,
     /// Its class (`queue.classify`), hashed once for all its attempts.
     class: crate::dispatch::Class,
 }
 
-impl Exchange for Buffered {
+impl Exchange for Buffered<'_> {
     type Admission = crate::dispatch::Admitted;
     type Output = Box<Response<ProxyBody>>;
 
@@ -203,7 +204,7 @@ impl Upstream {
         let class = crate::dispatch::Class::of(self.class_of(&req.head.parts));
         let mut exchange = Buffered {
             class,
-            up: self.clone(),
+            up: self,
             req,
         };
         self.with_retries(&method, &mut exchange)
