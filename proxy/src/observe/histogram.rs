@@ -150,11 +150,13 @@ impl Histogram {
     /// prometheus does; NaN in none but `+Inf`).
     pub fn observe(&self, v: f64) {
         let core = &*self.core;
-        let i = if v.is_nan() {
-            core.bounds.len()
-        } else {
-            core.bounds.partition_point(|b| *b < v)
-        };
+        // A scan, as prometheus does: most observations are in the first
+        // buckets, and NaN compares false, so it lands above them all.
+        let i = core
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(core.bounds.len());
         let sum = core.bounds.len() + 1;
         match SHARD.with(Cell::get) {
             0 => {
