@@ -588,28 +588,27 @@ fn access_log_turned_on_by_a_reload_writes_to_its_file() {
         );
     };
 
+    let lines_reach = |n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(10), || access_lines(&log).len() >= n),
+            "{:?} in {}",
+            access_lines(&log),
+            log.display()
+        );
+    };
+
     get("/sleep?ms=0&n=off-1");
     reload(&off, &json);
     get("/sleep?ms=0&n=on-1");
     get("/sleep?ms=0&n=on-2");
-    assert!(
-        wait_until(Duration::from_secs(10), || access_lines(&log).len() >= 2),
-        "{:?} in {}",
-        access_lines(&log),
-        log.display()
-    );
+    lines_reach(2);
     reload(&json, &off);
     get("/sleep?ms=0&n=off-2");
     // Lines are written in order: one sent after this marker shows that
     // "off-2" was not written.
     reload(&off, &json);
     get("/sleep?ms=0&n=on-3");
-    assert!(
-        wait_until(Duration::from_secs(10), || access_lines(&log).len() >= 3),
-        "{:?} in {}",
-        access_lines(&log),
-        log.display()
-    );
+    lines_reach(3);
     assert_eq!(
         paths(&access_lines(&log)),
         [
