@@ -98,7 +98,6 @@ impl AccessLog {
         path: Option<PathBuf>,
         dropped: prometheus::IntCounter,
     ) -> Result<Self, String> {
-        let first = open(&path).map_err(|e| cannot_open(&path, e))?;
         let log = AccessLog {
             inner: Arc::new(Inner {
                 format: AtomicU8::new(0),
@@ -107,8 +106,12 @@ impl AccessLog {
                 tx: OnceLock::new(),
             }),
         };
-        if format != LogFormat::Off {
-            log.start(first)?;
+        if format == LogFormat::Off {
+            // Checked all the same, so a reload that turns it on finds it.
+            let path = log.inner.path.lock().unwrap();
+            open(&path).map_err(|e| cannot_open(&path, e))?;
+        } else {
+            log.start()?;
             log.inner
                 .format
                 .store(format_code(format), Ordering::Relaxed);
@@ -116,11 +119,13 @@ impl AccessLog {
         Ok(log)
     }
 
-    /// Starts the writer thread on `first`, unless it runs already.
-    fn start(&self, first: Box<dyn Write + Send>) -> Result<(), String> {
+    /// Starts the writer thread on the current path, unless it runs already.
+    fn start(&self) -> Result<(), String> {
         if self.inner.tx.get().is_some() {
             return Ok(());
         }
+        let path = self.inner.path.lock().unwrap().clone();
+        let first = open(&path).map_err(|e| cannot_open(&path, e))?;
         let (tx, rx) = sync_channel::<Msg>(16 * 1024);
         let inner = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
@@ -161,12 +166,8 @@ impl AccessLog {
     /// Changes the format (reload). The first format that writes lines
     /// starts the writer; if it cannot start, the log stays off and says why.
     pub fn set_format(&self, f: LogFormat) {
-        if f != LogFormat::Off && self.inner.tx.get().is_none() {
-            let path = self.inner.path.lock().unwrap().clone();
-            let started = open(&path)
-                .map_err(|e| cannot_open(&path, e))
-                .and_then(|first| self.start(first));
-            if let Err(e) = started {
+        if f != LogFormat::Off {
+            if let Err(e) = self.start() {
                 tracing::error!(error = %e, "the access log stays off");
                 return;
             }

@@ -131,12 +131,6 @@ pub struct Histogram {
     core: Arc<Core>,
 }
 
-impl std::fmt::Debug for Histogram {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Histogram")
-    }
-}
-
 impl Histogram {
     /// A histogram registered nowhere (for tests of what observes it).
     #[cfg(test)]

@@ -333,7 +333,6 @@ impl Upstream {
         };
         let timeout = self.cfg.timeouts.response.0;
         let deadline = at + timeout;
-        let labels = [self.name.as_str(), backend.key.as_str()];
 
         // One timer for all of the attempt's waits.
         let mut timer = Deadline::new(deadline);
@@ -499,7 +498,7 @@ impl Upstream {
                             buffered,
                             incoming,
                             slot,
-                            self.backend_timer(&labels, started),
+                            Some((self.response_histogram(&backend).into_owned(), started)),
                         )
                         .with_lines(lines);
                         return Attempt::Done(Box::new(Response::from_parts(parts, body)));
@@ -529,14 +528,7 @@ impl Upstream {
             }
         }
         self.count(&backend, status.as_str());
-        match backend.metrics() {
-            Some(m) => m.response.observe(took),
-            None => self
-                .metrics
-                .backend_response
-                .with_label_values(&labels)
-                .observe(took),
-        }
+        self.response_histogram(&backend).observe(took);
         let body = ProxyBody::buffered(buffered, size, trailers).with_lines(lines);
         Attempt::Done(Box::new(Response::from_parts(parts, body)))
     }
@@ -596,15 +588,21 @@ impl Upstream {
         }
     }
 
-    fn backend_timer(
+    /// `backend`'s `usher_backend_response_seconds`: its cached handle
+    /// (borrowed: no reference count on the request path), or, for a
+    /// backend built without metrics, looked up by label.
+    fn response_histogram<'b>(
         &self,
-        labels: &[&str; 2],
-        started: Instant,
-    ) -> Option<(crate::observe::histogram::Histogram, Instant)> {
-        Some((
-            self.metrics.backend_response.with_label_values(labels),
-            started,
-        ))
+        backend: &'b Backend,
+    ) -> std::borrow::Cow<'b, crate::observe::histogram::Histogram> {
+        match backend.metrics() {
+            Some(m) => std::borrow::Cow::Borrowed(&m.response),
+            None => std::borrow::Cow::Owned(
+                self.metrics
+                    .backend_response
+                    .with_label_values(&[&self.name, &backend.key]),
+            ),
+        }
     }
 
     /// Counts one answer (or failure) of `backend` in
